@@ -1,0 +1,1 @@
+"""One architecture per module; each registers itself at import (see sae_core.registry.discover)."""

@@ -1,0 +1,81 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations, relu them; AuxK loss revives dead latents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae_core import kernels
+from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, mse_loss, require
+from sae_core.registry import register
+
+
+@dataclass(kw_only=True)
+class TopKConfig(SAEConfig):
+    k: int = 32
+    """Latents active per token."""
+    aux_k: int | None = None
+    """Dead latents the AuxK loss may use per token; None means d_in // 2."""
+    aux_coefficient: float = 1.0 / 32
+    """Weight of the AuxK loss (Gao et al. use 1/32)."""
+    tied: bool = False
+    """Use W_dec.T as the encoder."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(isinstance(self.k, int) and 1 <= self.k <= self.d_sae, f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
+        require(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
+        require(self.aux_coefficient >= 0, f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
+
+
+def topk_dense(h_BF: Tensor, k: int) -> Tensor:
+    """relu of the k largest entries of each row, zeros elsewhere."""
+    vals_BK, idx_BK = h_BF.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(h_BF).scatter(-1, idx_BK, torch.relu(vals_BK))
+
+
+def auxk_loss(x_BD: Tensor, sae: SparseAutoencoder, x_hat_BD: Tensor, dead_mask_F: Tensor | None, aux_k: int) -> Tensor:
+    """Reconstruct the residual x - x_hat from the top aux_k dead latents (Gao et al. 2024, appendix A.2).
+
+    Only the dead columns of the encoder are multiplied, so the cost scales with the number of dead latents.
+    """
+    if dead_mask_F is None or not bool(dead_mask_F.any()):
+        return x_BD.new_zeros(())
+    dead_idx_N = dead_mask_F.nonzero().squeeze(1)
+    h_dead_BN = sae.encoder_input(x_BD) @ sae.encoder_weight()[:, dead_idx_N] + sae.b_enc[dead_idx_N]
+    vals_BK, j_BK = h_dead_BN.topk(min(aux_k, len(dead_idx_N)), dim=-1, sorted=False)
+    residual_BD = (x_BD - x_hat_BD).detach()
+    recon_BD = kernels.sparse_decode(dead_idx_N[j_BK], torch.relu(vals_BK), sae.W_dec, torch.zeros_like(sae.b_dec))
+    # Normalised by the residual's own size so the term stays O(1) whatever the main loss is.
+    return mse_loss(recon_BD, residual_BD) / residual_BD.pow(2).mean().clamp_min(1e-12)
+
+
+class TopKSAE(SparseAutoencoder):
+    saelens_architecture = "topk"
+    homogeneous = True
+    max_active = "k"
+    cfg: TopKConfig
+
+    def activation(self, h_BF: Tensor) -> Tensor:
+        return topk_dense(h_BF, self.cfg.k)
+
+    def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
+        vals_BK, idx_BK = kernels.topk_encode(self.encoder_input(x_BD), self.encoder_weight(), self.b_enc, self.cfg.k)
+        x_hat_BD = kernels.sparse_decode(idx_BK, vals_BK, self.W_dec, self.b_dec)
+        latents_BF = torch.zeros(x_BD.shape[0], self.cfg.d_sae, dtype=vals_BK.dtype, device=x_BD.device)
+        latents_BF = latents_BF.scatter(-1, idx_BK, vals_BK)
+        zero = x_BD.new_zeros(())
+        out = SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), zero, zero)
+        if dead_mask_F is None or self.cfg.aux_coefficient == 0:
+            return out
+        aux_k = self.cfg.aux_k or max(self.cfg.d_in // 2, 1)
+        return out._replace(aux=self.cfg.aux_coefficient * auxk_loss(x_BD, self, x_hat_BD, dead_mask_F, aux_k))
+
+    def saelens_cfg_extra(self) -> dict[str, Any]:
+        return {"k": self.cfg.k}
+
+
+register("topk", TopKConfig, TopKSAE, "TopK with AuxK on dead latents (Gao et al. 2024)")

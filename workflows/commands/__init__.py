@@ -1,0 +1,1 @@
+"""One module per `sae` subcommand. Each defines ``register(subparsers)``; the CLI discovers them."""
