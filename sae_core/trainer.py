@@ -1,0 +1,299 @@
+"""The training step and loop: any iterator of activation batches in, metric dicts out.
+
+Data parallelism stays outside: a caller running under DDP passes the wrapped module as
+``forward_module`` and a ``reduce`` that all-reduces across ranks; everything estimated from data
+(scaling factor, b_dec init, dead-latent counters, running thresholds) goes through ``reduce`` so
+every rank holds the same state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae_core import metrics
+from sae_core.architectures.base import ConfigError, Reducer, SparseAutoencoder, no_reduce, require
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How to train; the SAE's own hyperparameters live in its architecture config."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 4096
+    """Tokens per step (global, over all data-parallel ranks)."""
+    lr: float = 4e-4
+    """Peak Adam learning rate."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1, beta2."""
+    lr_warmup_steps: int = 0
+    """Linear LR warm-up from 0 over this many steps."""
+    lr_decay_steps: int = 0
+    """Linear LR decay to 0 over the last this-many steps."""
+    sparsity_warmup_steps: int = 0
+    """Linear warm-up of the sparsity coefficient from 0 over this many steps."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; None disables."""
+    normalize_activations: bool = True
+    """Scale inputs so their mean squared norm is d_in; the factor is folded into the weights at save."""
+    b_dec_init: str = "geometric_median"
+    """Initialise b_dec to the "geometric_median", the "mean" of a sample, or "zeros"."""
+    init_sample_tokens: int = 8192
+    """Tokens used to estimate the scaling factor and b_dec at the start."""
+    dead_after_tokens: int = 1_000_000
+    """A latent that has not fired for this many tokens counts as dead (AuxK, resampling, metrics)."""
+    autocast_bf16: bool = False
+    """Run forward and backward under bf16 autocast (weights and Adam stay fp32)."""
+    log_every: int = 50
+    """Yield a metrics dict every this many steps (and on the last step)."""
+    seed: int = 0
+    """Seed for initialisation."""
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.b_dec_init in ("geometric_median", "mean", "zeros"),
+                f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
+        require(self.lr_warmup_steps >= 0 and self.lr_decay_steps >= 0, "LR warm-up/decay steps must be >= 0")
+        require(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        self.adam_betas = tuple(self.adam_betas)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - fields)
+        if unknown:
+            raise ConfigError(f"unknown training field(s) {unknown}; valid: {sorted(fields)}")
+        return cls(**raw)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak LR at ``step`` (0-based): linear warm-up, constant, linear decay."""
+    factor = 1.0
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        factor = (step + 1) / cfg.lr_warmup_steps
+    decay_start = cfg.steps - cfg.lr_decay_steps
+    if cfg.lr_decay_steps and step >= decay_start:
+        factor = min(factor, (cfg.steps - step) / cfg.lr_decay_steps)
+    return factor
+
+
+def geometric_median(points_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    median_D = points_ND.mean(dim=0)
+    for _ in range(iters):
+        dist_N = (points_ND - median_D).norm(dim=1).clamp_min(1e-8)
+        weights_N = 1.0 / dist_N
+        new_D = (weights_N[:, None] * points_ND).sum(dim=0) / weights_N.sum()
+        if (new_D - median_D).norm() <= tol * median_D.norm().clamp_min(1e-8):
+            return new_D
+        median_D = new_D
+    return median_D
+
+
+class DeadLatentTracker:
+    """Tokens since each latent last fired, kept identical across ranks through ``reduce``."""
+
+    def __init__(self, d_sae: int, dead_after_tokens: int, device: torch.device | str = "cpu"):
+        self.tokens_since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.dead_after_tokens = dead_after_tokens
+
+    def update(self, latents_BF: Tensor, reduce: Reducer) -> None:
+        fired_F = reduce((latents_BF != 0).any(dim=0).float(), "max") > 0
+        n_tokens = int(reduce(torch.tensor(float(latents_BF.shape[0]), device=latents_BF.device), "sum"))
+        self.tokens_since_fired_F += n_tokens
+        self.tokens_since_fired_F[fired_F] = 0
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired_F >= self.dead_after_tokens
+
+    def dead_fraction(self) -> float:
+        return float(self.dead_mask().float().mean())
+
+
+class Trainer:
+    """Owns the optimizer and everything estimated during training; ``step`` does one update."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, *, reduce: Reducer = no_reduce,
+                 forward_module: nn.Module | None = None, world_size: int = 1):
+        self.sae, self.cfg, self.reduce = sae, cfg, reduce
+        self.forward_module = forward_module or sae
+        self.world_size = world_size
+        self.device = next(sae.parameters()).device
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                          foreach=not fused, fused=fused or None)
+        self.tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_after_tokens, self.device)
+        self.step_count = 0
+        self.scaling_factor = 1.0
+        self.initialized = False
+
+    # -- initialisation from data -----------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, sample_ND: Tensor) -> None:
+        """Estimate the scaling factor and b_dec from a sample (each rank passes its own part)."""
+        sample = sample_ND.to(self.device, torch.float32)
+        if self.cfg.normalize_activations:
+            sq_norm = self.reduce(sample.pow(2).sum(dim=1).sum(), "sum")
+            count = self.reduce(torch.tensor(float(len(sample)), device=self.device), "sum")
+            self.scaling_factor = math.sqrt(self.sae.cfg.d_in / float(sq_norm / count))
+        sample = sample * self.scaling_factor
+        if self.cfg.b_dec_init != "zeros":
+            center = sample.mean(dim=0) if self.cfg.b_dec_init == "mean" else geometric_median(sample)
+            # Ranks average their estimates so the initial weights agree everywhere.
+            self.sae.b_dec.copy_(self.reduce(center, "sum") / self.world_size)
+        self.sae.set_decoder_norm_to_unit_norm()
+        self.sae.init_encoder_from_decoder()
+        self.initialized = True
+
+    # -- one step ---------------------------------------------------------------------------------
+    def sparsity_scale(self) -> float:
+        if not self.cfg.sparsity_warmup_steps:
+            return 1.0
+        return min(1.0, (self.step_count + 1) / self.cfg.sparsity_warmup_steps)
+
+    def step(self, x_BD: Tensor) -> dict[str, float]:
+        """One optimizer step on a batch of raw activations; returns this step's metrics."""
+        if not self.initialized:
+            self.initialize(x_BD)
+        start = time.perf_counter()
+        x_BD = x_BD.to(self.device, torch.float32) * self.scaling_factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_factor(self.step_count, self.cfg)
+        self.sae.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
+            out = self.forward_module(x_BD, dead_mask_F=self.tracker.dead_mask())
+            loss = out.loss(self.sparsity_scale())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {float(loss)} at step {self.step_count}; lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.sae.set_decoder_norm_to_unit_norm()
+        self.sae.update_running_stats(out, self.reduce)
+        self.tracker.update(out.latents_BF.detach(), self.reduce)
+        self._maybe_resample(x_BD)
+        self.step_count += 1
+        return self._step_metrics(x_BD, out, loss, time.perf_counter() - start)
+
+    def _maybe_resample(self, x_BD: Tensor) -> None:
+        every = getattr(self.sae.cfg, "resample_every", None)
+        if every and self.step_count > 0 and self.step_count % every == 0 and hasattr(self.sae, "resample_dead"):
+            dead_F = self.tracker.dead_mask()
+            if dead_F.any():
+                self.sae.resample_dead(dead_F, x_BD)
+                self._reset_adam_state(dead_F)
+                self.tracker.tokens_since_fired_F[dead_F] = 0
+
+    def _reset_adam_state(self, dead_F: Tensor) -> None:
+        for param in self.sae.parameters():
+            state = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key not in state:
+                    continue
+                if param.shape[0] == dead_F.shape[0]:
+                    state[key][dead_F] = 0
+                elif param.dim() == 2 and param.shape[1] == dead_F.shape[0]:
+                    state[key][:, dead_F] = 0
+
+    @torch.no_grad()
+    def _step_metrics(self, x_BD: Tensor, out, loss: Tensor, seconds: float) -> dict[str, float]:
+        return {
+            "step": self.step_count,
+            "loss": float(loss),
+            "mse": float(out.mse),
+            "sparsity": float(out.sparsity),
+            "aux": float(out.aux),
+            "l0": float(metrics.l0(out.latents_BF)),
+            "fvu": float(metrics.fvu(out.x_hat_BD, x_BD)),
+            "dead_fraction": self.tracker.dead_fraction(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens_per_s": x_BD.shape[0] * self.world_size / max(seconds, 1e-9),
+        }
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, batches: Iterator[Tensor], on_step: Callable[[int], None] | None = None) -> Iterator[dict[str, float]]:
+        """Train until ``cfg.steps``; yield a metrics dict every ``log_every`` steps and at the end."""
+        for x_BD in batches:
+            if self.step_count >= self.cfg.steps:
+                return
+            row = self.step(x_BD)
+            if on_step is not None:
+                on_step(self.step_count)
+            if self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps:
+                yield row
+        if self.step_count < self.cfg.steps:
+            logger.warning("batches ran out at step %d of %d", self.step_count, self.cfg.steps)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "scaling_factor": self.scaling_factor,
+            "initialized": self.initialized,
+            "tokens_since_fired": self.tracker.tokens_since_fired_F.cpu(),
+            "sae_config": self.sae.cfg.to_dict(),
+            "train_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.cfg.to_dict().items()},
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.scaling_factor = float(state["scaling_factor"])
+        self.initialized = bool(state["initialized"])
+        self.tracker.tokens_since_fired_F.copy_(state["tokens_since_fired"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, acts_ND: Tensor, *, scaling_factor: float = 1.0,
+             batch_size: int = 4096) -> dict[str, float]:
+    """Held-out metrics on raw activations (in their own units): l0, mse, fvu, dead and dense fractions."""
+    was_training = sae.training
+    sae.eval()
+    device = next(sae.parameters()).device
+    counts_F = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    sq_err, l0_sum, n = 0.0, 0.0, 0
+    for start in range(0, len(acts_ND), batch_size):
+        x = acts_ND[start : start + batch_size].to(device, torch.float32)
+        latents = sae.encode(x * scaling_factor)
+        x_hat = sae.decode(latents) / scaling_factor
+        sq_err += float((x_hat - x).pow(2).sum())
+        l0_sum += float((latents != 0).sum())
+        counts_F += (latents != 0).sum(dim=0).cpu()
+        n += len(x)
+    sae.train(was_training)
+    acts = acts_ND.float()
+    total_var = float((acts - acts.mean(dim=0)).pow(2).sum())
+    freq_F = metrics.firing_frequency(counts_F, n)
+    return {
+        "l0": l0_sum / max(n, 1),
+        "mse": sq_err / max(n * acts_ND.shape[1], 1),
+        "fvu": sq_err / max(total_var, 1e-12),
+        "dead_fraction": float(metrics.dead_fraction(counts_F)),
+        "dense_fraction": float(metrics.dense_fraction(freq_F)),
+        "n_tokens": n,
+    }

@@ -1,0 +1,141 @@
+"""Single-process training from an activation store: the job description and its runner.
+
+The Ray Train path (workflows/train_ray.py) runs the same job data-parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sae_core
+from sae_core.io import save_sae
+from sae_core.store import ActivationStore, StoreError
+from sae_core.trainer import TrainConfig, Trainer, evaluate
+from workflows.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Short CLI names for the sparsity knobs, mapped to the config field each architecture calls them.
+SPARSITY_ALIASES = {"l1": ("l1_coefficient",), "l0": ("l0_coefficient",), "kl": ("kl_coefficient",)}
+
+
+@dataclass(kw_only=True)
+class TrainJob:
+    """Everything a training run needs; goes whole into MLflow params and checkpoints."""
+
+    activations: str
+    """Activation store directory."""
+    hook: str
+    """Hook column to train on."""
+    arch: str = "topk"
+    """Registered architecture name."""
+    sae: dict[str, Any] = field(default_factory=dict)
+    """Architecture config fields (d_sae, k, ...); d_in comes from the store."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation settings."""
+    out: str = "runs/sae"
+    """Output folder: the SAELens folder, metrics.json, job.json."""
+    eval_fraction: float = 0.05
+    """Fraction of the store's rows (its end) held out for evaluation."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if not 0 < self.eval_fraction < 1:
+            raise UserError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["train"] = self.train.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainJob:
+        return cls(**raw)
+
+
+def sae_config_for(job: TrainJob, d_in: int) -> sae_core.SAEConfig:
+    fields = dict(job.sae)
+    given_d_in = fields.pop("d_in", None)
+    if given_d_in is not None and given_d_in != d_in:
+        raise UserError(f"store hook {job.hook!r} has d={d_in}, but the SAE was asked for d_in={given_d_in}")
+    return sae_core.make_config(job.arch, d_in=d_in, **fields)
+
+
+def resolve_sparsity_args(arch: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Map CLI knobs (k, l1, l0, ...) onto the architecture's config fields; unknown knobs are errors."""
+    config_fields = {f.name for f in dataclasses.fields(sae_core.get(arch).config_cls)}
+    resolved: dict[str, Any] = {}
+    for knob, value in values.items():
+        if value is None:
+            continue
+        candidates = SPARSITY_ALIASES.get(knob, (knob,))
+        match = next((name for name in candidates if name in config_fields), None)
+        if match is None:
+            raise UserError(f"architecture {arch!r} has no {knob!r} setting (its fields: {sorted(config_fields)})")
+        resolved[match] = value
+    return resolved
+
+
+def split_rows(store: ActivationStore, job: TrainJob) -> tuple[int, int]:
+    """(train_rows, total_rows): the last eval_fraction of rows are held out."""
+    total = store.n_tokens
+    n_eval = max(int(total * job.eval_fraction), 1)
+    if total - n_eval < job.train.batch_size:
+        raise UserError(
+            f"store {job.activations} has {total} rows: too few for a batch of {job.train.batch_size} plus "
+            f"{n_eval} held-out rows; collect more tokens or lower --batch-size"
+        )
+    return total - n_eval, total
+
+
+def open_checked_store(job: TrainJob) -> ActivationStore:
+    try:
+        store = ActivationStore(job.activations)
+        store.check_hook(job.hook)
+    except StoreError as exc:
+        raise UserError(str(exc)) from exc
+    return store
+
+
+def finish_run(job: TrainJob, trainer: Trainer, store: ActivationStore, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate on the held-out rows, write the SAELens folder, metrics.json and job.json."""
+    train_rows, total = split_rows(store, job)
+    held_out = store.read_hook(job.hook, train_rows, total)
+    result = evaluate(trainer.sae, held_out, scaling_factor=trainer.scaling_factor)
+    out = Path(job.out)
+    save_sae(trainer.sae, out, scaling_factor=trainer.scaling_factor, metadata=metadata)
+    (out / "metrics.json").write_text(json.dumps({**result, "steps": trainer.step_count}, indent=2))
+    (out / "job.json").write_text(json.dumps(job.to_dict(), indent=2))
+    return result
+
+
+def store_metadata(store: ActivationStore, job: TrainJob) -> dict[str, Any]:
+    manifest = store.manifest
+    return {"model_name": manifest.model, "hook_name": job.hook, "context_size": manifest.context_size,
+            "prepend_bos": manifest.bos_token_id is not None, "dataset_path": manifest.corpus,
+            "exclude_special_tokens": bool(manifest.excluded)}
+
+
+def train_local(job: TrainJob, on_metrics: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train in this process: read the store, train, evaluate on held-out rows, save."""
+    store = open_checked_store(job)
+    sae_cfg = sae_config_for(job, store.d(job.hook))
+    import torch
+
+    torch.manual_seed(job.train.seed)
+    sae = sae_core.build(sae_cfg)
+    trainer = Trainer(sae, job.train)
+    train_rows, _ = split_rows(store, job)
+    batches = store.iter_batches(job.hook, job.train.batch_size, seed=job.train.seed, stop=train_rows)
+    trainer.initialize(store.read_hook(job.hook, 0, min(job.train.init_sample_tokens, train_rows)))
+    for row in trainer.fit(batches):
+        if on_metrics is not None:
+            on_metrics(row)
+    return finish_run(job, trainer, store, store_metadata(store, job))
