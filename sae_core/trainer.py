@@ -181,7 +181,7 @@ class Trainer:
             out = self.forward_module(x_BD, dead_mask_F=self.tracker.dead_mask())
             loss = out.loss(self.sparsity_scale())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss)} at step {self.step_count}; lower the learning rate")
+            raise FloatingPointError(f"loss is {float(loss.detach())} at step {self.step_count}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_gradient_parallel_to_decoder_directions()

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from sae_core.architectures.base import ConfigError
 from sae_core.trainer import TrainConfig
 from workflows.errors import UserError
-from workflows.training import TrainJob, resolve_sparsity_args, train_local
+from workflows.training import TrainJob, open_checked_store, resolve_sparsity_args, sae_config_for, train_local
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,6 +61,8 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
 
 def run(args: argparse.Namespace) -> int:
     job = job_from_args(args)
+    store = open_checked_store(job)
+    sae_config_for(job, store.d(job.hook))  # refuse a bad config before the progress bar starts
     with tqdm(total=job.train.steps, desc="train", unit="step") as bar:
         def show(row: dict[str, float]) -> None:
             bar.update(row["step"] - bar.n)
