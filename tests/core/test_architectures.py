@@ -29,7 +29,7 @@ def perturbed(sae: sae_core.SparseAutoencoder) -> sae_core.SparseAutoencoder:
     """Move every parameter off its initial value (biases start at 0, where bugs hide)."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, param in sae.named_parameters():
+        for param in sae.parameters():
             param.add_(0.1 * torch.randn(param.shape, generator=gen))
     return sae
 

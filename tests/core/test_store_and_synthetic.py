@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_core.store import ActivationStore, StoreError, StoreWriter, Manifest, make_table
+from sae_core.store import ActivationStore, Manifest, StoreError, StoreWriter, make_table
 from sae_core.synthetic import GROUND_TRUTH_FILE, SyntheticConfig, SyntheticData, write_synthetic_store
 
 

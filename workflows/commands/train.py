@@ -10,7 +10,13 @@ from tqdm import tqdm
 from sae_core.architectures.base import ConfigError
 from sae_core.trainer import TrainConfig
 from workflows.errors import UserError
-from workflows.training import TrainJob, open_checked_store, resolve_sparsity_args, sae_config_for, train_local
+from workflows.training import (
+    TrainJob,
+    open_checked_store,
+    resolve_sparsity_args,
+    sae_config_for,
+    train_local,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
