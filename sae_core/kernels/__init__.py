@@ -1,17 +1,85 @@
 """Sparse kernels for SAEs whose latents have at most k non-zeros per row.
 
-Public operations (autograd-aware; the implementation is chosen by device, and
-``SAE_KERNELS=reference`` forces the eager reference):
+Public operations (autograd-aware; the implementation is chosen per call from the device and
+the environment variable ``SAE_KERNELS``):
 
 - ``topk_encode(x_BD, W_enc_DF, b_enc_F, k) -> (vals_BK, idx_BK)``: relu of the k largest
   pre-activations of each row; its backward sends gradient only to the selected columns.
 - ``sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D) -> x_hat_BD``: sum_j vals[b,j] * W_dec[idx[b,j]] + b_dec.
   Index -1 marks padding (rows with fewer than K non-zeros).
+- ``to_padded(latents_BF) -> (idx_BK, vals_BK)``: the padded layout of dense latents with a
+  variable number of non-zeros per row (JumpReLU, BatchTopK), differentiable in the values.
+
+``SAE_KERNELS``: ``auto`` (default: CUDA kernels on CUDA tensors, the C++ CPU twin on CPU tensors,
+pure torch where neither is built), ``torch`` (the pure-torch sparse path), ``reference`` (the eager
+references in reference.py, differentiated by autograd).
 """
 
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from sae_core.kernels import build
+from sae_core.kernels.backends import CpuBackend, CudaBackend, TorchBackend
+from sae_core.kernels.ops import SparseDecode, TopKEncode, to_padded
 from sae_core.kernels.reference import sparse_decode_reference, topk_encode_reference
 
-sparse_decode = sparse_decode_reference
-topk_encode = topk_encode_reference
+MODES = ("auto", "torch", "reference")
 
-__all__ = ["sparse_decode", "topk_encode", "sparse_decode_reference", "topk_encode_reference"]
+
+@functools.cache
+def _cpu_backend() -> TorchBackend:
+    lib = build.cpu_library()
+    return TorchBackend() if lib is None else CpuBackend(lib)
+
+
+@functools.cache
+def _cuda_backend() -> TorchBackend:
+    lib = build.cuda_library()
+    return TorchBackend() if lib is None else CudaBackend(lib)
+
+
+def backend_for(device: torch.device) -> TorchBackend | None:
+    """The backend a call on ``device`` uses now; None means the eager reference."""
+    mode = os.environ.get("SAE_KERNELS", "auto") or "auto"
+    if mode not in MODES:
+        raise ValueError(f"SAE_KERNELS must be one of {MODES}, got {mode!r}")
+    if mode == "reference":
+        return None
+    if mode == "torch":
+        return TorchBackend()
+    return _cuda_backend() if device.type == "cuda" else _cpu_backend()
+
+
+def backend_name(device: torch.device | str = "cpu") -> str:
+    """"reference", "torch", "cpu" (C++ twin) or "cuda": which implementation runs on ``device``."""
+    backend = backend_for(torch.device(device))
+    return "reference" if backend is None else backend.name
+
+
+def sparse_decode(idx_BK: Tensor, vals_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor) -> Tensor:
+    backend = backend_for(W_dec_FD.device)
+    if backend is None:
+        return sparse_decode_reference(idx_BK, vals_BK, W_dec_FD, b_dec_D)
+    return SparseDecode.apply(idx_BK, vals_BK, W_dec_FD, b_dec_D, backend)
+
+
+def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    backend = backend_for(W_enc_DF.device)
+    if backend is None:
+        return topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k)
+    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, k, backend)
+
+
+__all__ = [
+    "backend_name",
+    "sparse_decode",
+    "sparse_decode_reference",
+    "to_padded",
+    "topk_encode",
+    "topk_encode_reference",
+]

@@ -1,0 +1,93 @@
+"""Autograd functions over a backend's primitives (backends.py); the same code runs on CPU and CUDA."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from sae_core.kernels.backends import TorchBackend
+
+
+class SparseDecode(torch.autograd.Function):
+    """x_hat[b] = sum_j vals[b,j] * W_dec[idx[b,j]] + b_dec, without materialising dense latents."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, idx_BK: Tensor, vals_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor,
+                backend: TorchBackend) -> Tensor:
+        dtype = torch.promote_types(torch.promote_types(vals_BK.dtype, W_dec_FD.dtype), b_dec_D.dtype)
+        ctx.dtypes = (vals_BK.dtype, W_dec_FD.dtype, b_dec_D.dtype)
+        vals_BK, W_dec_FD = vals_BK.to(dtype), W_dec_FD.to(dtype)
+        ctx.backend = backend
+        ctx.save_for_backward(idx_BK, vals_BK, W_dec_FD)
+        return backend.gather_sum(idx_BK, vals_BK, W_dec_FD, b_dec_D.to(dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_BD: Tensor) -> tuple[Tensor | None, ...]:
+        idx_BK, vals_BK, W_dec_FD = ctx.saved_tensors
+        vals_dtype, W_dtype, b_dtype = ctx.dtypes
+        grad_BD = grad_BD.to(W_dec_FD.dtype).contiguous()
+        grad_vals = grad_W = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_vals = ctx.backend.row_dots(idx_BK, grad_BD, W_dec_FD).to(vals_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = ctx.backend.scatter_rows(idx_BK, vals_BK, grad_BD, W_dec_FD.shape[0]).to(W_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_BD.sum(0).to(b_dtype)
+        return None, grad_vals, grad_W, grad_b, None
+
+
+class TopKEncode(torch.autograd.Function):
+    """relu of the k largest entries of x @ W_enc + b_enc per row; the backward only touches those k columns."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
+                backend: TorchBackend) -> tuple[Tensor, Tensor]:
+        h_BF = torch.addmm(b_enc_F, x_BD, W_enc_DF)
+        vals_BK, idx_BK = backend.topk(h_BF, k)
+        del h_BF  # [B, F]: the largest tensor of the step, freed before the decoder runs
+        vals_BK = vals_BK.relu_()
+        ctx.backend, ctx.k = backend, k
+        ctx.dtypes = (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype)
+        ctx.save_for_backward(x_BD, W_enc_DF, idx_BK, vals_BK)
+        ctx.mark_non_differentiable(idx_BK)
+        return vals_BK, idx_BK
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor, _grad_idx: Tensor | None) -> tuple[Tensor | None, ...]:
+        x_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
+        x_dtype, W_dtype, b_dtype = ctx.dtypes
+        dtype = torch.promote_types(x_BD.dtype, W_enc_DF.dtype)
+        grad_h_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(dtype).contiguous()  # relu's gradient
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # W_enc [D, F] gathered by column: transpose once so each latent is a contiguous row.
+            W_enc_FD = W_enc_DF.to(dtype).t().contiguous()
+            grad_x = ctx.backend.gather_sum(idx_BK, grad_h_BK, W_enc_FD).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_W_FD = ctx.backend.scatter_rows(idx_BK, grad_h_BK, x_BD.to(dtype).contiguous(), W_enc_DF.shape[1])
+            grad_W = grad_W_FD.t().to(W_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc_DF.shape[1], dtype=grad_h_BK.dtype, device=grad_h_BK.device)
+            grad_b = grad_b.index_add_(0, idx_BK.reshape(-1), grad_h_BK.reshape(-1)).to(b_dtype)
+        return grad_x, grad_W, grad_b, None, None
+
+
+def to_padded(latents_BF: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense latents -> (idx_BK, vals_BK) with K = max non-zeros in any row (at least 1), -1 padding.
+
+    vals_BK is gathered from latents_BF, so gradients flow back to it (zero at the padding).
+    Costs one pass over latents_BF and a device sync (K is data-dependent).
+    """
+    B = latents_BF.shape[0]
+    rows_N, cols_N = latents_BF.nonzero(as_tuple=True)
+    counts_B = torch.bincount(rows_N, minlength=B)
+    K = max(int(counts_B.max()) if B > 0 else 0, 1)
+    starts_B = torch.cumsum(counts_B, 0) - counts_B
+    slot_N = torch.arange(len(rows_N), device=latents_BF.device) - starts_B[rows_N]
+    idx_BK = torch.full((B, K), -1, dtype=torch.int64, device=latents_BF.device)
+    idx_BK[rows_N, slot_N] = cols_N
+    vals_BK = torch.where(idx_BK >= 0, latents_BF.gather(1, idx_BK.clamp_min(0)), 0)
+    return idx_BK, vals_BK

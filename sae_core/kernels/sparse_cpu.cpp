@@ -1,0 +1,134 @@
+// CPU twin of sparse_cuda.cu: the same operations on fp32 host pointers, threaded with std::thread.
+// Built at first use by sae_core/kernels/build.py (plain C++, no torch headers: compiles in ~1 s).
+#include <algorithm>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "sparse_index.cuh"
+
+namespace {
+
+// Run body(begin, end) over [0, n) split across `threads` workers.
+void parallel_for(int64_t n, int threads, const std::function<void(int64_t, int64_t)>& body) {
+    int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
+    if (parts == 1) {
+        body(0, n);
+        return;
+    }
+    std::vector<std::thread> pool;
+    for (int p = 1; p < parts; ++p) {
+        sae::Range r = sae::chunk(n, parts, p);
+        pool.emplace_back(body, r.begin, r.end);
+    }
+    sae::Range r0 = sae::chunk(n, parts, 0);
+    body(r0.begin, r0.end);
+    for (auto& t : pool) t.join();
+}
+
+inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t d) {
+    for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
+}
+
+inline float dot(const float* __restrict x, const float* __restrict y, int64_t d) {
+    // Eight partial sums let the compiler vectorise without -ffast-math.
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += x[i + l] * y[i + l];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < d; ++i) s += x[i] * y[i];
+    return s;
+}
+
+// Keep the k largest of row[0..n) in a min-heap of (value, index); returns them unsorted.
+void row_topk(const float* row, int64_t n, int64_t k, float* vals, int64_t* idx) {
+    std::vector<std::pair<float, int64_t>> heap(k);
+    auto greater = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+        return a.first > b.first;
+    };
+    for (int64_t i = 0; i < k; ++i) heap[i] = {row[i], i};
+    std::make_heap(heap.begin(), heap.end(), greater);
+    float threshold = heap.front().first;
+    for (int64_t i = k; i < n; ++i) {
+        if (row[i] > threshold) {  // rare after the first few hundred entries
+            std::pop_heap(heap.begin(), heap.end(), greater);
+            heap.back() = {row[i], i};
+            std::push_heap(heap.begin(), heap.end(), greater);
+            threshold = heap.front().first;
+        }
+    }
+    for (int64_t j = 0; j < k; ++j) {
+        vals[j] = heap[j].first;
+        idx[j] = heap[j].second;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// out[b] = sum_j vals[b, j] * table[idx[b, j]] for b < B (table [F, D], out [B, D]).
+void sae_cpu_gather_sum(const int64_t* idx, const float* vals, const float* table, float* out, int64_t B,
+                        int64_t K, int64_t F, int64_t D, int threads) {
+    parallel_for(B, threads, [=](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+            float* o = out + b * D;
+            std::fill(o, o + D, 0.0f);
+            for (int64_t j = 0; j < K; ++j) {
+                int64_t f = idx[b * K + j];
+                if (sae::valid_index(f, F)) axpy(vals[b * K + j], table + f * D, o, D);
+            }
+        }
+    });
+}
+
+// out[b, j] = dot(src[b], table[idx[b, j]]), 0 at padding (src [B, D], table [F, D]).
+void sae_cpu_row_dots(const int64_t* idx, const float* src, const float* table, float* out, int64_t B, int64_t K,
+                      int64_t F, int64_t D, int threads) {
+    parallel_for(B, threads, [=](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+            for (int64_t j = 0; j < K; ++j) {
+                int64_t f = idx[b * K + j];
+                out[b * K + j] = sae::valid_index(f, F) ? dot(src + b * D, table + f * D, D) : 0.0f;
+            }
+    });
+}
+
+// out[f] = sum over CSR entries e of latent f of vals[perm[e]] * src[perm[e] / K]  (out [F, D], every row
+// written, so out needs no zeroing). No atomics: each latent row is reduced by one worker.
+void sae_cpu_scatter_rows(const int64_t* perm, const int64_t* offsets, const float* vals, const float* src,
+                          float* out, int64_t F, int64_t K, int64_t D, int threads) {
+    parallel_for(F, threads, [=](int64_t f0, int64_t f1) {
+        for (int64_t f = f0; f < f1; ++f) {
+            float* o = out + f * D;
+            std::fill(o, o + D, 0.0f);
+            sae::Range r = sae::csr_range(offsets, f);
+            for (int64_t e = r.begin; e < r.end; ++e) {
+                int64_t flat = perm[e];
+                axpy(vals[flat], src + sae::entry_row(flat, K) * D, o, D);
+            }
+        }
+    });
+}
+
+// Counting sort of the flat entries by latent: offsets [F + 1], perm [N] (stable; invalid entries are left
+// out, so perm[offsets[F]..N) is unused). Linear time, where a comparison sort of B*K keys is not.
+void sae_cpu_csr(const int64_t* idx, int64_t N, int64_t F, int64_t* perm, int64_t* offsets) {
+    std::fill(offsets, offsets + F + 1, 0);
+    for (int64_t e = 0; e < N; ++e)
+        if (sae::valid_index(idx[e], F)) ++offsets[idx[e] + 1];
+    for (int64_t f = 0; f < F; ++f) offsets[f + 1] += offsets[f];
+    std::vector<int64_t> cursor(offsets, offsets + F);
+    for (int64_t e = 0; e < N; ++e)
+        if (sae::valid_index(idx[e], F)) perm[cursor[idx[e]]++] = e;
+}
+
+// The k largest entries of each row of h [B, N] (unsorted), like torch.topk(sorted=False).
+void sae_cpu_topk(const float* h, float* vals, int64_t* idx, int64_t B, int64_t N, int64_t k, int threads) {
+    parallel_for(B, threads, [=](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row_topk(h + b * N, N, k, vals + b * k, idx + b * k);
+    });
+}
+
+}  // extern "C"

@@ -1,0 +1,220 @@
+"""The sparse kernels against their eager references: values and every gradient, odd shapes, duplicates,
+padding, empty batches, non-contiguous inputs; gradcheck in float64; the SAE_KERNELS dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sae_core
+from sae_core import kernels
+from sae_core.kernels import backends, build
+
+FAST_MODES = ("auto", "torch")  # "auto" is the C++ twin on CPU when a compiler exists
+SHAPES = [(7, 3, 11, 5), (1, 1, 4, 3), (5, 6, 6, 4), (33, 8, 40, 17)]  # (B, K, F, D); (5, 6, 6, ..) is k = d_sae
+
+
+@pytest.fixture(params=FAST_MODES)
+def mode(request, monkeypatch):
+    monkeypatch.setenv("SAE_KERNELS", request.param)
+    return request.param
+
+
+def decode_inputs(B: int, K: int, F: int, D: int, dtype=torch.float32, seed: int = 0, pad: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    idx_BK = torch.randint(0, F, (B, K), generator=gen)
+    if B > 1:
+        idx_BK[1] = idx_BK[0]  # duplicate rows across the batch
+    if K > 1 and B > 0:
+        idx_BK[0, 1] = idx_BK[0, 0]  # and a duplicate inside a row
+    if pad and K > 1 and B > 2:
+        idx_BK[2, K // 2:] = -1
+    vals_BK = torch.randn(B, K, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    W_dec_FD = torch.randn(F, D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    b_dec_D = torch.randn(D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    return idx_BK, vals_BK, W_dec_FD, b_dec_D
+
+
+def value_and_grads(fn, inputs, seed: int = 1):
+    out = fn(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (out.double() * weight).sum().backward()
+    grads = [t.grad.clone() if t.grad is not None else None for t in inputs if torch.is_tensor(t) and t.requires_grad]
+    for t in inputs:
+        if torch.is_tensor(t):
+            t.grad = None
+    return out.detach(), grads
+
+
+def assert_all_close(a, b, **tol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.double(), y.double(), **tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_decode_matches_reference(mode, shape):
+    inputs = decode_inputs(*shape)
+    out, grads = value_and_grads(kernels.sparse_decode, inputs)
+    ref_out, ref_grads = value_and_grads(kernels.sparse_decode_reference, inputs)
+    assert_all_close([out, *grads], [ref_out, *ref_grads], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_empty_batch_and_non_contiguous(mode):
+    idx_BK, vals_BK, W_dec_FD, b_dec_D = decode_inputs(0, 4, 9, 6)
+    out, grads = value_and_grads(kernels.sparse_decode, (idx_BK, vals_BK, W_dec_FD, b_dec_D))
+    assert out.shape == (0, 6) and grads[1].abs().sum() == 0 and grads[2].abs().sum() == 0
+    gen = torch.Generator().manual_seed(3)
+    idx_BK = torch.randint(-1, 9, (10, 8), generator=gen)[:, ::2]  # strided, with padding
+    vals_BK = torch.randn(10, 8, generator=gen)[:, 1::2].requires_grad_()
+    W_dec_FD = torch.randn(6, 9, generator=gen).t().requires_grad_()  # a transposed view
+    inputs = (idx_BK, vals_BK, W_dec_FD, b_dec_D)
+    assert not (idx_BK.is_contiguous() or vals_BK.is_contiguous() or W_dec_FD.is_contiguous())
+    assert_all_close(value_and_grads(kernels.sparse_decode, inputs)[1],
+                     value_and_grads(kernels.sparse_decode_reference, inputs)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_bf16(mode):
+    inputs = decode_inputs(9, 4, 13, 24, dtype=torch.bfloat16)
+    out, grads = value_and_grads(kernels.sparse_decode, inputs)
+    exact = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    ref_out, ref_grads = value_and_grads(kernels.sparse_decode_reference, exact)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    assert_all_close([out, *grads], [ref_out, *ref_grads], rtol=3e-2, atol=5e-2)
+
+
+def encode_inputs(B: int, D: int, F: int, dtype=torch.float64, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x_BD = torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    W_enc_DF = torch.randn(D, F, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    b_enc_F = (0.5 * torch.randn(F, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    return x_BD, W_enc_DF, b_enc_F
+
+
+def sorted_by_index(vals_BK, idx_BK):
+    idx_sorted_BK, order_BK = idx_BK.sort(dim=1)
+    return vals_BK.gather(1, order_BK), idx_sorted_BK
+
+
+@pytest.mark.parametrize("B,D,F,k", [(9, 5, 12, 3), (4, 3, 7, 1), (6, 4, 10, 10), (0, 4, 6, 2), (50, 17, 300, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_encode_matches_reference(mode, B, D, F, k, dtype):
+    inputs = encode_inputs(B, D, F, dtype)
+    vals_BK, idx_BK = kernels.topk_encode(*inputs, k)
+    ref_vals_BK, ref_idx_BK = kernels.topk_encode_reference(*inputs, k)
+    torch.testing.assert_close(sorted_by_index(vals_BK, idx_BK), sorted_by_index(ref_vals_BK, ref_idx_BK))
+    if k == F and B > 0:
+        assert (vals_BK == 0).any()  # keeping every latent keeps negative ones: relu is exercised
+
+    def through_decode(encode):
+        W_dec_FD = torch.randn(F, D, generator=torch.Generator().manual_seed(5), dtype=dtype)
+        return lambda x, W, b: kernels.sparse_decode_reference(*encode(x, W, b, k)[::-1], W_dec_FD, W_dec_FD[0])
+
+    grads = value_and_grads(through_decode(kernels.topk_encode), inputs)[1]
+    ref_grads = value_and_grads(through_decode(kernels.topk_encode_reference), inputs)[1]
+    assert_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64(mode):
+    idx_BK, vals_BK, W_dec_FD, b_dec_D = decode_inputs(5, 3, 6, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v, W, b: kernels.sparse_decode(idx_BK, v, W, b), (vals_BK, W_dec_FD, b_dec_D))
+    x_BD, W_enc_DF, b_enc_F = encode_inputs(4, 3, 8)
+    assert torch.autograd.gradcheck(lambda x, W, b: kernels.topk_encode(x, W, b, 3)[0], (x_BD, W_enc_DF, b_enc_F))
+
+
+def test_to_padded_round_trip(mode):
+    gen = torch.Generator().manual_seed(2)
+    latents_BF = torch.randn(6, 10, generator=gen) * (torch.rand(6, 10, generator=gen) < 0.3)
+    latents_BF[3] = 0  # a row with no non-zeros
+    latents_BF.requires_grad_()
+    idx_BK, vals_BK = kernels.to_padded(latents_BF)
+    assert idx_BK.shape[1] == max(int((latents_BF != 0).sum(1).max()), 1) and (idx_BK[3] == -1).all()
+    W_dec_FD, b_dec_D = torch.randn(10, 7, generator=gen), torch.randn(7, generator=gen)
+    x_hat_BD = kernels.sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D)
+    torch.testing.assert_close(x_hat_BD, latents_BF @ W_dec_FD + b_dec_D)
+    x_hat_BD.sum().backward()
+    expected_BF = (W_dec_FD.sum(1).expand(6, 10) * (latents_BF != 0)).detach()  # zero where the latent is zero
+    torch.testing.assert_close(latents_BF.grad, expected_BF)
+    idx_BK, vals_BK = kernels.to_padded(torch.zeros(0, 10))
+    assert idx_BK.shape == (0, 1) and vals_BK.shape == (0, 1)
+
+
+def test_cpu_twin_topk_and_csr_match_torch():
+    lib = build.cpu_library()
+    if lib is None:
+        pytest.skip("no C++ compiler")
+    cpu = backends.CpuBackend(lib)
+    h_BF = torch.randn(37, 1000)
+    for k in (1, 7, 64):
+        torch.testing.assert_close(sorted_by_index(*cpu.topk(h_BF, k)), sorted_by_index(*h_BF.topk(k, sorted=False)))
+    idx_BK = torch.randint(-1, 50, (30, 9))
+    src_BD, vals_BK = torch.randn(30, 5), torch.randn(30, 9)
+    torch.testing.assert_close(cpu.scatter_rows(idx_BK, vals_BK, src_BD, 50),
+                               backends.TorchBackend().scatter_rows(idx_BK, vals_BK, src_BD, 50))
+
+
+def test_dispatch_follows_environment(monkeypatch):
+    calls = []
+    real = kernels.sparse_decode_reference
+    monkeypatch.setattr(kernels, "sparse_decode_reference", lambda *a: calls.append(1) or real(*a))
+    inputs = decode_inputs(4, 2, 5, 3)
+    monkeypatch.setenv("SAE_KERNELS", "reference")
+    kernels.sparse_decode(*inputs)
+    assert calls and kernels.backend_name() == "reference"
+    calls.clear()
+    monkeypatch.setenv("SAE_KERNELS", "auto")
+    kernels.sparse_decode(*inputs)
+    assert not calls
+    assert kernels.backend_name() == ("torch" if build.cpu_library() is None else "cpu")
+    monkeypatch.setenv("SAE_KERNELS", "torch")
+    assert kernels.backend_name() == "torch"
+    monkeypatch.setenv("SAE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SAE_KERNELS"):
+        kernels.sparse_decode(*inputs)
+
+
+def test_failed_build_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SAE_KERNELS_CACHE", str(tmp_path))
+    assert build._load("false", build.KERNEL_DIR / "sparse_cpu.cpp", build.CPU_FLAGS) is None
+    assert build._load(None, build.KERNEL_DIR / "sparse_cpu.cpp", build.CPU_FLAGS) is None
+    assert "pure-torch" in caplog.text
+
+
+def test_topk_sae_gradients_match_reference(monkeypatch):
+    torch.manual_seed(0)
+    sae = sae_core.build(sae_core.make_config("topk", d_in=12, d_sae=40, k=5))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x_BD = torch.randn(16, 12)
+    dead_F = torch.zeros(40, dtype=torch.bool)
+    dead_F[::3] = True
+    results = []
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv("SAE_KERNELS", mode)
+        sae.zero_grad()
+        out = sae(x_BD, dead_mask_F=dead_F)
+        out.loss().backward()
+        results.append([out.x_hat_BD, out.latents_BF, out.loss()] + [p.grad.clone() for p in sae.parameters()])
+    assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_cuda_matches_reference(monkeypatch, dtype, tol):
+    monkeypatch.setenv("SAE_KERNELS", "auto")
+    assert kernels.backend_name("cuda") == "cuda"
+    inputs = [t.detach().cuda().requires_grad_(t.requires_grad) for t in decode_inputs(67, 9, 300, 577, dtype)]
+    out, grads = value_and_grads(kernels.sparse_decode, inputs)
+    exact = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    ref_out, ref_grads = value_and_grads(kernels.sparse_decode_reference, exact)
+    assert_all_close([out, *grads], [ref_out, *ref_grads], rtol=tol, atol=tol * 4)
+    x_BD, W_enc_DF, b_enc_F = (t.detach().cuda().float().requires_grad_() for t in encode_inputs(40, 33, 500))
+    enc = [value_and_grads(lambda x, W, b, fn=fn: fn(x, W, b, 16)[0].sum(1), (x_BD, W_enc_DF, b_enc_F))
+           for fn in (kernels.topk_encode, kernels.topk_encode_reference)]
+    assert_all_close([enc[0][0], *enc[0][1]], [enc[1][0], *enc[1][1]], rtol=1e-5, atol=1e-5)
