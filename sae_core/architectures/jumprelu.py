@@ -1,0 +1,142 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"): f = h * H(h - theta) with a learned
+per-latent threshold theta = exp(log_threshold), trained on an L0 penalty through straight-through
+estimators with a rectangle-kernel pseudo-derivative of width ``bandwidth``:
+
+    d/dtheta [h H(h - theta)] := -(theta / eps) K((h - theta) / eps)
+    d/dtheta  H(h - theta)    := -(1 / eps)     K((h - theta) / eps),   K(u) = 1[|u| < 1/2]
+
+(the gradients with respect to h are the ordinary ones: H(h - theta) and 0).
+
+Units: with inputs scaled to E||x||^2 = d_in and mean-over-elements MSE, our MSE is the fraction of
+the input's energy left unexplained, the same quantity as the paper's summed squared error on inputs
+scaled to E||x||^2 = 1, so ``l0_coefficient`` is the paper's lambda. Pre-activations are sqrt(d_in)
+times larger than theirs, so ``bandwidth`` and ``init_threshold`` are too.
+
+Optional pre-activation loss (Anthropic, "Circuits Updates", January 2025):
+``pre_act_loss_coefficient * mean_b sum_{i dead} relu(theta_i - h_bi) * ||W_dec_i|| / d_in``, applied to
+the latents the trainer reports dead, pulling their pre-activations (and thresholds) toward firing.
+Anthropic apply it to every latent with a tiny coefficient; restricting it to dead latents leaves
+live latents' trade-off untouched. It goes into ``aux``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, require
+from sae_core.registry import register
+
+
+@dataclass(kw_only=True)
+class JumpReLUConfig(SAEConfig):
+    l0_coefficient: float = 2e-3
+    """Weight of the L0 penalty mean_b sum_i H(h_bi - theta_i) (the paper's lambda; see module docstring)."""
+    bandwidth: float = 0.05
+    """Width eps of the rectangle kernel of the straight-through estimators, in pre-activation units."""
+    init_threshold: float = 0.1
+    """Initial threshold of every latent."""
+    pre_act_loss_coefficient: float = 0.0
+    """Weight of the pre-activation loss on dead latents (Anthropic Jan 2025); 0 disables."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {self.l0_coefficient}")
+        require(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth}")
+        require(self.init_threshold > 0, f"init_threshold must be > 0, got {self.init_threshold}")
+        require(self.pre_act_loss_coefficient >= 0,
+                f"pre_act_loss_coefficient must be >= 0, got {self.pre_act_loss_coefficient}")
+
+
+def rectangle(u: Tensor) -> Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """h * H(h - theta) with the straight-through gradient for theta."""
+
+    @staticmethod
+    def forward(ctx, h_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(h_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return h_BF * (h_BF > theta_F)
+
+    @staticmethod
+    def backward(ctx, grad_BF: Tensor) -> tuple[Tensor, Tensor, None]:
+        h_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_h_BF = grad_BF * (h_BF > theta_F)
+        grad_theta_BF = -(theta_F / eps) * rectangle((h_BF - theta_F) / eps) * grad_BF
+        return grad_h_BF, grad_theta_BF.sum(dim=0), None
+
+
+class _HeavisideFn(torch.autograd.Function):
+    """H(h - theta) with the straight-through gradient for theta (none for h)."""
+
+    @staticmethod
+    def forward(ctx, h_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(h_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return (h_BF > theta_F).to(h_BF.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_BF: Tensor) -> tuple[Tensor, Tensor, None]:
+        h_BF, theta_F = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta_BF = -(1.0 / eps) * rectangle((h_BF - theta_F) / eps) * grad_BF
+        return torch.zeros_like(h_BF), grad_theta_BF.sum(dim=0), None
+
+
+def jumprelu(h_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    return _JumpReLUFn.apply(h_BF, theta_F, bandwidth)
+
+
+def step(h_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    return _HeavisideFn.apply(h_BF, theta_F, bandwidth)
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    saelens_architecture = "jumprelu"
+    homogeneous = True
+    cfg: JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def activation(self, h_BF: Tensor) -> Tensor:
+        return jumprelu(h_BF, self.threshold(), self.cfg.bandwidth)
+
+    def sparsity_loss(self, latents_BF: Tensor, h_BF: Tensor) -> Tensor:
+        l0_B = step(h_BF, self.threshold(), self.cfg.bandwidth).sum(dim=-1)
+        return self.cfg.l0_coefficient * l0_B.mean()
+
+    def aux_loss(self, x_BD: Tensor, out: SAEOutput, h_BF: Tensor, dead_mask_F: Tensor | None) -> Tensor:
+        coef = self.cfg.pre_act_loss_coefficient
+        if coef == 0 or dead_mask_F is None or not bool(dead_mask_F.any()):
+            return x_BD.new_zeros(())
+        gap_BF = torch.relu(self.threshold() - h_BF) * dead_mask_F
+        return coef * (gap_BF @ self.decoder_norms()).mean() / self.cfg.d_in
+
+    # -- saving: SAELens stores the threshold itself ----------------------------------------------
+    def inference_tensors(self) -> dict[str, Tensor]:
+        tensors = super().inference_tensors()
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+        return tensors
+
+    def inference_to_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        tensors = dict(tensors)
+        if "threshold" in tensors:
+            # A zero threshold (plain ReLU) is kept as the smallest positive one.
+            tiny = torch.finfo(torch.float32).tiny
+            tensors["log_threshold"] = tensors.pop("threshold").float().clamp_min(tiny).log()
+        return tensors
+
+
+register("jumprelu", JumpReLUConfig, JumpReLUSAE, "JumpReLU with learned thresholds and STE L0 (Rajamanoharan et al. 2024)")
