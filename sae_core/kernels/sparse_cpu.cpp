@@ -2,6 +2,7 @@
 // Built at first use by sae_core/kernels/build.py (plain C++, no torch headers: compiles in ~1 s).
 #include <algorithm>
 #include <functional>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -50,18 +51,66 @@ void row_topk(const float* row, int64_t n, int64_t k, float* vals, int64_t* idx)
     for (int64_t i = 0; i < k; ++i) heap[i] = {row[i], i};
     std::make_heap(heap.begin(), heap.end(), greater);
     float threshold = heap.front().first;
-    for (int64_t i = k; i < n; ++i) {
-        if (row[i] > threshold) {  // rare after the first few hundred entries
+    auto offer = [&](int64_t i) {
+        if (row[i] > threshold) {
             std::pop_heap(heap.begin(), heap.end(), greater);
             heap.back() = {row[i], i};
             std::push_heap(heap.begin(), heap.end(), greater);
             threshold = heap.front().first;
         }
+    };
+    constexpr int64_t kBlock = 32;
+    int64_t i = k;
+    for (; i + kBlock <= n; i += kBlock) {
+        // A branch-free (vectorised) test of the whole block first: after the first few hundred
+        // entries almost no block holds a candidate, so the scan runs at memory speed.
+        int any = 0;
+        for (int64_t l = 0; l < kBlock; ++l) any |= row[i + l] > threshold;
+        if (any)
+            for (int64_t l = 0; l < kBlock; ++l) offer(i + l);
     }
+    for (; i < n; ++i) offer(i);
     for (int64_t j = 0; j < k; ++j) {
         vals[j] = heap[j].first;
         idx[j] = heap[j].second;
     }
+}
+
+// Exact top-k through an estimated threshold: the m-th largest of a strided sample of the row is a value
+// that some ~m * stride >= 2k entries exceed; one vectorised pass collects the entries at or above it and
+// a selection among those few finishes. Returns false (caller falls back to the heap) when the sample is
+// too small or the candidates are fewer than k. NaNs are never selected.
+bool row_topk_sampled(const float* row, int64_t n, int64_t k, float* vals, int64_t* idx, std::vector<float>& sample,
+                      std::vector<int64_t>& cand) {
+    constexpr int64_t kStride = 64, kBlock = 32;
+    const int64_t s = n / kStride, m = (2 * k + kStride - 1) / kStride + 4;
+    if (s < 4 * m) return false;
+    sample.resize(s);
+    for (int64_t j = 0; j < s; ++j) {
+        const float v = row[j * kStride];
+        sample[j] = v == v ? v : -std::numeric_limits<float>::infinity();
+    }
+    std::nth_element(sample.begin(), sample.begin() + (m - 1), sample.end(), std::greater<float>());
+    const float t = sample[m - 1];
+    cand.clear();
+    int64_t i = 0;
+    for (; i + kBlock <= n; i += kBlock) {
+        int any = 0;
+        for (int64_t l = 0; l < kBlock; ++l) any |= row[i + l] >= t;
+        if (any)
+            for (int64_t l = 0; l < kBlock; ++l)
+                if (row[i + l] >= t) cand.push_back(i + l);
+    }
+    for (; i < n; ++i)
+        if (row[i] >= t) cand.push_back(i);
+    if (static_cast<int64_t>(cand.size()) < k) return false;
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(),
+                     [row](int64_t a, int64_t b) { return row[a] > row[b]; });
+    for (int64_t j = 0; j < k; ++j) {
+        idx[j] = cand[j];
+        vals[j] = row[cand[j]];
+    }
+    return true;
 }
 
 }  // namespace
@@ -127,7 +176,11 @@ void sae_cpu_csr(const int64_t* idx, int64_t N, int64_t F, int64_t* perm, int64_
 // The k largest entries of each row of h [B, N] (unsorted), like torch.topk(sorted=False).
 void sae_cpu_topk(const float* h, float* vals, int64_t* idx, int64_t B, int64_t N, int64_t k, int threads) {
     parallel_for(B, threads, [=](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) row_topk(h + b * N, N, k, vals + b * k, idx + b * k);
+        std::vector<float> sample;
+        std::vector<int64_t> cand;
+        for (int64_t b = b0; b < b1; ++b)
+            if (!row_topk_sampled(h + b * N, N, k, vals + b * k, idx + b * k, sample, cand))
+                row_topk(h + b * N, N, k, vals + b * k, idx + b * k);
     });
 }
 

@@ -145,8 +145,17 @@ def test_cpu_twin_topk_and_csr_match_torch():
     if lib is None:
         pytest.skip("no C++ compiler")
     cpu = backends.CpuBackend(lib)
-    h_BF = torch.randn(37, 1000)
+    h_BF = torch.randn(37, 5000)  # long rows take the sampled-threshold path, short ones the heap
+    h_BF[1] = 0.0  # ties everywhere
+    h_BF[2, ::3] = float("nan")  # NaNs are never selected: compare on a row without them below
+    h_BF[2, 1::3] = torch.arange(1667.0)  # ascending: the sample underestimates nothing
+    h_BF[3, :] = torch.linspace(1, 0, 5000)  # descending
+    torch.testing.assert_close(cpu.topk(h_BF[1:2], 5)[0], torch.zeros(1, 5))
+    assert not cpu.topk(h_BF[2:3], 5)[0].isnan().any()
+    h_BF = h_BF[3:]  # indices are only comparable without ties
     for k in (1, 7, 64):
+        torch.testing.assert_close(sorted_by_index(*cpu.topk(h_BF[:, :900], k)),
+                                   sorted_by_index(*h_BF[:, :900].topk(k, sorted=False)))
         torch.testing.assert_close(sorted_by_index(*cpu.topk(h_BF, k)), sorted_by_index(*h_BF.topk(k, sorted=False)))
     idx_BK = torch.randint(-1, 50, (30, 9))
     src_BD, vals_BK = torch.randn(30, 5), torch.randn(30, 9)
