@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny offline tokenizer, tiny random Llama / GPT-2 / GPT-NeoX folders, a local Ray.
+
+The tokenizer is a byte-level BPE trained in a second on the first stdlib docstrings, wrapped as a
+``PreTrainedTokenizerFast`` with <bos>/<eos>/<pad>; no download anywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from workflows.corpus import iter_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(itertools.islice(iter_documents("builtin:stdlib"), 300), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_tiny_model(folder: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Save a random 2-layer model of ``family`` (llama, gpt2, neox) with the tiny tokenizer."""
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        PreTrainedTokenizerFast,
+    )
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if family == "llama":
+        config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, **ids)
+    elif family == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
+    elif family == "neox":
+        config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=256, **ids)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    make_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"), "llama", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_neox"), "neox", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (the shared data folder beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()

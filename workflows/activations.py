@@ -1,0 +1,294 @@
+"""Activation collection on Ray Data: corpus windows -> frozen-model actor pool -> store or stream.
+
+The driver packs the corpus into context windows (workflows/corpus.py), Ray Data feeds them in
+batches to an actor pool of :class:`ActivationMapper` (each holds the frozen model and stops the
+forward pass at the deepest hook), and the rows come back to one of two sinks:
+
+- :func:`collect` writes the activation store (sae_core/store.py). Part ``i`` holds windows
+  ``[i * part_windows, (i + 1) * part_windows)``, so a killed run started again with the same
+  config skips the parts the manifest lists and writes only the rest.
+- :func:`stream_activations` / :func:`stream_hook` yield torch batches straight to a trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_core.store import DTYPES, Manifest, StoreWriter, make_table, read_manifest, write_manifest
+from workflows.corpus import DEFAULT_CORPUS, EXCLUDED, Windows, iter_documents, pack_windows, special_ids
+from workflows.errors import UserError
+from workflows.hooks import parse_hook, run_with_hooks
+from workflows.models import (
+    DEFAULT_MODEL,
+    MODEL_DTYPES,
+    ensure_local,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+META = ("token_id", "window_id", "position", "doc_id")
+
+
+@dataclass(kw_only=True)
+class CollectConfig:
+    """What to run, on which text, and where the activations go."""
+
+    hooks: list[str]
+    """Hook names to record, e.g. ``["blocks.6.hook_resid_post"]`` (see ``sae hooks``)."""
+    n_tokens: int
+    """Stored tokens to collect at least (whole windows; BOS and separators are not counted)."""
+    model: str = DEFAULT_MODEL
+    """``builtin:smollm2-135m-instruct``, a ``.gguf`` file, a model folder or a hub id."""
+    corpus: str = DEFAULT_CORPUS
+    """``builtin:stdlib``, a .txt/.jsonl/.parquet file, folder or glob, or ``hf:NAME[:CONFIG][:SPLIT]``."""
+    text_field: str = "text"
+    """Field (jsonl) or column (parquet, hf) holding the text."""
+    context_size: int = 128
+    """Tokens per window, BOS included."""
+    out: str | None = None
+    """Store directory (for :func:`collect`; streaming needs none)."""
+    dtype: str = "float32"
+    """Storage dtype of the activations: float16 or float32."""
+    model_dtype: str = "float32"
+    """Dtype the model runs in: float32 or bfloat16."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    workers: int = 1
+    """Actors in the pool, each with its own copy of the model."""
+    device: str = "cpu"
+    """cpu, or cuda (one GPU per actor)."""
+    threads: int | None = None
+    """Torch threads per actor; default: the node's cores divided by ``workers``."""
+    part_windows: int = 0
+    """Windows per store part; 0 picks about 64k tokens per part."""
+    cache_dir: str | None = None
+    """Model cache folder (default ``$SAE_RAY_CACHE/models`` or ``~/.cache/sae-ray/models``)."""
+
+    def __post_init__(self) -> None:
+        if not self.hooks:
+            raise UserError("name at least one hook (see `sae hooks`)")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise UserError(f"hooks are repeated: {self.hooks}")
+        for name, value in (("n_tokens", self.n_tokens), ("batch_size", self.batch_size), ("workers", self.workers)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.context_size < 2:
+            raise UserError(f"context size must be at least 2 (BOS + one token), got {self.context_size}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"store dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise UserError(f"model dtype {self.model_dtype!r} is not one of {sorted(MODEL_DTYPES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.part_windows <= 0:
+            self.part_windows = max(1, 65536 // self.context_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CollectConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise UserError(f"unknown collect config field(s) {unknown}")
+        return cls(**raw)
+
+
+@dataclass(kw_only=True)
+class Plan:
+    """The windows to run and the facts the manifest needs, computed on the driver."""
+
+    windows: Windows
+    d: dict[str, int]
+    bos: int
+    sep: int
+    pad: int
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.windows.token_ids)
+
+
+@dataclass(kw_only=True)
+class CollectResult:
+    path: str
+    n_tokens: int
+    parts_written: int
+    parts_skipped: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(cfg: CollectConfig) -> Plan:
+    """Check hooks against the model config and pack the corpus (no model weights loaded here)."""
+    ensure_local(cfg.model, cfg.cache_dir)  # a GGUF converts once here, not in every actor
+    config = load_config(cfg.model, cfg.cache_dir)
+    n_layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
+    width = int(getattr(config, "hidden_size", None) or config.n_embd)
+    for hook in cfg.hooks:
+        parse_hook(hook, n_layers)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    bos, sep, pad = special_ids(tokenizer)
+    docs = iter_documents(cfg.corpus, text_field=cfg.text_field)
+    windows = pack_windows(docs, tokenizer, context_size=cfg.context_size, n_tokens=cfg.n_tokens)
+    return Plan(windows=windows, d={h: width for h in cfg.hooks}, bos=bos, sep=sep, pad=pad)
+
+
+class ActivationMapper:
+    """Ray Data callable class: holds the frozen model, maps a batch of windows to token rows."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = CollectConfig.from_dict(cfg)
+        threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.workers)
+        torch.set_num_threads(threads)
+        loaded = load_model(self.cfg.model, dtype=self.cfg.model_dtype, device=self.cfg.device,
+                            cache_dir=self.cfg.cache_dir)
+        self.model = loaded.model
+        self.np_dtype = np.dtype(self.cfg.dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        token_ids = torch.from_numpy(np.asarray(batch["token_ids"], dtype=np.int64)).to(self.cfg.device)
+        keep_BT = np.asarray(batch["keep"], dtype=bool)
+        with torch.inference_mode():
+            run = run_with_hooks(self.model, token_ids, capture=self.cfg.hooks)
+        rows, cols = np.nonzero(keep_BT)
+        out = {
+            "token_id": np.asarray(batch["token_ids"])[rows, cols].astype(np.int32),
+            "window_id": np.asarray(batch["window_id"], dtype=np.int64)[rows],
+            "position": cols.astype(np.int32),
+            "doc_id": np.asarray(batch["doc_ids"])[rows, cols].astype(np.int64),
+        }
+        keep = torch.from_numpy(keep_BT).to(self.cfg.device)
+        for hook in self.cfg.hooks:
+            out[hook] = run.activations[hook][keep].float().cpu().numpy().astype(self.np_dtype, copy=False)
+        return out
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _activation_dataset(cfg: CollectConfig, windows: Windows, window_ids: np.ndarray):
+    """Ray Data dataset of the given windows mapped through the actor pool."""
+    import ray
+
+    _ensure_ray()
+    items = [{"window_id": int(w), "token_ids": windows.token_ids[w], "doc_ids": windows.doc_ids[w],
+              "keep": windows.keep[w]} for w in window_ids]
+    blocks = max(1, min(len(items) // cfg.batch_size, 256))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    resources = {"num_gpus": 1} if cfg.device == "cuda" else {"num_cpus": 0.5}
+    return ds.map_batches(ActivationMapper, fn_constructor_kwargs={"cfg": cfg.to_dict()}, batch_size=cfg.batch_size,
+                          concurrency=cfg.workers, batch_format="numpy", **resources)
+
+
+def _manifest(cfg: CollectConfig, p: Plan) -> Manifest:
+    return Manifest(
+        model=cfg.model, hooks={h: {"d": d} for h, d in p.d.items()}, dtype=cfg.dtype,
+        context_size=cfg.context_size, corpus=cfg.corpus, excluded=list(EXCLUDED), bos_token_id=p.bos,
+        extra={"separator_token_id": p.sep, "pad_token_id": p.pad, "n_windows": p.n_windows, "complete": False,
+               "collect": {"n_tokens": cfg.n_tokens, "text_field": cfg.text_field, "part_windows": cfg.part_windows}},
+    )
+
+
+def _open_writer(cfg: CollectConfig, p: Plan) -> StoreWriter:
+    root = Path(cfg.out)
+    manifest = _manifest(cfg, p)
+    if (root / "manifest.json").exists():
+        old = read_manifest(root).extra.get("collect")
+        if old != manifest.extra["collect"]:
+            raise UserError(f"{root} holds a store collected with {old}, not {manifest.extra['collect']}; "
+                            "resume with the same --tokens and settings, or choose another --out")
+    for stale in root.glob(".part-*.tmp"):  # left by a run killed mid-write
+        stale.unlink()
+    return StoreWriter(root, manifest)
+
+
+def _part_table(chunks: list[dict[str, np.ndarray]], hooks: list[str], dtype: str):
+    merged = {k: np.concatenate([c[k] for c in chunks]) for k in [*META, *hooks]}
+    order = np.lexsort((merged["position"], merged["window_id"]))
+    return make_table({k: merged[k][order] for k in META}, {h: merged[h][order] for h in hooks}, dtype)
+
+
+def collect(cfg: CollectConfig, progress: Callable[[int], None] = lambda n: None) -> CollectResult:
+    """Write (or finish) the activation store ``cfg.out``; ``progress(rows)`` is called per batch."""
+    if not cfg.out:
+        raise UserError("collect needs an output directory (--out)")
+    start = time.perf_counter()
+    p = plan(cfg)
+    writer = _open_writer(cfg, p)
+    n_parts = -(-p.n_windows // cfg.part_windows)
+    part_of = np.arange(p.n_windows) // cfg.part_windows
+    expected = np.bincount(part_of, weights=p.windows.keep.sum(axis=1), minlength=n_parts).astype(int)
+    todo = [i for i in range(n_parts) if writer.part_name(i) not in writer.done_parts]
+    progress(int(expected.sum() - expected[todo].sum()))
+    buffers: dict[int, list[dict[str, np.ndarray]]] = {i: [] for i in todo}
+    received = dict.fromkeys(todo, 0)
+    for i in [i for i in todo if expected[i] == 0]:
+        writer.write_part(i, _part_table([_empty(cfg, p)], cfg.hooks, cfg.dtype))
+    if any(expected[i] > 0 for i in todo):
+        window_ids = np.flatnonzero(np.isin(part_of, todo))
+        for batch in _activation_dataset(cfg, p.windows, window_ids).iter_batches(batch_size=None, batch_format="numpy"):
+            for i in np.unique(batch["window_id"] // cfg.part_windows):
+                mine = batch["window_id"] // cfg.part_windows == i
+                buffers[i].append({k: v[mine] for k, v in batch.items()})
+                received[i] += int(mine.sum())
+                if received[i] == expected[i]:
+                    writer.write_part(int(i), _part_table(buffers.pop(i), cfg.hooks, cfg.dtype))
+            progress(len(batch["window_id"]))
+    writer.manifest.extra["complete"] = True
+    write_manifest(writer.root, writer.manifest)
+    return CollectResult(path=str(writer.root), n_tokens=writer.manifest.n_tokens, parts_written=len(todo),
+                         parts_skipped=n_parts - len(todo), seconds=time.perf_counter() - start)
+
+
+def _empty(cfg: CollectConfig, p: Plan) -> dict[str, np.ndarray]:
+    out = {k: np.zeros(0, dtype=np.int64) for k in META}
+    out.update({h: np.zeros((0, p.d[h]), dtype=cfg.dtype) for h in cfg.hooks})
+    return out
+
+
+def stream_activations(cfg: CollectConfig) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches straight from the actor pool, no disk: meta columns and one [n, d] float32 per hook.
+
+    Batches come in completion order, not window order; each row carries its window_id and position.
+    """
+    p = plan(cfg)
+    ds = _activation_dataset(cfg, p.windows, np.arange(p.n_windows))
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        out = {k: torch.from_numpy(np.array(batch[k])) for k in META}
+        out.update({h: torch.from_numpy(np.asarray(batch[h], dtype=np.float32)) for h in cfg.hooks})
+        yield out
+
+
+def stream_hook(cfg: CollectConfig, hook: str, batch_size: int) -> Iterator[torch.Tensor]:
+    """Fixed-size float32 batches [batch_size, d] of one hook, for ``sae_core.trainer`` (rest dropped)."""
+    if hook not in cfg.hooks:
+        raise UserError(f"hook {hook!r} is not among the collected hooks {cfg.hooks}")
+    pending: list[torch.Tensor] = []
+    have = 0
+    for batch in stream_activations(cfg):
+        pending.append(batch[hook])
+        have += len(batch[hook])
+        while have >= batch_size:
+            rows = torch.cat(pending)
+            yield rows[:batch_size]
+            pending, have = [rows[batch_size:]], have - batch_size
