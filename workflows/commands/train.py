@@ -1,15 +1,17 @@
-"""`sae train`: train an SAE on an activation store."""
+"""`sae train`: train an SAE on an activation store, in process or data-parallel on Ray Train."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from tqdm import tqdm
 
 from sae_core.architectures.base import ConfigError
 from sae_core.trainer import TrainConfig
 from workflows.errors import UserError
+from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
 from workflows.training import (
     TrainJob,
     open_checked_store,
@@ -21,10 +23,10 @@ from workflows.training import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an SAE on an activation store")
-    p.add_argument("--activations", required=True, help="activation store directory")
-    p.add_argument("--hook", required=True, help="hook column to train on")
+    p.add_argument("--activations", help="activation store directory")
+    p.add_argument("--hook", help="hook column to train on")
     p.add_argument("--arch", default="topk", help="architecture (see README's table)")
-    p.add_argument("--d-sae", type=int, required=True, help="number of latents")
+    p.add_argument("--d-sae", type=int, help="number of latents")
     p.add_argument("--k", type=int, help="active latents per token (TopK family)")
     p.add_argument("--l1", type=float, help="L1 coefficient (relu, gated)")
     p.add_argument("--l0", type=float, help="L0 coefficient (jumprelu)")
@@ -34,7 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder (SAELens format + metrics.json)")
+    p.add_argument("--out", help="output folder (SAELens format + metrics.json)")
+    ray_group = p.add_argument_group("data-parallel training on Ray Train (used when --workers or --resume is given)")
+    ray_group.add_argument("--workers", type=int, help="DDP workers; omit to train in this process without Ray")
+    ray_group.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    ray_group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    ray_group.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    ray_group.add_argument("--max-failures", type=int, default=2, help="worker/node failures to recover from")
+    ray_group.add_argument("--data", choices=["direct", "ray"], default="direct",
+                           help="ranks read the store in one seeded order (direct) or take Ray Data shards (ray)")
+    ray_group.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run to its final step")
+    track = p.add_argument_group("tracking")
+    track.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    track.add_argument("--experiment", default="sae-ray", help="MLflow experiment name")
     p.set_defaults(func=run)
 
 
@@ -52,7 +66,11 @@ def parse_sets(items: list[str]) -> dict[str, object]:
 
 
 def job_from_args(args: argparse.Namespace) -> TrainJob:
-    train_fields = {f for f in TrainConfig.__dataclass_fields__}
+    missing = [flag for flag, value in (("--activations", args.activations), ("--hook", args.hook),
+                                         ("--d-sae", args.d_sae), ("--out", args.out)) if value is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)} (required unless --resume is given)")
+    train_fields = set(TrainConfig.__dataclass_fields__)
     sets = parse_sets(args.set)
     train_sets = {k: v for k, v in sets.items() if k in train_fields}
     sae_sets = {k: v for k, v in sets.items() if k not in train_fields}
@@ -62,11 +80,37 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
         train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, **train_sets)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
-    return TrainJob(activations=args.activations, hook=args.hook, arch=args.arch, sae=sae, train=train, out=args.out)
+    return TrainJob(activations=os.path.abspath(args.activations), hook=args.hook, arch=args.arch, sae=sae,
+                    train=train, out=os.path.abspath(args.out))
+
+
+def resumed_job(args: argparse.Namespace) -> TrainJob:
+    job_file = os.path.join(args.resume, JOB_FILE)
+    if not os.path.isfile(job_file):
+        raise UserError(f"--resume {args.resume}: no {JOB_FILE} there; is this a `sae train --workers` output folder?")
+    with open(job_file) as fh:
+        saved = TrainJob.from_dict(json.load(fh))
+    if args.activations is None:  # only --resume given: the saved job as it was
+        return saved
+    args.out = args.out or args.resume
+    return job_from_args(args)  # given settings are compared with the saved ones by train_distributed
 
 
 def run(args: argparse.Namespace) -> int:
-    job = job_from_args(args)
+    job = resumed_job(args) if args.resume else job_from_args(args)
+    if args.workers is None and not args.resume:
+        return run_local(job)
+    opts = DistributedOptions(workers=args.workers or 1, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                              checkpoint_every=args.checkpoint_every,
+                              max_failures=args.max_failures, data=args.data, mlflow_uri=args.mlflow_uri,
+                              experiment=args.experiment)
+    result = train_distributed(job, opts, resume=bool(args.resume))
+    print(json.dumps(result, indent=2))
+    print(f"saved SAE to {job.out}")
+    return 0
+
+
+def run_local(job: TrainJob) -> int:
     store = open_checked_store(job)
     sae_config_for(job, store.d(job.hook))  # refuse a bad config before the progress bar starts
     with tqdm(total=job.train.steps, desc="train", unit="step") as bar:

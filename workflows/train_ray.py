@@ -1,0 +1,290 @@
+"""Data-parallel SAE training on Ray Train: DDP workers running the sae_core trainer, checkpoints
+that survive a lost worker or node, MLflow from rank 0.
+
+Data reaches the workers in one of two ways:
+- ``data="direct"``: every rank reads the store (a shared filesystem on a cluster) in the same seeded
+  order and keeps its slice of each global batch. N workers then see exactly the batches one
+  worker would, so results match a single-process run to float tolerance.
+- ``data="ray"``: Ray Data reads the Parquet parts and each worker takes its shard through
+  ``ray.train.get_dataset_shard`` with a seeded local shuffle buffer: scales to stores bigger than
+  a node, and is how the live activation stream arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sae_core
+from sae_core.io import load_checkpoint, save_checkpoint
+from sae_core.store import ActivationStore, atomic_write_bytes
+from sae_core.trainer import Trainer
+from workflows.errors import UserError
+from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
+from workflows.training import (
+    TrainJob,
+    finish_run,
+    open_checked_store,
+    sae_config_for,
+    split_rows,
+    store_metadata,
+)
+
+logger = logging.getLogger(__name__)
+
+RAY_RUN_NAME = "ray-train"
+JOB_FILE = "job.json"
+RUN_FILE = "run.json"
+# What of the output folder goes to MLflow: the SAELens folder and its metrics, not Ray's checkpoints.
+SAE_ARTIFACTS = ("cfg.json", "sae_weights.safetensors", "sae_ray.json", "sparsity.safetensors", "metrics.json",
+                 "job.json")
+
+
+@dataclass(kw_only=True)
+class DistributedOptions:
+    """How to run a TrainJob on Ray; not part of the job's identity (a resume may change them)."""
+
+    workers: int = 1
+    """Data-parallel training workers (DDP ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    checkpoint_every: int = 100
+    """Report a checkpoint every this many steps (and at the end)."""
+    max_failures: int = 2
+    """Worker/node failures to recover from, restarting at the latest checkpoint."""
+    data: str = "direct"
+    """"direct" (ranks read the store in one seeded order) or "ray" (Ray Data shards)."""
+    mlflow_uri: str | None = None
+    """Tracking URI; default MLFLOW_TRACKING_URI or sqlite:///./mlflow.db."""
+    experiment: str = "sae-ray"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name; default the output folder's name."""
+    parent_run_id: str | None = None
+    """Nest this run under another MLflow run (sweeps)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise UserError(f"--workers must be >= 1, got {self.workers}")
+        if self.checkpoint_every < 1:
+            raise UserError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.data not in ("direct", "ray"):
+            raise UserError(f"data must be 'direct' or 'ray', got {self.data!r}")
+
+
+# -- inside each worker -------------------------------------------------------------------------
+def make_reducer(world_size: int):
+    import torch.distributed as dist
+
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+    def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+        if world_size == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, op=ops[op])
+        return t
+
+    return reduce
+
+
+def direct_batches(job: TrainJob, rank: int, world: int, skip: int) -> Iterator[torch.Tensor]:
+    store = ActivationStore(job.activations)
+    train_rows, _ = split_rows(store, job)
+    local = job.train.batch_size // world
+    for i, batch in enumerate(store.iter_batches(job.hook, job.train.batch_size, seed=job.train.seed, stop=train_rows)):
+        if i >= skip:
+            yield batch[rank * local : (rank + 1) * local]
+
+
+def ray_batches(job: TrainJob, world: int) -> Iterator[torch.Tensor]:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    local = job.train.batch_size // world
+    epoch = 0
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=local, drop_last=True, local_shuffle_buffer_size=16 * local,
+                                              local_shuffle_seed=job.train.seed + epoch):
+            yield batch[job.hook]
+        epoch += 1
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    job = TrainJob.from_dict(config["job"])
+    opts = DistributedOptions(**config["options"])
+    torch.manual_seed(job.train.seed)  # identical initial weights on every rank
+    sae = sae_core.build(sae_config_for(job, config["d_in"])).to(ray.train.torch.get_device())
+    ddp = torch.nn.parallel.DistributedDataParallel(sae) if world > 1 else None
+    trainer = Trainer(sae, job.train, reduce=make_reducer(world), forward_module=ddp, world_size=world)
+    tracker = MlflowTracker(config["mlflow_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else NullTracker()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load_state_dict(load_checkpoint(folder))
+        logger.info("rank %d resumed at step %d", rank, trainer.step_count)
+        tracker.log_metrics({"resumed_from_step": trainer.step_count}, step=trainer.step_count)
+    elif job.activations:  # the same sample on every rank; a live stream initialises from its first batch
+        store = ActivationStore(job.activations)
+        trainer.initialize(store.read_hook(job.hook, 0, min(job.train.init_sample_tokens, store.n_tokens)))
+    batches = direct_batches(job, rank, world, trainer.step_count) if opts.data == "direct" else ray_batches(job, world)
+
+    def on_step(step: int) -> None:
+        if step % opts.checkpoint_every == 0 or step == job.train.steps:
+            report_checkpoint(trainer, rank, {"step": step})
+
+    for row in trainer.fit(batches, on_step=on_step):
+        tracker.log_metrics(row, step=int(row["step"]))
+
+
+def report_checkpoint(trainer: Trainer, rank: int, metrics: dict[str, Any]) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (the state is identical on all ranks)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(folder, trainer.state_dict())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+# -- the driver -----------------------------------------------------------------------------------
+def check_resources(opts: DistributedOptions) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    kind, need = ("GPU", opts.workers) if opts.use_gpu else ("CPU", opts.workers * opts.cpus_per_worker)
+    have = resources.get(kind, 0)
+    if need > have:
+        raise UserError(f"{opts.workers} worker(s) need {need:g} {kind}(s) but the Ray cluster has {have:g}; "
+                        "lower --workers or add nodes")
+    if opts.data == "ray" and not opts.use_gpu and need >= resources.get("CPU", 0):
+        # Ray Data's read tasks need CPUs of their own, or the workers wait forever for batches.
+        raise UserError(f"--data ray leaves no CPU for reading: {opts.workers} worker(s) x {opts.cpus_per_worker:g} CPU "
+                        f"of {resources.get('CPU', 0):g}; lower --cpus-per-worker (e.g. 0.5) or --workers")
+
+
+def ray_dataset(job: TrainJob, store: ActivationStore):
+    import ray.data
+
+    train_rows, _ = split_rows(store, job)
+    files = [str(store.root / f["path"]) for f in store.manifest.files]
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # so limit() keeps exactly the training rows
+    return ray.data.read_parquet(files).select_columns([job.hook]).limit(train_rows)
+
+
+def ensure_ray() -> None:
+    """Connect to RAY_ADDRESS if set, else start a local Ray; a no-op when already connected."""
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+
+
+def check_run_dir(job: TrainJob, resume: bool) -> None:
+    run_dir = Path(job.out).resolve()
+    job_file = run_dir / JOB_FILE
+    if resume:
+        if not job_file.is_file():
+            raise UserError(f"--resume {run_dir}: no {JOB_FILE} there; is this a `sae train` output folder?")
+        saved = json.loads(job_file.read_text())
+        if saved != job.to_dict():
+            diff = sorted(k for k in set(saved) | set(job.to_dict()) if saved.get(k) != job.to_dict().get(k))
+            raise UserError(f"--resume {run_dir}: the configuration differs from the checkpoint in {diff}; "
+                            "resume with the original settings or train into a new --out")
+    elif (run_dir / RAY_RUN_NAME).exists():
+        raise UserError(f"{run_dir} already holds a training run; use --resume {run_dir} or another --out")
+
+
+def prepare_run_dir(job: TrainJob, resume: bool) -> Path:
+    run_dir = Path(job.out).resolve()
+    job_file = run_dir / JOB_FILE
+    if resume:
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(job_file, json.dumps(job.to_dict(), indent=2).encode())
+    return run_dir
+
+
+def start_tracking(job: TrainJob, opts: DistributedOptions, run_dir: Path, store: ActivationStore) -> MlflowTracker:
+    run_file = run_dir / RUN_FILE
+    uri = resolve_tracking_uri(opts.mlflow_uri)
+    if run_file.is_file():
+        return MlflowTracker(uri, json.loads(run_file.read_text())["mlflow_run_id"])
+    tags = {"model": store.manifest.model, "hook": job.hook, "architecture": job.arch}
+    tracker = MlflowTracker.create(uri, opts.experiment, opts.run_name or run_dir.name, tags, opts.parent_run_id)
+    tracker.log_params({"arch": job.arch, "sae": job.sae, "train": job.train.to_dict(), "hook": job.hook,
+                        "activations": job.activations, "workers": opts.workers})
+    atomic_write_bytes(run_file, json.dumps({"mlflow_run_id": tracker.run_id, "mlflow_uri": uri}).encode())
+    return tracker
+
+
+def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``job`` on the connected Ray cluster (ray.init must have been called)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if job.train.batch_size % opts.workers:
+        raise UserError(f"--batch-size {job.train.batch_size} is not divisible by --workers {opts.workers}")
+    store = open_checked_store(job)
+    d_in = store.d(job.hook)
+    sae_config_for(job, d_in)  # refuse a bad config before starting anything
+    check_run_dir(job, resume)
+    ensure_ray()
+    check_resources(opts)
+    run_dir = prepare_run_dir(job, resume)
+    tracker = start_tracking(job, opts, run_dir, store)
+    config = {"job": job.to_dict(), "options": asdict(opts), "d_in": d_in, "run_id": tracker.run_id,
+              "mlflow_uri": tracker.uri}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.use_gpu,
+                                     resources_per_worker=None if opts.use_gpu else {"CPU": opts.cpus_per_worker}),
+        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run_dir),
+                             failure_config=FailureConfig(max_failures=opts.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ray_dataset(job, store)} if opts.data == "ray" else None,
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end("KILLED")
+        raise
+    return finish_distributed(job, result, store, tracker)
+
+
+def finish_distributed(job: TrainJob, result, store: ActivationStore, tracker: MlflowTracker) -> dict[str, Any]:
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint: {result.error}")
+    torch.manual_seed(job.train.seed)
+    sae = sae_core.build(sae_config_for(job, store.d(job.hook)))
+    trainer = Trainer(sae, job.train)
+    with result.checkpoint.as_directory() as folder:
+        trainer.load_state_dict(load_checkpoint(folder))
+    metrics = finish_run(job, trainer, store, store_metadata(store, job))
+    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=trainer.step_count)
+    for name in SAE_ARTIFACTS:
+        if (Path(job.out) / name).is_file():
+            tracker.log_artifact(Path(job.out) / name, "sae")
+    tracker.end("FINISHED")
+    return {**metrics, "steps": trainer.step_count, "mlflow_run_id": tracker.run_id}
