@@ -63,11 +63,9 @@ class TopKSAE(SparseAutoencoder):
         return topk_dense(h_BF, self.cfg.k)
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
-        vals_BK, idx_BK = kernels.topk_encode(self.encoder_input(x_BD), self.encoder_weight(), self.b_enc, self.cfg.k)
+        vals_BK, idx_BK, latents_BF = kernels.topk_encode_dense(
+            self.encoder_input(x_BD), self.encoder_weight(), self.b_enc, self.cfg.k)
         x_hat_BD = kernels.sparse_decode(idx_BK, vals_BK, self.W_dec, self.b_dec)
-        # In place into fresh zeros: the out-of-place scatter would copy the [B, F] tensor once more.
-        latents_BF = torch.zeros(x_BD.shape[0], self.cfg.d_sae, dtype=vals_BK.dtype, device=x_BD.device)
-        latents_BF = latents_BF.scatter_(-1, idx_BK, vals_BK)
         zero = x_BD.new_zeros(())
         out = SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), zero, zero)
         if dead_mask_F is None or self.cfg.aux_coefficient == 0:

@@ -110,7 +110,7 @@ class CpuBackend(TorchBackend):
         if table_FD.dtype != torch.float32 or vals_BK.dtype != torch.float32:
             return super().gather_sum(idx_BK, vals_BK, table_FD, bias_D)
         (B, K), (Fn, D) = idx_BK.shape, table_FD.shape
-        idx_BK, vals_BK, table_FD = idx_BK.contiguous(), vals_BK.contiguous(), table_FD.contiguous()
+        idx_BK, vals_BK, table_FD = idx_BK.long().contiguous(), vals_BK.contiguous(), table_FD.contiguous()
         out_BD = torch.empty(B, D)
         self.lib.sae_cpu_gather_sum(ptr(idx_BK), ptr(vals_BK), ptr(table_FD), ptr(out_BD), B, K, Fn, D,
                                     self.threads(B * K * D))
@@ -120,7 +120,7 @@ class CpuBackend(TorchBackend):
         if table_FD.dtype != torch.float32 or src_BD.dtype != torch.float32:
             return super().row_dots(idx_BK, src_BD, table_FD)
         (B, K), (Fn, D) = idx_BK.shape, table_FD.shape
-        idx_BK, src_BD, table_FD = idx_BK.contiguous(), src_BD.contiguous(), table_FD.contiguous()
+        idx_BK, src_BD, table_FD = idx_BK.long().contiguous(), src_BD.contiguous(), table_FD.contiguous()
         out_BK = torch.empty(B, K)
         self.lib.sae_cpu_row_dots(ptr(idx_BK), ptr(src_BD), ptr(table_FD), ptr(out_BK), B, K, Fn, D,
                                   self.threads(B * K * D))
@@ -130,8 +130,9 @@ class CpuBackend(TorchBackend):
         if src_BD.dtype != torch.float32 or vals_BK.dtype != torch.float32:
             return super().scatter_rows(idx_BK, vals_BK, src_BD, n_rows)
         K, D = idx_BK.shape[1], src_BD.shape[1]
-        idx_BK, vals_BK, src_BD = idx_BK.contiguous(), vals_BK.contiguous(), src_BD.contiguous()
-        perm_N, offsets_R1 = torch.empty(idx_BK.numel(), dtype=torch.int64), torch.empty(n_rows + 1, dtype=torch.int64)
+        idx_BK, vals_BK, src_BD = idx_BK.long().contiguous(), vals_BK.contiguous(), src_BD.contiguous()
+        perm_N = torch.empty(idx_BK.numel(), dtype=torch.int64)
+        offsets_R1 = torch.empty(n_rows + 1, dtype=torch.int64)
         self.lib.sae_cpu_csr(ptr(idx_BK), idx_BK.numel(), n_rows, ptr(perm_N), ptr(offsets_R1))
         out_RD = torch.empty(n_rows, D)
         self.lib.sae_cpu_scatter_rows(ptr(perm_N), ptr(offsets_R1), ptr(vals_BK), ptr(src_BD), ptr(out_RD),
@@ -157,44 +158,48 @@ class CudaBackend(TorchBackend):
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
 
-    def call(self, fn_name: str, *args: object) -> None:
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        err = getattr(self.lib, fn_name)(*args, stream)
+    def call(self, fn_name: str, device: torch.device, *args: object) -> None:
+        with torch.cuda.device(device):  # launch on the tensors' device, on its current stream
+            stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+            err = getattr(self.lib, fn_name)(*args, stream)
         if err != 0:
             raise RuntimeError(f"{fn_name} failed with CUDA error {err}")
 
-    def supported(self, *tensors: Tensor) -> bool:
-        return all(t.is_cuda and t.dtype == tensors[0].dtype for t in tensors) and tensors[0].dtype in self.DTYPES
+    def supported(self, idx_BK: Tensor, *tensors: Tensor) -> bool:
+        """Same device, int64 indices, one floating dtype that the kernels are compiled for."""
+        same = all(t.device == idx_BK.device and t.dtype == tensors[0].dtype for t in tensors)
+        return idx_BK.is_cuda and idx_BK.dtype == torch.int64 and same and tensors[0].dtype in self.DTYPES
 
     def gather_sum(self, idx_BK: Tensor, vals_BK: Tensor, table_FD: Tensor, bias_D: Tensor | None = None) -> Tensor:
         extra = () if bias_D is None else (bias_D,)
-        if not self.supported(table_FD, vals_BK, *extra):
+        if not self.supported(idx_BK, table_FD, vals_BK, *extra):
             return super().gather_sum(idx_BK, vals_BK, table_FD, bias_D)
         (B, K), (Fn, D) = idx_BK.shape, table_FD.shape
-        idx_BK, vals_BK, table_FD = idx_BK.contiguous(), vals_BK.contiguous(), table_FD.contiguous()
-        bias_ptr = ctypes.c_void_p(None) if bias_D is None else ptr(bias_D.contiguous())
+        idx_BK, vals_BK, table_FD = idx_BK.long().contiguous(), vals_BK.contiguous(), table_FD.contiguous()
+        bias_D = None if bias_D is None else bias_D.contiguous()  # held until the launch is queued
+        bias_ptr = ctypes.c_void_p(None) if bias_D is None else ptr(bias_D)
         out_BD = table_FD.new_empty(B, D)
-        self.call("sae_cuda_gather_sum", self.DTYPES[table_FD.dtype], ptr(idx_BK), ptr(vals_BK), ptr(table_FD),
-                  bias_ptr, ptr(out_BD), B, K, Fn, D)
+        self.call("sae_cuda_gather_sum", idx_BK.device, self.DTYPES[table_FD.dtype], ptr(idx_BK), ptr(vals_BK),
+                  ptr(table_FD), bias_ptr, ptr(out_BD), B, K, Fn, D)
         return out_BD
 
     def row_dots(self, idx_BK: Tensor, src_BD: Tensor, table_FD: Tensor) -> Tensor:
-        if not self.supported(table_FD, src_BD):
+        if not self.supported(idx_BK, table_FD, src_BD):
             return super().row_dots(idx_BK, src_BD, table_FD)
         (B, K), (Fn, D) = idx_BK.shape, table_FD.shape
-        idx_BK, src_BD, table_FD = idx_BK.contiguous(), src_BD.contiguous(), table_FD.contiguous()
+        idx_BK, src_BD, table_FD = idx_BK.long().contiguous(), src_BD.contiguous(), table_FD.contiguous()
         out_BK = table_FD.new_empty(B, K)
-        self.call("sae_cuda_row_dots", self.DTYPES[table_FD.dtype], ptr(idx_BK), ptr(src_BD), ptr(table_FD),
-                  ptr(out_BK), B, K, Fn, D)
+        self.call("sae_cuda_row_dots", idx_BK.device, self.DTYPES[table_FD.dtype], ptr(idx_BK), ptr(src_BD),
+                  ptr(table_FD), ptr(out_BK), B, K, Fn, D)
         return out_BK
 
     def scatter_rows(self, idx_BK: Tensor, vals_BK: Tensor, src_BD: Tensor, n_rows: int) -> Tensor:
-        if not self.supported(src_BD, vals_BK):
+        if not self.supported(idx_BK, src_BD, vals_BK):
             return super().scatter_rows(idx_BK, vals_BK, src_BD, n_rows)
         K, D = idx_BK.shape[1], src_BD.shape[1]
         perm_N, offsets_R1 = csr(idx_BK, n_rows)
         vals_BK, src_BD = vals_BK.contiguous(), src_BD.contiguous()
         out_RD = src_BD.new_empty(n_rows, D)
-        self.call("sae_cuda_scatter_rows", self.DTYPES[src_BD.dtype], ptr(perm_N), ptr(offsets_R1), ptr(vals_BK),
-                  ptr(src_BD), ptr(out_RD), n_rows, K, D)
+        self.call("sae_cuda_scatter_rows", idx_BK.device, self.DTYPES[src_BD.dtype], ptr(perm_N), ptr(offsets_R1),
+                  ptr(vals_BK), ptr(src_BD), ptr(out_RD), n_rows, K, D)
         return out_RD

@@ -17,7 +17,7 @@ class SparseDecode(torch.autograd.Function):
                 backend: TorchBackend) -> Tensor:
         dtype = torch.promote_types(torch.promote_types(vals_BK.dtype, W_dec_FD.dtype), b_dec_D.dtype)
         ctx.dtypes = (vals_BK.dtype, W_dec_FD.dtype, b_dec_D.dtype)
-        vals_BK, W_dec_FD = vals_BK.to(dtype), W_dec_FD.to(dtype)
+        idx_BK, vals_BK, W_dec_FD = idx_BK.long(), vals_BK.to(dtype), W_dec_FD.to(dtype)  # kernels read int64
         ctx.backend = backend
         ctx.save_for_backward(idx_BK, vals_BK, W_dec_FD)
         return backend.gather_sum(idx_BK, vals_BK, W_dec_FD, b_dec_D.to(dtype))
@@ -39,40 +39,57 @@ class SparseDecode(torch.autograd.Function):
 
 
 class TopKEncode(torch.autograd.Function):
-    """relu of the k largest entries of x @ W_enc + b_enc per row; the backward only touches those k columns."""
+    """relu of the k largest entries of x @ W_enc + b_enc per row; the backward only touches those k columns.
+
+    With ``dense`` the [B, F] pre-activation buffer is reused for the dense latents (zeroed, then the
+    k values scattered in), so a caller that needs both layouts pays for one [B, F] allocation, not two.
+    """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
-                backend: TorchBackend) -> tuple[Tensor, Tensor]:
+    def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, dense: bool,
+                backend: TorchBackend) -> tuple[Tensor, Tensor, Tensor]:
         h_BF = torch.addmm(b_enc_F, x_BD, W_enc_DF)
         vals_BK, idx_BK = backend.topk(h_BF, k)
-        del h_BF  # [B, F]: the largest tensor of the step, freed before the decoder runs
         vals_BK = vals_BK.relu_()
-        ctx.backend, ctx.k = backend, k
-        ctx.dtypes = (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype)
+        latents_BF = h_BF.zero_().scatter_(1, idx_BK, vals_BK) if dense else h_BF.new_empty(0)
+        del h_BF  # without ``dense`` the largest tensor of the step is freed before the decoder runs
+        ctx.backend, ctx.dtypes = backend, (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype)
         ctx.save_for_backward(x_BD, W_enc_DF, idx_BK, vals_BK)
         ctx.mark_non_differentiable(idx_BK)
-        return vals_BK, idx_BK
+        ctx.set_materialize_grads(False)  # an unused latents_BF must not cost a [B, F] zero gradient
+        return vals_BK, idx_BK, latents_BF
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor, _grad_idx: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor | None, _grad_idx: Tensor | None,
+                 grad_latents_BF: Tensor | None) -> tuple[Tensor | None, ...]:
         x_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
-        x_dtype, W_dtype, b_dtype = ctx.dtypes
-        dtype = torch.promote_types(x_BD.dtype, W_enc_DF.dtype)
-        grad_h_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(dtype).contiguous()  # relu's gradient
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # W_enc [D, F] gathered by column: transpose once so each latent is a contiguous row.
-            W_enc_FD = W_enc_DF.to(dtype).t().contiguous()
-            grad_x = ctx.backend.gather_sum(idx_BK, grad_h_BK, W_enc_FD).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_W_FD = ctx.backend.scatter_rows(idx_BK, grad_h_BK, x_BD.to(dtype).contiguous(), W_enc_DF.shape[1])
-            grad_W = grad_W_FD.t().to(W_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W_enc_DF.shape[1], dtype=grad_h_BK.dtype, device=grad_h_BK.device)
-            grad_b = grad_b.index_add_(0, idx_BK.reshape(-1), grad_h_BK.reshape(-1)).to(b_dtype)
-        return grad_x, grad_W, grad_b, None, None
+        if grad_vals_BK is None:
+            grad_vals_BK = torch.zeros_like(vals_BK)
+        if grad_latents_BF is not None and grad_latents_BF.numel() > 0:
+            grad_vals_BK = grad_vals_BK + grad_latents_BF.gather(1, idx_BK)
+        grad_x, grad_W, grad_b = encoder_grads(ctx, x_BD, W_enc_DF, idx_BK, vals_BK, grad_vals_BK)
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+def encoder_grads(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, idx_BK: Tensor, vals_BK: Tensor,
+                  grad_vals_BK: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of x, W_enc, b_enc from a gradient that is non-zero only at the k selected columns."""
+    x_dtype, W_dtype, b_dtype = ctx.dtypes
+    dtype = torch.promote_types(x_BD.dtype, W_enc_DF.dtype)
+    grad_h_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(dtype).contiguous()  # relu's gradient
+    grad_x = grad_W = grad_b = None
+    if ctx.needs_input_grad[0]:
+        # W_enc [D, F] gathered by column: transpose once so each latent is a contiguous row.
+        W_enc_FD = W_enc_DF.to(dtype).t().contiguous()
+        grad_x = ctx.backend.gather_sum(idx_BK, grad_h_BK, W_enc_FD).to(x_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_W_FD = ctx.backend.scatter_rows(idx_BK, grad_h_BK, x_BD.to(dtype).contiguous(), W_enc_DF.shape[1])
+        grad_W = grad_W_FD.t().to(W_dtype)
+    if ctx.needs_input_grad[2]:
+        grad_b = torch.zeros(W_enc_DF.shape[1], dtype=grad_h_BK.dtype, device=grad_h_BK.device)
+        grad_b = grad_b.index_add_(0, idx_BK.reshape(-1), grad_h_BK.reshape(-1)).to(b_dtype)
+    return grad_x, grad_W, grad_b
 
 
 def to_padded(latents_BF: Tensor) -> tuple[Tensor, Tensor]:
