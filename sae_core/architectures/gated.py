@@ -25,7 +25,7 @@ from sae_core.registry import register
 
 @dataclass(kw_only=True)
 class GatedConfig(SAEConfig):
-    l1_coefficient: float = 1.0
+    l1_coefficient: float = 5.0
     """Weight of the decoder-norm-weighted L1 penalty on relu(pi_gate) (scale as in relu.py)."""
     aux_coefficient: float = 1.0
     """Weight of the frozen-decoder reconstruction loss from relu(pi_gate) (the paper uses 1)."""

@@ -33,7 +33,7 @@ from sae_core.registry import register
 
 @dataclass(kw_only=True)
 class JumpReLUConfig(SAEConfig):
-    l0_coefficient: float = 2e-3
+    l0_coefficient: float = 5e-3
     """Weight of the L0 penalty mean_b sum_i H(h_bi - theta_i) (the paper's lambda; see module docstring)."""
     bandwidth: float = 0.05
     """Width eps of the rectangle kernel of the straight-through estimators, in pre-activation units."""
