@@ -155,6 +155,9 @@ class ActivationMapper:
         self.cfg = CollectConfig.from_dict(cfg)
         threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.workers)
         torch.set_num_threads(threads)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # this process is a Ray actor: no bars interleaved in the driver's log
         loaded = load_model(self.cfg.model, dtype=self.cfg.model_dtype, device=self.cfg.device,
                             cache_dir=self.cfg.cache_dir)
         self.model = loaded.model
@@ -196,8 +199,9 @@ def _activation_dataset(cfg: CollectConfig, windows: Windows, window_ids: np.nda
     blocks = max(1, min(len(items) // cfg.batch_size, 256))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     resources = {"num_gpus": 1} if cfg.device == "cuda" else {"num_cpus": 0.5}
+    pool = ray.data.ActorPoolStrategy(size=cfg.workers)
     return ds.map_batches(ActivationMapper, fn_constructor_kwargs={"cfg": cfg.to_dict()}, batch_size=cfg.batch_size,
-                          concurrency=cfg.workers, batch_format="numpy", **resources)
+                          compute=pool, batch_format="numpy", **resources)
 
 
 def _manifest(cfg: CollectConfig, p: Plan) -> Manifest:
@@ -283,9 +287,14 @@ def stream_hook(cfg: CollectConfig, hook: str, batch_size: int) -> Iterator[torc
     """Fixed-size float32 batches [batch_size, d] of one hook, for ``sae_core.trainer`` (rest dropped)."""
     if hook not in cfg.hooks:
         raise UserError(f"hook {hook!r} is not among the collected hooks {cfg.hooks}")
+    return rebatch(stream_activations(cfg), hook, batch_size)
+
+
+def rebatch(batches: Iterator[dict[str, torch.Tensor]], hook: str, batch_size: int) -> Iterator[torch.Tensor]:
+    """Cut one hook's rows of ragged batches into fixed [batch_size, d] tensors; a short tail is dropped."""
     pending: list[torch.Tensor] = []
     have = 0
-    for batch in stream_activations(cfg):
+    for batch in batches:
         pending.append(batch[hook])
         have += len(batch[hook])
         while have >= batch_size:

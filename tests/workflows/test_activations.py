@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sae_core.store import ActivationStore
-from workflows.activations import CollectConfig, collect, stream_activations, stream_hook
+from workflows.activations import CollectConfig, collect, rebatch, stream_activations, stream_hook
 from workflows.cli import main
 from workflows.corpus import iter_documents, pack_windows
 from workflows.errors import UserError
@@ -23,14 +23,14 @@ HOOKS = ["blocks.0.hook_mlp_in", "blocks.1.hook_resid_post"]
 
 def config(model_dir, corpus, out=None, **kw) -> CollectConfig:
     base = dict(model=str(model_dir), hooks=HOOKS, corpus=str(corpus), n_tokens=600, context_size=24,
-                batch_size=4, part_windows=5, out=None if out is None else str(out), workers=2)
+                batch_size=4, part_windows=5, out=None if out is None else str(out), workers=1)
     return CollectConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def full_store(tmp_path_factory, local_ray, tiny_llama_dir, shakespeare):
     out = tmp_path_factory.mktemp("full") / "store"
-    result = collect(config(tiny_llama_dir, shakespeare, out))
+    result = collect(config(tiny_llama_dir, shakespeare, out, workers=2))  # two actors: batches come back out of order
     assert result.parts_skipped == 0 and result.parts_written > 3
     return out
 
@@ -122,8 +122,9 @@ def test_stream_yields_the_store_rows_without_disk(full_store, tiny_llama_dir, s
     store = ActivationStore(full_store)
     np.testing.assert_array_equal(rows["window_id"][order], store.read_meta()["window_id"])
     np.testing.assert_allclose(rows[HOOKS[1]][order], store.read_hook(HOOKS[1]).numpy(), atol=1e-5, rtol=1e-4)
-    fixed = list(stream_hook(cfg, HOOKS[1], batch_size=128))
+    fixed = list(rebatch(iter(batches), HOOKS[1], batch_size=128))
     assert len(fixed) == store.n_tokens // 128 and all(b.shape == (128, 48) for b in fixed)
+    torch.testing.assert_close(torch.cat(fixed), torch.cat([b[HOOKS[1]] for b in batches])[: 128 * len(fixed)])
     with pytest.raises(UserError, match="not among"):
         next(stream_hook(cfg, "blocks.0.hook_attn_out", 8))
 
@@ -152,3 +153,14 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, argv
     assert main(base + argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_real_smollm2_default_collects(tmp_path, local_ray):
+    cfg = CollectConfig(hooks=["blocks.6.hook_resid_post"], n_tokens=2048, out=str(tmp_path / "store"), dtype="float16")
+    result = collect(cfg)
+    store = ActivationStore(result.path)
+    assert store.verify() == [] and store.n_tokens >= 2048 and store.d("blocks.6.hook_resid_post") == 576
+    assert store.manifest.model == "builtin:smollm2-135m-instruct" and store.manifest.corpus == "builtin:stdlib"
+    acts = store.read_hook("blocks.6.hook_resid_post")
+    assert acts.std() > 0.1 and torch.isfinite(acts).all()

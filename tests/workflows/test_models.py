@@ -102,7 +102,9 @@ def test_load_model_dtype_and_bad_specs(tiny_llama_dir, tmp_path, monkeypatch):
         ensure_local(str(tmp_path / "nope.gguf"))
     with pytest.raises(UserError, match="not a model folder"):
         ensure_local(str(tmp_path / "missing-folder"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so patched here
     with pytest.raises(UserError, match="cannot load"):
         load_model("someone/surely-not-a-cached-model")
 

@@ -1,0 +1,120 @@
+"""Tokens/s of the Ray Data activation pipeline against a plain single-process loop, and peak RSS.
+
+Both run the same model, hook and windows, and both end with the stored rows as numpy arrays.
+The pipeline is timed twice: end to end (actor start and model load included) and steady state
+(from its first batch on); the loop's model load is timed apart. RSS is sampled every 0.1 s over
+this process and all its descendants (Ray's GCS, raylet and workers included).
+
+    .venv/bin/python benchmarks/activations.py --hook blocks.6.hook_resid_post --tokens 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from workflows.activations import CollectConfig, _activation_dataset, plan
+from workflows.hooks import run_with_hooks
+from workflows.models import DEFAULT_MODEL, load_model
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process tree in a background thread."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_loop(cfg: CollectConfig, windows) -> tuple[float, float, int]:
+    """(load seconds, run seconds, rows) of a plain loop in this process."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    model = load_model(cfg.model, dtype=cfg.model_dtype).model
+    loaded = time.perf_counter()
+    rows = 0
+    for lo in range(0, len(windows.token_ids), cfg.batch_size):
+        ids = torch.from_numpy(windows.token_ids[lo : lo + cfg.batch_size]).long()
+        keep = torch.from_numpy(windows.keep[lo : lo + cfg.batch_size])
+        with torch.inference_mode():
+            acts = run_with_hooks(model, ids, capture=cfg.hooks).activations
+        out = {h: acts[h][keep].float().numpy().astype(cfg.dtype) for h in cfg.hooks}
+        rows += len(out[cfg.hooks[0]])
+    return loaded - start, time.perf_counter() - loaded, rows
+
+
+def run_pipeline(cfg: CollectConfig, windows) -> tuple[float, float, int, int]:
+    """(total seconds, seconds after the first batch, rows, rows after the first batch) on Ray Data."""
+    start = time.perf_counter()
+    ds = _activation_dataset(cfg, windows, np.arange(len(windows.token_ids)))
+    first, rows, rows_first = None, 0, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if first is None:
+            first, rows_first = time.perf_counter(), len(batch["window_id"])
+        rows += len(batch["window_id"])
+    end = time.perf_counter()
+    return end - start, end - first, rows, rows - rows_first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--hook", default="blocks.6.hook_resid_post")
+    parser.add_argument("--corpus", default="builtin:stdlib")
+    parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--context-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    cfg = CollectConfig(model=args.model, hooks=[args.hook], corpus=args.corpus, n_tokens=args.tokens,
+                        context_size=args.context_size, batch_size=args.batch_size, workers=args.workers)
+    p = plan(cfg)
+    print(f"{p.n_windows} windows x {cfg.context_size} tokens, {int(p.windows.keep.sum())} stored rows, "
+          f"hook {args.hook}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    with PeakRSS() as loop_rss:
+        load_s, loop_s, rows = run_loop(cfg, p.windows)
+    loop_tps = rows / loop_s
+    print(f"loop:     {loop_tps:8.0f} tok/s  ({rows} rows in {loop_s:.1f} s; model load {load_s:.1f} s) "
+          f"peak RSS {loop_rss.peak / 2**30:.2f} GiB")
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    with PeakRSS() as pipe_rss:
+        total_s, steady_s, rows, steady_rows = run_pipeline(cfg, p.windows)
+    ray.shutdown()
+    steady_tps, total_tps = steady_rows / steady_s, rows / total_s
+    print(f"pipeline: {steady_tps:8.0f} tok/s steady ({steady_rows} rows in {steady_s:.1f} s after the first batch), "
+          f"{total_tps:.0f} tok/s end to end ({total_s:.1f} s) peak RSS {pipe_rss.peak / 2**30:.2f} GiB "
+          f"(driver + Ray + {cfg.workers} actor(s))")
+    print(f"ratio pipeline/loop: {steady_tps / loop_tps:.2f}x steady, "
+          f"{total_tps / (rows / (loop_s + load_s)):.2f}x end to end with model load in both")
+
+
+if __name__ == "__main__":
+    main()
