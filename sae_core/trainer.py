@@ -72,7 +72,8 @@ class TrainConfig:
         self.adam_betas = tuple(self.adam_betas)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-clean (tuples as lists), so a saved config compares equal to a fresh one."""
+        return {**dataclasses.asdict(self), "adam_betas": list(self.adam_betas)}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
@@ -254,7 +255,7 @@ class Trainer:
             "initialized": self.initialized,
             "tokens_since_fired": self.tracker.tokens_since_fired_F.cpu(),
             "sae_config": self.sae.cfg.to_dict(),
-            "train_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.cfg.to_dict().items()},
+            "train_config": self.cfg.to_dict(),
             "torch_rng": torch.get_rng_state(),
         }
 

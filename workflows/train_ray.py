@@ -31,9 +31,11 @@ from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
 from workflows.training import (
     TrainJob,
     finish_run,
+    log_final,
     open_checked_store,
     sae_config_for,
     split_rows,
+    start_job_tracking,
     store_metadata,
 )
 
@@ -42,9 +44,6 @@ logger = logging.getLogger(__name__)
 RAY_RUN_NAME = "ray-train"
 JOB_FILE = "job.json"
 RUN_FILE = "run.json"
-# What of the output folder goes to MLflow: the SAELens folder and its metrics, not Ray's checkpoints.
-SAE_ARTIFACTS = ("cfg.json", "sae_weights.safetensors", "sae_ray.json", "sparsity.safetensors", "metrics.json",
-                 "job.json")
 
 
 @dataclass(kw_only=True)
@@ -127,6 +126,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     job = TrainJob.from_dict(config["job"])
     opts = DistributedOptions(**config["options"])
+    if not opts.use_gpu:  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved
+        torch.set_num_threads(max(1, int(opts.cpus_per_worker)))
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
     sae = sae_core.build(sae_config_for(job, config["d_in"])).to(ray.train.torch.get_device())
     ddp = torch.nn.parallel.DistributedDataParallel(sae) if world > 1 else None
@@ -226,15 +227,13 @@ def prepare_run_dir(job: TrainJob, resume: bool) -> Path:
 
 
 def start_tracking(job: TrainJob, opts: DistributedOptions, run_dir: Path, store: ActivationStore) -> MlflowTracker:
+    """The run's MLflow run: created once, found again through run.json on resume."""
     run_file = run_dir / RUN_FILE
-    uri = resolve_tracking_uri(opts.mlflow_uri)
     if run_file.is_file():
-        return MlflowTracker(uri, json.loads(run_file.read_text())["mlflow_run_id"])
-    tags = {"model": store.manifest.model, "hook": job.hook, "architecture": job.arch}
-    tracker = MlflowTracker.create(uri, opts.experiment, opts.run_name or run_dir.name, tags, opts.parent_run_id)
-    tracker.log_params({"arch": job.arch, "sae": job.sae, "train": job.train.to_dict(), "hook": job.hook,
-                        "activations": job.activations, "workers": opts.workers})
-    atomic_write_bytes(run_file, json.dumps({"mlflow_run_id": tracker.run_id, "mlflow_uri": uri}).encode())
+        return MlflowTracker(resolve_tracking_uri(opts.mlflow_uri), json.loads(run_file.read_text())["mlflow_run_id"])
+    tracker = start_job_tracking(job, store, uri=opts.mlflow_uri, experiment=opts.experiment, run_name=opts.run_name,
+                                 parent_run_id=opts.parent_run_id, extra_params={"workers": opts.workers})
+    atomic_write_bytes(run_file, json.dumps({"mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri}).encode())
     return tracker
 
 
@@ -282,9 +281,5 @@ def finish_distributed(job: TrainJob, result, store: ActivationStore, tracker: M
     with result.checkpoint.as_directory() as folder:
         trainer.load_state_dict(load_checkpoint(folder))
     metrics = finish_run(job, trainer, store, store_metadata(store, job))
-    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=trainer.step_count)
-    for name in SAE_ARTIFACTS:
-        if (Path(job.out) / name).is_file():
-            tracker.log_artifact(Path(job.out) / name, "sae")
-    tracker.end("FINISHED")
+    log_final(tracker, job, metrics, trainer.step_count)
     return {**metrics, "steps": trainer.step_count, "mlflow_run_id": tracker.run_id}

@@ -18,6 +18,7 @@ from sae_core.io import save_sae
 from sae_core.store import ActivationStore, StoreError
 from sae_core.trainer import TrainConfig, Trainer, evaluate
 from workflows.errors import UserError
+from workflows.tracking import MlflowTracker, NullTracker
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,35 @@ def store_metadata(store: ActivationStore, job: TrainJob) -> dict[str, Any]:
             "exclude_special_tokens": bool(manifest.excluded)}
 
 
-def train_local(job: TrainJob, on_metrics: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+# What of the output folder goes to MLflow: the SAELens folder and its metrics, not Ray's checkpoints.
+SAE_ARTIFACTS = ("cfg.json", "sae_weights.safetensors", "sae_ray.json", "sparsity.safetensors", "metrics.json",
+                 "job.json")
+
+
+def start_job_tracking(job: TrainJob, store: ActivationStore, *, uri: str | None, experiment: str,
+                       run_name: str | None = None, parent_run_id: str | None = None,
+                       extra_params: dict[str, Any] | None = None) -> MlflowTracker:
+    """An MLflow run for ``job`` with its params and the model/hook/architecture tags."""
+    tags = {"model": store.manifest.model, "hook": job.hook, "architecture": job.arch}
+    tracker = MlflowTracker.create(uri, experiment, run_name or Path(job.out).name, tags, parent_run_id)
+    tracker.log_params({"arch": job.arch, "sae": job.sae, "train": job.train.to_dict(), "hook": job.hook,
+                        "activations": job.activations, **(extra_params or {})})
+    return tracker
+
+
+def log_final(tracker: NullTracker, job: TrainJob, metrics: dict[str, Any], step: int) -> None:
+    """Held-out metrics as final/*, the SAE folder as the artifact ``sae/``, and the run closed."""
+    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=step)
+    for name in SAE_ARTIFACTS:
+        if (Path(job.out) / name).is_file():
+            tracker.log_artifact(Path(job.out) / name, "sae")
+    tracker.end("FINISHED")
+
+
+def train_local(job: TrainJob, on_metrics: Callable[[dict[str, float]], None] | None = None,
+                tracker: NullTracker | None = None) -> dict[str, Any]:
     """Train in this process: read the store, train, evaluate on held-out rows, save."""
+    tracker = tracker or NullTracker()
     store = open_checked_store(job)
     sae_cfg = sae_config_for(job, store.d(job.hook))
     import torch
@@ -136,6 +164,9 @@ def train_local(job: TrainJob, on_metrics: Callable[[dict[str, float]], None] | 
     batches = store.iter_batches(job.hook, job.train.batch_size, seed=job.train.seed, stop=train_rows)
     trainer.initialize(store.read_hook(job.hook, 0, min(job.train.init_sample_tokens, train_rows)))
     for row in trainer.fit(batches):
+        tracker.log_metrics(row, step=int(row["step"]))
         if on_metrics is not None:
             on_metrics(row)
-    return finish_run(job, trainer, store, store_metadata(store, job))
+    metrics = finish_run(job, trainer, store, store_metadata(store, job))
+    log_final(tracker, job, metrics, trainer.step_count)
+    return metrics

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import mlflow
 import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from sae_core.io import load_sae
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
 from sae_core.trainer import TrainConfig

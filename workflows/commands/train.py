@@ -17,6 +17,7 @@ from workflows.training import (
     open_checked_store,
     resolve_sparsity_args,
     sae_config_for,
+    start_job_tracking,
     train_local,
 )
 
@@ -99,8 +100,8 @@ def resumed_job(args: argparse.Namespace) -> TrainJob:
 def run(args: argparse.Namespace) -> int:
     job = resumed_job(args) if args.resume else job_from_args(args)
     if args.workers is None and not args.resume:
-        return run_local(job)
-    opts = DistributedOptions(workers=args.workers or 1, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        return run_local(job, args)
+    opts = DistributedOptions(workers=1 if args.workers is None else args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                               checkpoint_every=args.checkpoint_every,
                               max_failures=args.max_failures, data=args.data, mlflow_uri=args.mlflow_uri,
                               experiment=args.experiment)
@@ -110,15 +111,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_local(job: TrainJob) -> int:
+def run_local(job: TrainJob, args: argparse.Namespace) -> int:
     store = open_checked_store(job)
     sae_config_for(job, store.d(job.hook))  # refuse a bad config before the progress bar starts
+    tracker = start_job_tracking(job, store, uri=args.mlflow_uri, experiment=args.experiment)
     with tqdm(total=job.train.steps, desc="train", unit="step") as bar:
         def show(row: dict[str, float]) -> None:
             bar.update(row["step"] - bar.n)
             bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
 
-        result = train_local(job, on_metrics=show)
+        result = train_local(job, on_metrics=show, tracker=tracker)
     print(json.dumps(result, indent=2))
     print(f"saved SAE to {job.out}")
     return 0
