@@ -38,7 +38,7 @@ def decode_inputs(B: int, K: int, F: int, D: int, dtype=torch.float32, seed: int
 def value_and_grads(fn, inputs, seed: int = 1):
     out = fn(*inputs)
     out = out[0] if isinstance(out, tuple) else out
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.device)
     (out.double() * weight).sum().backward()
     grads = [t.grad.clone() if t.grad is not None else None for t in inputs if torch.is_tensor(t) and t.requires_grad]
     for t in inputs:
