@@ -9,8 +9,8 @@ the environment variable ``SAE_KERNELS``):
   Index -1 marks padding (rows with fewer than K non-zeros).
 - ``topk_encode_dense(...) -> (vals_BK, idx_BK, latents_BF)``: the same plus the dense latents, built
   in the pre-activations' buffer (one [B, F] allocation instead of two).
-- ``to_padded(latents_BF) -> (idx_BK, vals_BK)``: the padded layout of dense latents with a
-  variable number of non-zeros per row (JumpReLU, BatchTopK), differentiable in the values.
+- ``to_padded(latents_BF, support_BF=None) -> (idx_BK, vals_BK)``: the padded layout of dense latents
+  with a variable number of non-zeros per row (JumpReLU, BatchTopK), differentiable in the values.
 
 ``SAE_KERNELS``: ``auto`` (default: CUDA kernels on CUDA tensors, the C++ CPU twin on CPU tensors,
 pure torch where neither is built), ``torch`` (the pure-torch sparse path), ``reference`` (the eager

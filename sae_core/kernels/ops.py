@@ -92,14 +92,19 @@ def encoder_grads(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, idx_BK: Tens
     return grad_x, grad_W, grad_b
 
 
-def to_padded(latents_BF: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense latents -> (idx_BK, vals_BK) with K = max non-zeros in any row (at least 1), -1 padding.
+def to_padded(latents_BF: Tensor, support_BF: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Dense latents -> (idx_BK, vals_BK) with K = max entries in any row (at least 1), -1 padding.
 
-    vals_BK is gathered from latents_BF, so gradients flow back to it (zero at the padding).
+    The entries are the non-zeros of latents_BF, plus the positions set in ``support_BF`` when given
+    (e.g. JumpReLU's threshold window, whose straight-through gradient needs d loss / d latent at zeros
+    too). vals_BK is gathered from latents_BF, so gradients flow back to it at exactly those positions.
     Costs one pass over latents_BF and a device sync (K is data-dependent).
     """
     B = latents_BF.shape[0]
-    rows_N, cols_N = latents_BF.nonzero(as_tuple=True)
+    mask_BF = latents_BF != 0
+    if support_BF is not None:
+        mask_BF |= support_BF
+    rows_N, cols_N = mask_BF.nonzero(as_tuple=True)
     counts_B = torch.bincount(rows_N, minlength=B)
     K = max(int(counts_B.max()) if B > 0 else 0, 1)
     starts_B = torch.cumsum(counts_B, 0) - counts_B

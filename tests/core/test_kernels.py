@@ -153,6 +153,12 @@ def test_to_padded_round_trip(mode):
     x_hat_BD.sum().backward()
     expected_BF = (W_dec_FD.sum(1).expand(6, 10) * (latents_BF != 0)).detach()  # zero where the latent is zero
     torch.testing.assert_close(latents_BF.grad, expected_BF)
+    latents_BF.grad = None
+    support_BF = torch.ones(6, 10, dtype=torch.bool)  # every position: the dense decoder's gradient exactly
+    idx_BK, vals_BK = kernels.to_padded(latents_BF, support_BF)
+    assert idx_BK.shape == (6, 10)
+    kernels.sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D).sum().backward()
+    torch.testing.assert_close(latents_BF.grad, W_dec_FD.sum(1).expand(6, 10))
     idx_BK, vals_BK = kernels.to_padded(torch.zeros(0, 10))
     assert idx_BK.shape == (0, 1) and vals_BK.shape == (0, 1)
 
