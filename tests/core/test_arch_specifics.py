@@ -90,11 +90,11 @@ def test_batchtopk_keeps_k_times_batch_in_training_and_learns_a_threshold():
     assert float(h[~kept].max()) <= float(h[kept].min())  # the kept are the batch's largest
     torch.testing.assert_close(out.latents_BF[kept], h[kept])
 
-    min1 = float(out.latents_BF[kept].min())
+    min1 = float(out.latents_BF.detach()[kept].min())
     sae.update_running_stats(out)
     assert torch.all(sae.threshold == min1)  # first step sets it, every latent the same
     out2 = sae(x_batch(10, seed=5))
-    min2 = float(out2.latents_BF[out2.latents_BF > 0].min())
+    min2 = float(out2.latents_BF.detach()[out2.latents_BF > 0].min())
     sae.update_running_stats(out2)
     torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.5 * min1 + 0.5 * min2))
 
