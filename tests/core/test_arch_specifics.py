@@ -140,7 +140,7 @@ def test_jumprelu_ste_gradient_of_log_threshold():
     sae.sparsity_loss(f, h).backward()
     expected_l0 = 0.25 * (-(1 / eps) * K.sum(0) / len(h)) * theta
     torch.testing.assert_close(sae.log_threshold.grad, expected_l0)
-    assert float(sae.sparsity_loss(f, h)) == pytest.approx(0.25 * float((h > theta).sum()) / len(h))
+    assert float(sae.sparsity_loss(f, h).detach()) == pytest.approx(0.25 * float((h > theta).sum()) / len(h))
 
 
 def test_jumprelu_pre_act_loss_pulls_only_dead_latents():
