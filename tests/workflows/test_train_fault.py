@@ -28,6 +28,10 @@ def make_job(store: Path, out: Path) -> TrainJob:
                     out=str(out))
 
 
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
+
+
 @pytest.fixture
 def cluster():
     if ray.is_initialized():
@@ -59,7 +63,7 @@ def test_killing_the_workers_node_resumes_from_checkpoint(cluster, tmp_path):
     thread.start()
     checkpoints = tmp_path / "run" / "ray-train"
     deadline = time.time() + 300
-    while len(list(checkpoints.glob("checkpoint_*"))) < 2 and time.time() < deadline and thread.is_alive():
+    while len(checkpoint_dirs(checkpoints)) < 2 and time.time() < deadline and thread.is_alive():
         time.sleep(0.2)
     assert thread.is_alive(), f"training ended before the node could be killed: {outcome}"
     cluster.add_node(num_cpus=1)  # somewhere for the restarted worker to go
@@ -68,7 +72,7 @@ def test_killing_the_workers_node_resumes_from_checkpoint(cluster, tmp_path):
     assert "error" not in outcome, outcome.get("error")
     assert outcome["result"]["steps"] == STEPS
 
-    remaining = sorted(checkpoints.glob("checkpoint_*"))
+    remaining = checkpoint_dirs(checkpoints)
     assert remaining, "no checkpoints were kept"
     for folder in remaining:
         assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*")), f"half-written files in {folder}"

@@ -93,7 +93,7 @@ def test_resume_after_ctrl_c_finishes_at_the_same_step(store, tmp_path):
             "--workers", "1", "--checkpoint-every", "20"]
     proc = cli(*args, db=db)
     deadline = time.time() + 240
-    while not list((out / "ray-train").glob("checkpoint_*")) and time.time() < deadline and proc.poll() is None:
+    while not [p for p in (out / "ray-train").glob("checkpoint_*") if p.is_dir()] and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     assert proc.poll() is None, f"run ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
     proc.send_signal(signal.SIGINT)
