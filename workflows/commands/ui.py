@@ -1,0 +1,57 @@
+"""`sae ui`: the MLflow UI for the configured tracking store, bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+
+from workflows.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the tracking store")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.set_defaults(func=run)
+
+
+def server_command(uri: str, port: int) -> list[str]:
+    from workflows.tracking import _artifact_root
+
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    root = _artifact_root(uri)
+    if root:  # a local store: experiments made in the UI keep artifacts beside the database, as ours do
+        command += ["--default-artifact-root", root, "--no-serve-artifacts"]
+    return command
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from workflows.tracking import resolve_tracking_uri
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    uri = resolve_tracking_uri(args.mlflow_uri)
+    if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        raise UserError(f"`sae ui` serves a database store; {uri!r} is not one (a remote server has its own UI)")
+    server = subprocess.Popen(server_command(uri, args.port))
+    # A plain SIGTERM would end this process and orphan the server: turn it into an orderly stop.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C to stop)", flush=True)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
