@@ -153,8 +153,8 @@ def test_jumprelu_pre_act_loss_pulls_only_dead_latents():
     gap = torch.relu(sae.log_threshold.exp() - h)[:, :4]
     expected = 2.0 * (gap * sae.W_dec.norm(dim=1)[:4]).sum(1).mean() / D_IN
     torch.testing.assert_close(out.aux, expected)
-    assert float(out.aux) > 0
-    assert float(sae(x).aux) == 0
+    assert out.aux.item() > 0
+    assert sae(x).aux.item() == 0
 
 
 def test_jumprelu_saves_threshold_not_log_threshold():
@@ -202,9 +202,9 @@ def test_matryoshka_prefix_losses():
         for i in range(m):
             r = r + f[:, i : i + 1] * sae.W_dec[i]
         return r
-    mses = [float((recon(m) - x).pow(2).mean()) for m in (3, 9, D_SAE)]
-    assert float(out.mse) == pytest.approx(mses[2], rel=1e-5)
-    assert float(out.aux) == pytest.approx(mses[0] + mses[1], rel=1e-5)
+    mses = [(recon(m) - x).pow(2).mean().item() for m in (3, 9, D_SAE)]
+    assert out.mse.item() == pytest.approx(mses[2], rel=1e-5)
+    assert out.aux.item() == pytest.approx(mses[0] + mses[1], rel=1e-5)
     assert len({round(m, 4) for m in mses}) == 3  # the prefixes really differ
 
 
@@ -228,6 +228,6 @@ def test_kl_sparse_penalty_is_the_bernoulli_kl():
     for i in range(D_SAE):
         q = float(f[:, i].mean())
         expected += 0.1 * math.log(0.1 / q) + 0.9 * math.log(0.9 / (1 - q))
-    assert float(out.sparsity) == pytest.approx(3.0 * expected / D_IN, rel=1e-4)
+    assert out.sparsity.item() == pytest.approx(3.0 * expected / D_IN, rel=1e-4)
     assert float(kl_divergence(0.1, torch.tensor([0.1]))) == pytest.approx(0.0, abs=1e-7)
     assert sae.homogeneous is False and sae.saelens_cfg_extra() == {"activation_fn": "sigmoid"}
