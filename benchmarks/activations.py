@@ -24,32 +24,54 @@ from workflows.hooks import run_with_hooks
 from workflows.models import DEFAULT_MODEL, load_model
 
 
-class PeakRSS:
-    """Samples the summed RSS of this process tree in a background thread."""
+class TreeMonitor:
+    """Samples this process tree in a background thread: peak summed RSS and CPU seconds used.
+
+    CPU seconds are a second measure beside wall time, steadier on a machine shared with other jobs.
+    """
 
     def __init__(self, interval: float = 0.1):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+                times = proc.cpu_times()
+                self._cpu_last[proc.pid] = times.user + times.system
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
 
     def _run(self) -> None:
-        me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self._sample()
             time.sleep(self.interval)
 
-    def __enter__(self) -> PeakRSS:
+    def mark(self) -> None:
+        """Remember the CPU seconds used so far (e.g. at the pipeline's first batch)."""
+        self._sample()
+        self.cpu_at_mark = self.cpu_seconds
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(v - self._cpu_start.get(pid, 0.0) for pid, v in self._cpu_last.items())
+
+    def __enter__(self) -> TreeMonitor:
+        self._sample()
+        self._cpu_start = dict(self._cpu_last)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 def run_loop(cfg: CollectConfig, windows) -> tuple[float, float, int]:
@@ -69,7 +91,7 @@ def run_loop(cfg: CollectConfig, windows) -> tuple[float, float, int]:
     return loaded - start, time.perf_counter() - loaded, rows
 
 
-def run_pipeline(cfg: CollectConfig, windows) -> tuple[float, float, int, int]:
+def run_pipeline(cfg: CollectConfig, windows, on_first=lambda: None) -> tuple[float, float, int, int]:
     """(total seconds, seconds after the first batch, rows, rows after the first batch) on Ray Data."""
     start = time.perf_counter()
     ds = _activation_dataset(cfg, windows, np.arange(len(windows.token_ids)))
@@ -77,6 +99,7 @@ def run_pipeline(cfg: CollectConfig, windows) -> tuple[float, float, int, int]:
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if first is None:
             first, rows_first = time.perf_counter(), len(batch["window_id"])
+            on_first()
         rows += len(batch["window_id"])
     end = time.perf_counter()
     return end - start, end - first, rows, rows - rows_first
@@ -97,23 +120,32 @@ def main() -> None:
     p = plan(cfg)
     print(f"{p.n_windows} windows x {cfg.context_size} tokens, {int(p.windows.keep.sum())} stored rows, "
           f"hook {args.hook}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-    with PeakRSS() as loop_rss:
+    with TreeMonitor() as loop_rss:
         load_s, loop_s, rows = run_loop(cfg, p.windows)
-    loop_tps = rows / loop_s
-    print(f"loop:     {loop_tps:8.0f} tok/s  ({rows} rows in {loop_s:.1f} s; model load {load_s:.1f} s) "
-          f"peak RSS {loop_rss.peak / 2**30:.2f} GiB")
+    print(f"loop:     {rows / loop_s:8.0f} tok/s  ({rows} rows in {loop_s:.1f} s; model load {load_s:.1f} s) "
+          f"peak RSS {loop_rss.peak / 2**30:.2f} GiB, {loop_rss.cpu_seconds:.0f} CPU s")
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
-    with PeakRSS() as pipe_rss:
-        total_s, steady_s, rows, steady_rows = run_pipeline(cfg, p.windows)
+    with TreeMonitor() as pipe_rss:
+        total_s, steady_s, rows, steady_rows = run_pipeline(cfg, p.windows, on_first=pipe_rss.mark)
     ray.shutdown()
+    # The loop runs again after the pipeline, so a change in machine load hits both sides alike.
+    with TreeMonitor() as loop2_rss:
+        load2_s, loop2_s, _ = run_loop(cfg, p.windows)
+    print(f"loop again: {rows / loop2_s:6.0f} tok/s  ({loop2_s:.1f} s), {loop2_rss.cpu_seconds:.0f} CPU s")
+    loop_cpu = (loop_rss.cpu_seconds + loop2_rss.cpu_seconds) / 2
+    load_s, loop_s = (load_s + load2_s) / 2, (loop_s + loop2_s) / 2
+    loop_tps = rows / loop_s
     steady_tps, total_tps = steady_rows / steady_s, rows / total_s
     print(f"pipeline: {steady_tps:8.0f} tok/s steady ({steady_rows} rows in {steady_s:.1f} s after the first batch), "
           f"{total_tps:.0f} tok/s end to end ({total_s:.1f} s) peak RSS {pipe_rss.peak / 2**30:.2f} GiB "
-          f"(driver + Ray + {cfg.workers} actor(s))")
-    print(f"ratio pipeline/loop: {steady_tps / loop_tps:.2f}x steady, "
-          f"{total_tps / (rows / (loop_s + load_s)):.2f}x end to end with model load in both")
+          f"(driver + Ray + {cfg.workers} actor(s)), {pipe_rss.cpu_seconds:.0f} CPU s")
+    print(f"ratio pipeline/loop (mean of both loops): {steady_tps / loop_tps:.2f}x steady, "
+          f"{total_tps / (rows / (loop_s + load_s)):.2f}x end to end with model load in both; "
+          f"CPU seconds loop/pipeline {loop_cpu / pipe_rss.cpu_seconds:.2f}x overall, "
+          f"{(loop_cpu / rows) / ((pipe_rss.cpu_seconds - pipe_rss.cpu_at_mark) / steady_rows):.2f}x per token "
+          "after the first batch")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from workflows.errors import UserError
 KINDS = ("resid_post", "attn_out", "mlp_in", "mlp_out")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
 # Where each family keeps its decoder blocks (first match wins); base models and LM-head wrappers.
-_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "layers", "h")
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "layers", "h")
 _ATTN_NAMES = ("self_attn", "attn", "attention")
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
