@@ -226,7 +226,7 @@ def test_kl_sparse_penalty_is_the_bernoulli_kl():
     torch.testing.assert_close(out.latents_BF, f)
     expected = 0.0
     for i in range(D_SAE):
-        q = float(f[:, i].mean())
+        q = f[:, i].mean().item()
         expected += 0.1 * math.log(0.1 / q) + 0.9 * math.log(0.9 / (1 - q))
     assert out.sparsity.item() == pytest.approx(3.0 * expected / D_IN, rel=1e-4)
     assert float(kl_divergence(0.1, torch.tensor([0.1]))) == pytest.approx(0.0, abs=1e-7)
