@@ -84,8 +84,14 @@ class TorchBackend:
                                  per_sample_weights=weights_N)
         return out_RD.to(src_BD.dtype)
 
-    def topk(self, h_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def topk(self, h_BF: Tensor, k: int, bias_F: Tensor | None = None, densify: bool = False) -> tuple[Tensor, Tensor]:
+        """The k largest of each row of h + bias (unsorted). h_BF is scratch: with ``densify`` it is left
+        holding the dense latents (relu of the selected values, zeros elsewhere), otherwise unspecified."""
+        if bias_F is not None:
+            h_BF = h_BF.add_(bias_F)
         vals_BK, idx_BK = h_BF.topk(k, dim=-1, sorted=False)
+        if densify:
+            h_BF.zero_().scatter_(1, idx_BK, vals_BK.relu())
         return vals_BK, idx_BK
 
 
@@ -139,13 +145,15 @@ class CpuBackend(TorchBackend):
                                       n_rows, K, D, self.threads(idx_BK.numel() * D + n_rows * D))
         return out_RD
 
-    def topk(self, h_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        if h_BF.dtype != torch.float32 or not 1 <= k <= min(self.TOPK_MAX_K, h_BF.shape[1]):
-            return super().topk(h_BF, k)
+    def topk(self, h_BF: Tensor, k: int, bias_F: Tensor | None = None, densify: bool = False) -> tuple[Tensor, Tensor]:
+        fits = 1 <= k <= min(self.TOPK_MAX_K, h_BF.shape[1]) and h_BF.is_contiguous()
+        if h_BF.dtype != torch.float32 or not fits or (bias_F is not None and bias_F.dtype != torch.float32):
+            return super().topk(h_BF, k, bias_F, densify)
         B, Fn = h_BF.shape
-        h_BF = h_BF.contiguous()
+        bias_F = torch.zeros(Fn) if bias_F is None else bias_F.contiguous()
         vals_BK, idx_BK = torch.empty(B, k), torch.empty(B, k, dtype=torch.int64)
-        self.lib.sae_cpu_topk(ptr(h_BF), ptr(vals_BK), ptr(idx_BK), B, Fn, k, self.threads(B * Fn))
+        self.lib.sae_cpu_topk(ptr(h_BF), ptr(bias_F), ptr(vals_BK), ptr(idx_BK), B, Fn, k, int(densify),
+                              self.threads(B * Fn))
         return vals_BK, idx_BK
 
 

@@ -107,7 +107,7 @@ def cpu_library() -> ctypes.CDLL | None:
         "sae_cpu_gather_sum": [P, P, P, P, I64, I64, I64, I64, INT],
         "sae_cpu_row_dots": [P, P, P, P, I64, I64, I64, I64, INT],
         "sae_cpu_scatter_rows": [P, P, P, P, P, I64, I64, I64, INT],
-        "sae_cpu_topk": [P, P, P, I64, I64, I64, INT],
+        "sae_cpu_topk": [P, P, P, P, I64, I64, I64, INT, INT],
         "sae_cpu_csr": [P, I64, I64, P, P],
     }, None)
 

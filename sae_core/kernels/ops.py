@@ -48,10 +48,10 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, dense: bool,
                 backend: TorchBackend) -> tuple[Tensor, Tensor, Tensor]:
-        h_BF = torch.addmm(b_enc_F, x_BD, W_enc_DF)
-        vals_BK, idx_BK = backend.topk(h_BF, k)
+        h_BF = x_BD @ W_enc_DF  # the bias is added inside topk: no extra pass over [B, F]
+        vals_BK, idx_BK = backend.topk(h_BF, k, b_enc_F.to(h_BF.dtype), densify=dense)
         vals_BK = vals_BK.relu_()
-        latents_BF = h_BF.zero_().scatter_(1, idx_BK, vals_BK) if dense else h_BF.new_empty(0)
+        latents_BF = h_BF if dense else h_BF.new_empty(0)
         del h_BF  # without ``dense`` the largest tensor of the step is freed before the decoder runs
         ctx.backend, ctx.dtypes = backend, (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype)
         ctx.save_for_backward(x_BD, W_enc_DF, idx_BK, vals_BK)

@@ -173,14 +173,26 @@ void sae_cpu_csr(const int64_t* idx, int64_t N, int64_t F, int64_t* perm, int64_
         if (sae::valid_index(idx[e], F)) perm[cursor[idx[e]]++] = e;
 }
 
-// The k largest entries of each row of h [B, N] (unsorted), like torch.topk(sorted=False).
-void sae_cpu_topk(const float* h, float* vals, int64_t* idx, int64_t B, int64_t N, int64_t k, int threads) {
+// The k largest entries of each row of h [B, N] + bias [N] (unsorted), like torch.topk(sorted=False) of the
+// biased rows, so the caller's GEMM needs no separate pass adding the bias. Each row plus bias goes to a
+// thread-local buffer that stays in L2 for the selection. With `densify`, the row of h is then overwritten
+// by the dense latents (zeros, and relu of the selected values) while it is still in cache.
+void sae_cpu_topk(float* h, const float* bias, float* vals, int64_t* idx, int64_t B, int64_t N, int64_t k,
+                  int densify, int threads) {
     parallel_for(B, threads, [=](int64_t b0, int64_t b1) {
-        std::vector<float> sample;
+        std::vector<float> row(N), sample;
         std::vector<int64_t> cand;
-        for (int64_t b = b0; b < b1; ++b)
-            if (!row_topk_sampled(h + b * N, N, k, vals + b * k, idx + b * k, sample, cand))
-                row_topk(h + b * N, N, k, vals + b * k, idx + b * k);
+        for (int64_t b = b0; b < b1; ++b) {
+            float* h_row = h + b * N;
+            for (int64_t i = 0; i < N; ++i) row[i] = h_row[i] + bias[i];
+            float* v = vals + b * k;
+            int64_t* ix = idx + b * k;
+            if (!row_topk_sampled(row.data(), N, k, v, ix, sample, cand)) row_topk(row.data(), N, k, v, ix);
+            if (densify) {
+                std::fill(h_row, h_row + N, 0.0f);
+                for (int64_t j = 0; j < k; ++j) h_row[ix[j]] = v[j] > 0.0f ? v[j] : 0.0f;
+            }
+        }
     });
 }
 

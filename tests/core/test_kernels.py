@@ -177,9 +177,15 @@ def test_cpu_twin_topk_and_csr_match_torch():
     assert not cpu.topk(h_BF[2:3], 5)[0].isnan().any()
     h_BF = h_BF[3:]  # indices are only comparable without ties
     for k in (1, 7, 64):
-        torch.testing.assert_close(sorted_by_index(*cpu.topk(h_BF[:, :900], k)),
-                                   sorted_by_index(*h_BF[:, :900].topk(k, sorted=False)))
+        short_BF = h_BF[:, :900].contiguous()
+        torch.testing.assert_close(sorted_by_index(*cpu.topk(short_BF, k)),
+                                   sorted_by_index(*short_BF.topk(k, sorted=False)))
         torch.testing.assert_close(sorted_by_index(*cpu.topk(h_BF, k)), sorted_by_index(*h_BF.topk(k, sorted=False)))
+    bias_F, scratch_BF = torch.randn(5000), h_BF.clone()
+    vals_BK, idx_BK = cpu.topk(scratch_BF, 9, bias_F, densify=True)  # bias fused, row densified in place
+    expected_BK, expected_idx_BK = (h_BF + bias_F).topk(9, sorted=False)
+    torch.testing.assert_close(sorted_by_index(vals_BK, idx_BK), sorted_by_index(expected_BK, expected_idx_BK))
+    torch.testing.assert_close(scratch_BF, torch.zeros_like(h_BF).scatter(1, idx_BK, vals_BK.relu()))
     idx_BK = torch.randint(-1, 50, (30, 9))
     src_BD, vals_BK = torch.randn(30, 5), torch.randn(30, 9)
     torch.testing.assert_close(cpu.scatter_rows(idx_BK, vals_BK, src_BD, 50),
