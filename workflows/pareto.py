@@ -26,7 +26,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     valid = [i for i, (x, y) in enumerate(points) if not (math.isnan(x) or math.isnan(y))]
     order = sorted(valid, key=lambda i: (points[i][0], points[i][1]))
     front: list[int] = []
-    best_y_left = math.inf  # smallest y over all points with a strictly smaller x
+    best_y_left: float | None = None  # smallest y over all points with a strictly smaller x
     start = 0
     while start < len(order):
         x = points[order[start]][0]
@@ -34,9 +34,9 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
         while end < len(order) and points[order[end]][0] == x:
             end += 1
         group_min_y = points[order[start]][1]  # sorted, so the first of the group has the smallest y
-        if group_min_y < best_y_left:
+        if best_y_left is None or group_min_y < best_y_left:
             front.extend(i for i in order[start:end] if points[i][1] == group_min_y)
-        best_y_left = min(best_y_left, group_min_y)
+        best_y_left = group_min_y if best_y_left is None else min(best_y_left, group_min_y)
         start = end
     return sorted(front)
 

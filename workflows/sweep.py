@@ -204,6 +204,10 @@ def run_trial(config: dict[str, Any], *, spec: dict[str, Any], parent_run_id: st
     tracker.set_tags(tags)
     try:
         final = train_and_measure(job, sweep, tracker)
+    except SystemExit:  # how tune.report ends a trial the scheduler stopped: not a failure
+        tracker.set_tags({"stopped_early": sweep.scheduler})
+        tracker.end("KILLED")
+        raise
     except BaseException as exc:
         fail_run(tracker, exc)
         raise
@@ -298,7 +302,8 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         {"cpu": spec.cpus_per_trial})
     errors = trial_errors_callback()
     tuner = tune.Tuner(trainable, param_space=param_space(spec),
-                       tune_config=tune.TuneConfig(num_samples=spec.samples, scheduler=make_scheduler(spec)),
+                       tune_config=tune.TuneConfig(num_samples=spec.samples, scheduler=make_scheduler(spec),
+                                                   reuse_actors=True),  # torch and mlflow import once per actor
                        run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0, callbacks=[errors],
                                                  failure_config=tune.FailureConfig(max_failures=0)))
     try:
@@ -347,8 +352,9 @@ def settle_runs(spec: SweepSpec, parent: MlflowTracker, errors: Mapping[str, str
         elif status == "RUNNING":
             child.set_tags({"stopped_early": spec.scheduler})
             child.end("KILLED")
-            stopped += 1
+            status = "KILLED"
         failed += status == "FAILED"
+        stopped += status == "KILLED"
     return failed, stopped
 
 
