@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -40,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.mlflow_uri)
     if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
         raise UserError(f"`sae ui` serves a database store; {uri!r} is not one (a remote server has its own UI)")
-    server = subprocess.Popen(server_command(uri, args.port))
+    # The server runs uvicorn (and maybe job workers) as children: its own process group lets us stop all of them.
+    # MLflow's job executor serves GenAI features an SAE store does not use; off unless asked for.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen(server_command(uri, args.port), env=env, start_new_session=True)
     # A plain SIGTERM would end this process and orphan the server: turn it into an orderly stop.
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C to stop)", flush=True)
@@ -49,9 +53,18 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_group(server)
+
+
+def stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it has not exited in 10 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
