@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import sae_core
@@ -31,6 +32,7 @@ from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
 from workflows.training import (
     TrainJob,
     finish_run,
+    finish_with,
     log_final,
     open_checked_store,
     sae_config_for,
@@ -165,7 +167,7 @@ def report_checkpoint(trainer: Trainer, rank: int, metrics: dict[str, Any]) -> N
 
 
 # -- the driver -----------------------------------------------------------------------------------
-def check_resources(opts: DistributedOptions) -> None:
+def check_resources(opts: DistributedOptions, stream: bool = False) -> None:
     import ray
 
     resources = ray.cluster_resources()
@@ -174,10 +176,12 @@ def check_resources(opts: DistributedOptions) -> None:
     if need > have:
         raise UserError(f"{opts.workers} worker(s) need {need:g} {kind}(s) but the Ray cluster has {have:g}; "
                         "lower --workers or add nodes")
-    if opts.data == "ray" and not opts.use_gpu and need >= resources.get("CPU", 0):
-        # Ray Data's read tasks need CPUs of their own, or the workers wait forever for batches.
-        raise UserError(f"--data ray leaves no CPU for reading: {opts.workers} worker(s) x {opts.cpus_per_worker:g} CPU "
-                        f"of {resources.get('CPU', 0):g}; lower --cpus-per-worker (e.g. 0.5) or --workers")
+    # Ray Data's tasks need a CPU of their own (and the live stream's model actors half a CPU more),
+    # or the training workers wait forever for batches.
+    reserve = 0.0 if opts.data != "ray" else (1.5 if stream else 1.0)
+    if reserve and not opts.use_gpu and resources.get("CPU", 0) - need < reserve:
+        raise UserError(f"{opts.workers} worker(s) x {opts.cpus_per_worker:g} CPU leave less than {reserve:g} of "
+                        f"{resources.get('CPU', 0):g} CPU(s) for Ray Data; lower --cpus-per-worker (e.g. 0.5) or --workers")
 
 
 def ray_dataset(job: TrainJob, store: ActivationStore):
@@ -226,7 +230,8 @@ def prepare_run_dir(job: TrainJob, resume: bool) -> Path:
     return run_dir
 
 
-def start_tracking(job: TrainJob, opts: DistributedOptions, run_dir: Path, store: ActivationStore) -> MlflowTracker:
+def start_tracking(job: TrainJob, opts: DistributedOptions, run_dir: Path,
+                   store: ActivationStore | None) -> MlflowTracker:
     """The run's MLflow run: created once, found again through run.json on resume."""
     run_file = run_dir / RUN_FILE
     if run_file.is_file():
@@ -237,23 +242,68 @@ def start_tracking(job: TrainJob, opts: DistributedOptions, run_dir: Path, store
     return tracker
 
 
+class StreamSource:
+    """The live activation stream: windows split into training (fed to the workers through Ray Data,
+    re-run through the model each epoch) and held-out (run once at the end, for evaluation)."""
+
+    def __init__(self, job: TrainJob):
+        from workflows.activations import CollectConfig, plan
+
+        self.job = job
+        self.cfg = CollectConfig.from_dict({**(job.stream or {}), "hooks": [job.hook]})
+        self.plan = plan(self.cfg)
+        n = self.plan.n_windows
+        n_eval = max(1, int(n * job.eval_fraction))
+        if n - n_eval < 1:
+            raise UserError(f"--tokens {self.cfg.n_tokens} gives {n} window(s): too few to hold some out; raise --tokens")
+        self.train_ids, self.eval_ids = np.arange(n - n_eval), np.arange(n - n_eval, n)
+
+    @property
+    def d_in(self) -> int:
+        return self.plan.d[self.job.hook]
+
+    def dataset(self):
+        from workflows.activations import _activation_dataset
+
+        return _activation_dataset(self.cfg, self.plan.windows, self.train_ids)
+
+    def held_out(self) -> torch.Tensor:
+        from workflows.activations import _activation_dataset
+
+        ds = _activation_dataset(self.cfg, self.plan.windows, self.eval_ids)
+        return torch.cat([torch.from_numpy(np.asarray(b[self.job.hook], dtype=np.float32))
+                          for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+
+    def metadata(self) -> dict[str, Any]:
+        return {"model_name": self.cfg.model, "hook_name": self.job.hook, "context_size": self.cfg.context_size,
+                "prepend_bos": True, "dataset_path": self.cfg.corpus, "exclude_special_tokens": True}
+
+
 def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool = False) -> dict[str, Any]:
-    """Run ``job`` on the connected Ray cluster (ray.init must have been called)."""
+    """Run ``job`` on Ray Train (connecting to RAY_ADDRESS or starting a local Ray)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if job.train.batch_size % opts.workers:
         raise UserError(f"--batch-size {job.train.batch_size} is not divisible by --workers {opts.workers}")
-    store = open_checked_store(job)
-    d_in = store.d(job.hook)
-    sae_config_for(job, d_in)  # refuse a bad config before starting anything
+    if job.stream:
+        opts.data = "ray"  # the stream reaches the workers as a Ray Dataset
+    store = open_checked_store(job) if job.activations else None
     check_run_dir(job, resume)
     ensure_ray()
-    check_resources(opts)
+    source = StreamSource(job) if store is None else None
+    d_in = store.d(job.hook) if store is not None else source.d_in
+    sae_config_for(job, d_in)  # refuse a bad config before starting anything
+    check_resources(opts, stream=source is not None)
     run_dir = prepare_run_dir(job, resume)
     tracker = start_tracking(job, opts, run_dir, store)
     config = {"job": job.to_dict(), "options": asdict(opts), "d_in": d_in, "run_id": tracker.run_id,
               "mlflow_uri": tracker.uri}
+    datasets = None
+    if source is not None:
+        datasets = {"train": source.dataset()}
+    elif opts.data == "ray":
+        datasets = {"train": ray_dataset(job, store)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -262,24 +312,27 @@ def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool =
         run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run_dir),
                              failure_config=FailureConfig(max_failures=opts.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ray_dataset(job, store)} if opts.data == "ray" else None,
+        datasets=datasets,
     )
     try:
         result = trainer.fit()
     except BaseException:
         tracker.end("KILLED")
         raise
-    return finish_distributed(job, result, store, tracker)
+    return finish_distributed(job, result, store if store is not None else source, tracker, d_in)
 
 
-def finish_distributed(job: TrainJob, result, store: ActivationStore, tracker: MlflowTracker) -> dict[str, Any]:
+def finish_distributed(job: TrainJob, result, source: ActivationStore | StreamSource, tracker: MlflowTracker,
+                       d_in: int) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
     torch.manual_seed(job.train.seed)
-    sae = sae_core.build(sae_config_for(job, store.d(job.hook)))
-    trainer = Trainer(sae, job.train)
+    trainer = Trainer(sae_core.build(sae_config_for(job, d_in)), job.train)
     with result.checkpoint.as_directory() as folder:
         trainer.load_state_dict(load_checkpoint(folder))
-    metrics = finish_run(job, trainer, store, store_metadata(store, job))
+    if isinstance(source, StreamSource):
+        metrics = finish_with(job, trainer, source.held_out(), source.metadata())
+    else:
+        metrics = finish_run(job, trainer, source, store_metadata(source, job))
     log_final(tracker, job, metrics, trainer.step_count)
     return {**metrics, "steps": trainer.step_count, "mlflow_run_id": tracker.run_id}

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import sae_core
 from sae_core.io import save_sae
 from sae_core.store import ActivationStore, StoreError
@@ -30,8 +32,8 @@ SPARSITY_ALIASES = {"l1": ("l1_coefficient",), "l0": ("l0_coefficient",), "kl": 
 class TrainJob:
     """Everything a training run needs; goes whole into MLflow params and checkpoints."""
 
-    activations: str
-    """Activation store directory."""
+    activations: str = ""
+    """Activation store directory (or empty, with ``stream`` set)."""
     hook: str
     """Hook column to train on."""
     arch: str = "topk"
@@ -44,10 +46,15 @@ class TrainJob:
     """Output folder: the SAELens folder, metrics.json, job.json."""
     eval_fraction: float = 0.05
     """Fraction of the store's rows (its end) held out for evaluation."""
+    stream: dict[str, Any] | None = None
+    """Train on the live model stream instead of a store: CollectConfig fields (model, corpus, n_tokens, ...)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig.from_dict(self.train)
+        if bool(self.activations) == bool(self.stream):
+            raise UserError("give exactly one data source: an activation store (--activations) or a live model "
+                            "stream (--from-model/--corpus/--tokens)")
         if not 0 < self.eval_fraction < 1:
             raise UserError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
@@ -106,9 +113,13 @@ def open_checked_store(job: TrainJob) -> ActivationStore:
 
 
 def finish_run(job: TrainJob, trainer: Trainer, store: ActivationStore, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate on the held-out rows, write the SAELens folder, metrics.json and job.json."""
+    """Evaluate on the store's held-out rows, write the SAELens folder, metrics.json and job.json."""
     train_rows, total = split_rows(store, job)
-    held_out = store.read_hook(job.hook, train_rows, total)
+    return finish_with(job, trainer, store.read_hook(job.hook, train_rows, total), metadata)
+
+
+def finish_with(job: TrainJob, trainer: Trainer, held_out: torch.Tensor, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate on ``held_out`` activations, write the SAELens folder, metrics.json and job.json."""
     result = evaluate(trainer.sae, held_out, scaling_factor=trainer.scaling_factor)
     out = Path(job.out)
     save_sae(trainer.sae, out, scaling_factor=trainer.scaling_factor, metadata=metadata)
@@ -129,14 +140,15 @@ SAE_ARTIFACTS = ("cfg.json", "sae_weights.safetensors", "sae_ray.json", "sparsit
                  "job.json")
 
 
-def start_job_tracking(job: TrainJob, store: ActivationStore, *, uri: str | None, experiment: str,
+def start_job_tracking(job: TrainJob, store: ActivationStore | None, *, uri: str | None, experiment: str,
                        run_name: str | None = None, parent_run_id: str | None = None,
                        extra_params: dict[str, Any] | None = None) -> MlflowTracker:
     """An MLflow run for ``job`` with its params and the model/hook/architecture tags."""
-    tags = {"model": store.manifest.model, "hook": job.hook, "architecture": job.arch}
+    model = store.manifest.model if store is not None else str((job.stream or {}).get("model", ""))
+    tags = {"model": model, "hook": job.hook, "architecture": job.arch}
     tracker = MlflowTracker.create(uri, experiment, run_name or Path(job.out).name, tags, parent_run_id)
     tracker.log_params({"arch": job.arch, "sae": job.sae, "train": job.train.to_dict(), "hook": job.hook,
-                        "activations": job.activations, **(extra_params or {})})
+                        "activations": job.activations, "stream": job.stream or {}, **(extra_params or {})})
     return tracker
 
 

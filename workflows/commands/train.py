@@ -10,7 +10,10 @@ from tqdm import tqdm
 
 from sae_core.architectures.base import ConfigError
 from sae_core.trainer import TrainConfig
+from workflows.corpus import DEFAULT_CORPUS
 from workflows.errors import UserError
+from workflows.models import DEFAULT_MODEL
+from workflows.recipes import parse_overrides
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
 from workflows.training import (
     TrainJob,
@@ -25,6 +28,12 @@ from workflows.training import (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an SAE on an activation store")
     p.add_argument("--activations", help="activation store directory")
+    live = p.add_argument_group("training from the live model stream, without a store (runs on Ray Train)")
+    live.add_argument("--from-model", nargs="?", const=DEFAULT_MODEL, metavar="M",
+                      help="run this model and train on its activations as they stream (default model if no M)")
+    live.add_argument("--corpus", help="text source for --from-model (default: the embedded corpus)")
+    live.add_argument("--tokens", type=int, help="tokens to stream for --from-model")
+    live.add_argument("--context-size", type=int, default=128, help="tokens per window for --from-model")
     p.add_argument("--hook", help="hook column to train on")
     p.add_argument("--arch", default="topk", help="architecture (see README's table)")
     p.add_argument("--d-sae", type=int, help="number of latents")
@@ -53,26 +62,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_sets(items: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set expects FIELD=VALUE, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
-
-
 def job_from_args(args: argparse.Namespace) -> TrainJob:
-    missing = [flag for flag, value in (("--activations", args.activations), ("--hook", args.hook),
-                                         ("--d-sae", args.d_sae), ("--out", args.out)) if value is None]
+    source = ("--activations", args.activations) if args.from_model is None else ("--tokens", args.tokens)
+    missing = [flag for flag, value in (source, ("--hook", args.hook), ("--d-sae", args.d_sae), ("--out", args.out))
+               if value is None]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (required unless --resume is given)")
+    if args.from_model is not None and args.activations:
+        raise UserError("give either --activations or --from-model, not both")
     train_fields = set(TrainConfig.__dataclass_fields__)
-    sets = parse_sets(args.set)
+    sets = parse_overrides(args.set)
     train_sets = {k: v for k, v in sets.items() if k in train_fields}
     sae_sets = {k: v for k, v in sets.items() if k not in train_fields}
     try:
@@ -81,8 +80,12 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
         train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, **train_sets)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
-    return TrainJob(activations=os.path.abspath(args.activations), hook=args.hook, arch=args.arch, sae=sae,
-                    train=train, out=os.path.abspath(args.out))
+    stream = None
+    if args.from_model is not None:
+        stream = {"model": args.from_model, "corpus": args.corpus or DEFAULT_CORPUS, "n_tokens": args.tokens,
+                  "context_size": args.context_size}
+    return TrainJob(activations=os.path.abspath(args.activations) if args.activations else "", hook=args.hook,
+                    arch=args.arch, sae=sae, train=train, out=os.path.abspath(args.out), stream=stream)
 
 
 def resumed_job(args: argparse.Namespace) -> TrainJob:
@@ -91,7 +94,7 @@ def resumed_job(args: argparse.Namespace) -> TrainJob:
         raise UserError(f"--resume {args.resume}: no {JOB_FILE} there; is this a `sae train --workers` output folder?")
     with open(job_file) as fh:
         saved = TrainJob.from_dict(json.load(fh))
-    if args.activations is None:  # only --resume given: the saved job as it was
+    if args.activations is None and args.from_model is None:  # only --resume given: the saved job as it was
         return saved
     args.out = args.out or args.resume
     return job_from_args(args)  # given settings are compared with the saved ones by train_distributed
@@ -99,7 +102,7 @@ def resumed_job(args: argparse.Namespace) -> TrainJob:
 
 def run(args: argparse.Namespace) -> int:
     job = resumed_job(args) if args.resume else job_from_args(args)
-    if args.workers is None and not args.resume:
+    if args.workers is None and not args.resume and job.stream is None:
         return run_local(job, args)
     opts = DistributedOptions(workers=1 if args.workers is None else args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                               checkpoint_every=args.checkpoint_every,
