@@ -30,7 +30,7 @@ test-fast: PYTEST_ARGS += -m "not slow"
 test-fast: test
 
 demo: setup
-	$(BIN)/python -m workflows.demo
+	$(BIN)/python -m workflows.cli run --recipe smollm2-topk --out runs/demo
 
 lint: setup
 	$(BIN)/ruff check sae_core workflows tests benchmarks

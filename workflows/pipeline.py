@@ -1,0 +1,195 @@
+"""`sae run`: the whole job on one recipe — collect -> train (or sweep) -> evaluate -> dashboards.
+
+Every stage writes under one run folder and reuses what a previous run of the same recipe left
+there: the cached model, a complete activation store with the same settings, a finished SAE with
+the same job. MLflow gets one training run (or one sweep parent with its trials) per pipeline run,
+with the evaluation metrics and the dashboard attached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sae_core.store import read_manifest
+from sae_core.trainer import TrainConfig
+from workflows.activations import CollectConfig, collect
+from workflows.errors import UserError
+from workflows.recipes import Recipe
+from workflows.tracking import MlflowTracker, resolve_tracking_uri
+from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
+from workflows.training import TrainJob
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class PipelineResult:
+    """Where everything landed and the numbers a researcher looks at first."""
+
+    out: Path
+    sae_dir: Path
+    dashboard: Path | None
+    metrics: dict[str, float]
+    timings: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    mlflow_uri: str = ""
+    frontier_plot: Path | None = None
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str, fn, *args, **kwargs):
+        logger.info("stage %s ...", name)
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[name] = time.perf_counter() - start
+        logger.info("stage %s done in %.1f s", name, self.timings[name])
+        return result
+
+
+def collect_stage(recipe: Recipe, out: Path) -> Path:
+    """Write the activation store, or reuse a complete one with the same settings (collect resumes)."""
+    store = out / "activations"
+    cfg = CollectConfig(hooks=[recipe.hook], n_tokens=recipe.tokens, model=recipe.model, corpus=recipe.corpus,
+                        context_size=recipe.context_size, out=str(store), dtype=recipe.store_dtype,
+                        workers=recipe.collect_workers)
+    if (store / "manifest.json").is_file() and read_manifest(store).extra.get("complete"):
+        manifest = read_manifest(store)
+        if manifest.model == recipe.model and list(manifest.hooks) == [recipe.hook] and \
+                manifest.extra.get("collect", {}).get("n_tokens") == recipe.tokens:
+            logger.info("reusing the activation store %s (%d tokens)", store, manifest.n_tokens)
+            return store
+    collect(cfg)
+    return store
+
+
+def train_job(recipe: Recipe, store: Path, out: Path) -> TrainJob:
+    return TrainJob(activations=str(store.resolve()), hook=recipe.hook, arch=recipe.arch, sae=dict(recipe.sae),
+                    train=TrainConfig.from_dict(dict(recipe.train)), out=str((out / "sae").resolve()))
+
+
+def train_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: str) -> tuple[Path, str]:
+    """Train on Ray Train; reuse a finished SAE of the same job, resume an unfinished one."""
+    job = train_job(recipe, store, out)
+    sae_dir = Path(job.out)
+    run_file = sae_dir / "run.json"
+    if (sae_dir / "metrics.json").is_file() and (sae_dir / JOB_FILE).is_file() and \
+            json.loads((sae_dir / JOB_FILE).read_text()) == job.to_dict() and run_file.is_file():
+        logger.info("reusing the trained SAE in %s", sae_dir)
+        return sae_dir, json.loads(run_file.read_text())["mlflow_run_id"]
+    resume = (sae_dir / JOB_FILE).is_file() and (sae_dir / "ray-train").is_dir()
+    if resume and json.loads((sae_dir / JOB_FILE).read_text()) != job.to_dict():
+        raise UserError(f"{sae_dir} holds a run of other settings; pass another --out or delete it")
+    opts = DistributedOptions(workers=recipe.workers, cpus_per_worker=recipe.cpus_per_worker, mlflow_uri=uri,
+                              experiment=experiment, run_name=recipe.name, checkpoint_every=100)
+    result = train_distributed(job, opts, resume=resume)
+    return sae_dir, result["mlflow_run_id"]
+
+
+def sweep_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: str) -> tuple[Path, str, Path | None]:
+    """A small Tune sweep over ``recipe.sweep``; the lowest-FVU trial's SAE is fetched for the later stages."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows.sweep import SweepSpec, run_sweep
+
+    train = dict(recipe.train)
+    sets = {k: v for k, v in train.items() if k not in ("steps", "batch_size", "lr")}
+    sets.update({k: v for k, v in recipe.sae.items() if k not in recipe.sweep})
+    spec = SweepSpec(activations=str(store.resolve()), hook=recipe.hook, archs=[recipe.arch],
+                     grid={k: list(v) for k, v in recipe.sweep.items()}, steps=recipe.sweep_steps,
+                     experiment=experiment, mlflow_uri=uri, batch_size=train.get("batch_size", 4096),
+                     lr=train.get("lr", 4e-4), sets=sets, out=str(out / "sweeps"),
+                     cpus_per_trial=recipe.cpus_per_worker)
+    result = run_sweep(spec)
+    if not result.finished:
+        raise UserError(f"no sweep trial finished ({result.failed} failed); see MLflow run {result.parent_run_id}")
+    best = min(result.finished, key=lambda t: t.metrics.get("fvu", float("inf")))
+    target = out / "best-sae"
+    target.mkdir(parents=True, exist_ok=True)
+    MlflowClient(uri).download_artifacts(best.run_id, "sae", str(target))
+    plots = sorted(result.out.glob("*.png"))
+    return target / "sae", best.run_id, plots[0] if plots else None
+
+
+def eval_stage(recipe: Recipe, sae_dir: Path, store: Path, tracker: MlflowTracker) -> dict[str, float]:
+    """CE loss recovered and friends on fresh windows after the training tokens."""
+    from sae_core.io import load_sae
+    from workflows.evaluate import evaluate_sae, held_out_windows, write_outputs
+    from workflows.models import load_model
+
+    loaded = load_model(recipe.model)
+    windows = held_out_windows(loaded.tokenizer, corpus=recipe.corpus, context_size=recipe.context_size,
+                               n_tokens=recipe.eval_tokens, skip_tokens=read_manifest(store).n_tokens)
+    result = evaluate_sae(load_sae(sae_dir), loaded.model, recipe.hook, windows)
+    files = write_outputs(result, sae_dir.parent / "eval", sparsity_dir=sae_dir)
+    metrics = result.metrics()
+    tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+    tracker.log_artifact(files["eval"], "eval")
+    tracker.log_artifact(files["histogram"], "eval")
+    return metrics
+
+
+def dashboard_stage(recipe: Recipe, sae_dir: Path, out: Path, tracker: MlflowTracker) -> Path:
+    from workflows.dashboard import DashboardConfig, build_dashboard
+
+    site = out / "dashboard"
+    build_dashboard(DashboardConfig(sae=str(sae_dir), n_tokens=recipe.dashboard_tokens, out=str(site),
+                                    hook=recipe.hook, model=recipe.model, corpus=recipe.corpus,
+                                    context_size=recipe.context_size, top_density=recipe.dashboard_features))
+    tracker.log_artifacts(site, "dashboard")
+    return site
+
+
+def run_pipeline(recipe: Recipe, *, out: str | Path, sweep: bool = False, mlflow_uri: str | None = None,
+                 experiment: str | None = None) -> PipelineResult:
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    uri = resolve_tracking_uri(mlflow_uri)
+    experiment = experiment or f"sae-run-{recipe.name}"
+    clock = Stopwatch()
+    store = clock.stage("collect", collect_stage, recipe, out)
+    plot = None
+    if sweep:
+        sae_dir, run_id, plot = clock.stage("sweep", sweep_stage, recipe, store, out, uri, experiment)
+    else:
+        sae_dir, run_id = clock.stage("train", train_stage, recipe, store, out, uri, experiment)
+    tracker = MlflowTracker(uri, run_id)
+    metrics = clock.stage("evaluate", eval_stage, recipe, sae_dir, store, tracker)
+    site = clock.stage("dashboard", dashboard_stage, recipe, sae_dir, out, tracker) \
+        if recipe.dashboard_features > 0 else None
+    tracker.log_metrics({f"time/{k}": v for k, v in clock.timings.items()}, step=0)
+    return PipelineResult(out=out, sae_dir=sae_dir, dashboard=site, metrics=metrics, timings=clock.timings,
+                          mlflow_run_id=run_id, mlflow_uri=uri, frontier_plot=plot)
+
+
+def summary(result: PipelineResult) -> str:
+    m = result.metrics
+    lines = ["", "=" * 72, "sae run: summary", "=" * 72]
+    lines += [f"  {k:<22s} {m[k]:.4f}" for k in ("l0", "fvu", "mse", "ce_loss_recovered", "kl_div",
+                                                    "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero",
+                                                    "dead_fraction", "dense_fraction") if k in m]
+    lines.append("  stage timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+                 + f" (total {sum(result.timings.values()):.1f} s)")
+    lines.append(f"  SAE (SAELens folder):   {result.sae_dir}")
+    if result.dashboard:
+        lines.append(f"  dashboard:              {result.dashboard / 'index.html'}")
+    if result.frontier_plot:
+        lines.append(f"  Pareto frontier plot:   {result.frontier_plot}")
+    lines.append(f"  MLflow run:             {result.mlflow_run_id} in {result.mlflow_uri}")
+    lines.append(f"  browse runs:            sae ui --mlflow-uri {result.mlflow_uri}")
+    return "\n".join(lines)
+
+
+def result_json(result: PipelineResult) -> dict[str, Any]:
+    return {"out": str(result.out), "sae_dir": str(result.sae_dir),
+            "dashboard": str(result.dashboard) if result.dashboard else None, "metrics": result.metrics,
+            "timings": result.timings, "mlflow_run_id": result.mlflow_run_id, "mlflow_uri": result.mlflow_uri,
+            "frontier_plot": str(result.frontier_plot) if result.frontier_plot else None}
