@@ -39,8 +39,8 @@ from workflows.models import DEFAULT_MODEL, load_config, load_model
 
 logger = logging.getLogger(__name__)
 
-# Histogram bins: [0, 1e-3), then 10 log-spaced bins per decade up to 1e4, then [1e4, inf).
-HIST_EDGES = np.round(10.0 ** np.linspace(-3, 4, 71), 12)
+# Histogram bins: [0, 1e-4), then 10 log-spaced bins per decade up to 1e4, then [1e4, inf).
+HIST_EDGES = np.round(10.0 ** np.linspace(-4, 4, 81), 12)
 N_BINS = len(HIST_EDGES) + 1
 
 
