@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sae_core.architectures.base import ConfigError, SparseAutoencoder
+from sae_core.normalization import NORMALIZATIONS, InputNormalizedSAE, wrap_normalization
 from sae_core.registry import RegistryError, build, get
 from sae_core.store import atomic_write_bytes
 
@@ -94,7 +95,8 @@ def saelens_cfg(sae: SparseAutoencoder, metadata: dict[str, Any] | None) -> dict
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
-        "normalize_activations": "none",
+        # Per-token normalisation (sae_core/normalization.py) cannot be folded; SAELens applies it at run time.
+        "normalize_activations": getattr(sae, "normalize_activations", "none"),
         "reshape_activations": "none",
         "architecture": sae.saelens_architecture,
         **sae.saelens_cfg_extra(),
@@ -147,7 +149,7 @@ def _native_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             f"{path}/{CFG_FILE}: unknown architecture {arch_name!r}; known: {sorted(FOREIGN_ARCHITECTURES)}"
         )
     norm = cfg.get("normalize_activations", "none")
-    if norm not in ("none", None):
+    if norm not in ("none", None, *NORMALIZATIONS):
         raise SAEFormatError(
             f"{path}/{CFG_FILE}: normalize_activations={norm!r} is not supported here; use `sae import` to convert it"
         )
@@ -161,8 +163,9 @@ def _native_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     return native
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load a SAELens inference folder (ours or another tool's) as a native sae_core module in eval mode."""
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder | InputNormalizedSAE:
+    """Load a SAELens inference folder (ours or another tool's) as a native sae_core module in eval mode;
+    a per-token ``normalize_activations`` ("layer_norm", ...) comes back as an InputNormalizedSAE wrapper."""
     path = Path(path)
     cfg = read_cfg(path)
     native = _native_config(path, cfg)
@@ -176,7 +179,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
     if not weights_path.is_file():
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
     load_inference_tensors(sae, load_file(str(weights_path)), source=str(weights_path))
-    return sae.to(device).eval()
+    return wrap_normalization(sae, cfg.get("normalize_activations")).to(device).eval()
 
 
 def load_inference_tensors(sae: SparseAutoencoder, tensors: dict[str, Tensor], *, source: str) -> None:

@@ -9,13 +9,14 @@ import pkgutil
 import sys
 
 from sae_core.architectures.base import ConfigError
+from sae_core.io import SAEFormatError
 from sae_core.registry import RegistryError
 from sae_core.store import StoreError
 from workflows import commands
 from workflows.errors import UserError
 
 # Errors that are the user's input, not our bug: one line, exit 2, no traceback.
-USER_ERRORS = (UserError, StoreError, RegistryError, ConfigError, FileNotFoundError)
+USER_ERRORS = (UserError, StoreError, RegistryError, ConfigError, FileNotFoundError, SAEFormatError)
 
 
 def build_parser() -> argparse.ArgumentParser:
