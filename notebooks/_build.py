@@ -1,0 +1,163 @@
+"""Writes the notebooks from the cell sources below (outputs empty). Run: python notebooks/_build.py"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+
+SETTINGS = '''import os
+from pathlib import Path
+
+# Full-size by default; CI runs every notebook top to bottom with SAE_NB_TINY=1.
+TINY = os.environ.get("SAE_NB_TINY") == "1"
+WORK = Path(os.environ.get("SAE_NB_WORKDIR", "runs/notebooks")).resolve()
+WORK.mkdir(parents=True, exist_ok=True)
+MLFLOW_URI = f"sqlite:///{WORK / 'mlflow.db'}"'''
+
+QUICKSTART = [
+    new_markdown_cell("# 01 — Quickstart: an SAE on SmolLM2, and a first look at its features\n\n"
+                      "Runs the default recipe (`sae run --recipe smollm2-topk`): activations from the embedded "
+                      "SmolLM2-135M on the embedded corpus, a TopK SAE on Ray Train, CE loss recovered, "
+                      "dashboards. With `SAE_NB_TINY=1` every size shrinks so it runs in about a minute."),
+    new_code_cell(SETTINGS),
+    new_code_cell('''from workflows.recipes import get_recipe
+
+overrides = {}
+if TINY:
+    overrides = {"hook": "blocks.3.hook_resid_post", "tokens": 6000, "sae": {"d_sae": 1152, "k": 16},
+                 "train": {"steps": 60, "batch_size": 512, "lr": 2e-3, "log_every": 20},
+                 "cpus_per_worker": 0.5, "eval_tokens": 512, "dashboard_features": 8, "dashboard_tokens": 2000}
+recipe = get_recipe("smollm2-topk", overrides)
+recipe'''),
+    new_code_cell('''from workflows.pipeline import run_pipeline, summary
+
+result = run_pipeline(recipe, out=WORK / "quickstart", mlflow_uri=MLFLOW_URI, experiment="notebook-quickstart")
+print(summary(result))'''),
+    new_markdown_cell("## Sparsity and reconstruction\n\nThe evaluation wrote a histogram of log10 firing "
+                      "frequency; dead latents sit at -10."),
+    new_code_cell('''from IPython.display import Image, display
+
+display(Image(filename=str(WORK / "quickstart" / "eval" / "feature_density.png")))
+assert 0 < result.metrics["l0"] and result.metrics["fvu"] < 1.5'''),
+    new_markdown_cell("## The most active features\n\n`features.json` beside the dashboard holds what the "
+                      "pages show: density, max activation, top tokens, promoted logits."),
+    new_code_cell('''import json
+
+import pandas as pd
+
+features = json.loads((result.dashboard / "features.json").read_text())["features"]
+table = pd.DataFrame([{k: f[k] for k in ("feature", "density", "max", "summary")} |
+                      {"promotes": " ".join(f["promoted"][:5])} for f in features])
+table'''),
+    new_code_cell('''print("open in a browser:", result.dashboard / "index.html")
+assert len(table) > 0'''),
+]
+
+PARETO = [
+    new_markdown_cell("# 02 — Reading a sweep from MLflow and plotting its Pareto frontier\n\n"
+                      "A small Ray Tune sweep over k and width on a synthetic store with planted features, "
+                      "then the (L0, FVU) frontier rebuilt from the MLflow runs alone, as `sae frontier` does."),
+    new_code_cell(SETTINGS),
+    new_code_cell('''from sae_core.synthetic import SyntheticConfig, write_synthetic_store
+
+store = write_synthetic_store(WORK / "pareto-store", SyntheticConfig(d=64, n_features=256, mean_active=6),
+                              20_000 if TINY else 200_000)'''),
+    new_code_cell('''from workflows.sweep import SweepSpec, run_sweep
+
+spec = SweepSpec(activations=str(store), hook="synthetic", archs=["topk"],
+                 grid={"k": [2, 4, 8, 16], "d_sae": [256] if TINY else [256, 512]},
+                 steps=40 if TINY else 400, batch_size=256, lr=5e-3, experiment="notebook-pareto",
+                 mlflow_uri=MLFLOW_URI, out=str(WORK / "sweeps"), cpus_per_trial=1.0)
+sweep = run_sweep(spec)
+print(f"{len(sweep.finished)} trials finished, {sweep.failed} failed; parent run {sweep.parent_run_id}")'''),
+    new_code_cell('''import mlflow
+import pandas as pd
+
+mlflow.set_tracking_uri(MLFLOW_URI)
+runs = mlflow.search_runs(experiment_names=["notebook-pareto"],
+                          filter_string="tags.mlflow.parentRunId != ''")
+runs = runs[runs["status"] == "FINISHED"]
+points = runs[["run_id", "params.sae.k", "params.sae.d_sae", "metrics.final/l0", "metrics.final/fvu"]]
+points'''),
+    new_code_cell('''from workflows.pareto import pareto_front
+
+front = sorted(pareto_front(list(zip(points["metrics.final/l0"], points["metrics.final/fvu"]))))
+frontier = points.iloc[front].sort_values("metrics.final/l0")
+frontier'''),
+    new_code_cell('''import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(6, 4))
+ax.scatter(points["metrics.final/l0"], points["metrics.final/fvu"], label="trials", alpha=0.6)
+ax.step(frontier["metrics.final/l0"], frontier["metrics.final/fvu"], where="post", color="C3", label="frontier")
+ax.set_xlabel("L0 (active latents per token)"); ax.set_ylabel("FVU"); ax.legend()
+plt.show()
+tagged = set(runs[runs["tags.pareto"] == "true"]["run_id"])
+assert tagged == set(frontier["run_id"]), "MLflow's pareto tags disagree with the frontier rebuilt here"'''),
+]
+
+STEERING = [
+    new_markdown_cell("# 03 — Features and steering\n\nTrain a small SAE on SmolLM2 (or reuse the quickstart's), "
+                      "look at one feature's top contexts, then steer generation with it."),
+    new_code_cell(SETTINGS),
+    new_code_cell('''from workflows.pipeline import run_pipeline
+from workflows.recipes import get_recipe
+
+overrides = {"dashboard_features": 0}
+if TINY:
+    overrides |= {"hook": "blocks.3.hook_resid_post", "tokens": 6000, "sae": {"d_sae": 1152, "k": 16},
+                  "train": {"steps": 60, "batch_size": 512, "lr": 2e-3, "log_every": 20},
+                  "cpus_per_worker": 0.5, "eval_tokens": 512}
+recipe = get_recipe("smollm2-topk", overrides)
+result = run_pipeline(recipe, out=WORK / "steering", mlflow_uri=MLFLOW_URI, experiment="notebook-steering")
+result.metrics["ce_loss_recovered"]'''),
+    new_code_cell('''from sae_core.io import load_sae
+from workflows.models import load_model
+
+model = load_model(recipe.model)
+sae = load_sae(result.sae_dir)
+sparsity = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+    str(result.sae_dir / "sparsity.safetensors"))["sparsity"]
+feature = int(sparsity.argmax())  # the most frequent feature on the held-out text
+feature, float(sparsity[feature])'''),
+    new_markdown_cell("## Where does the feature fire?"),
+    new_code_cell('''import torch
+
+from workflows.corpus import iter_documents, pack_windows
+from workflows.hooks import run_with_hooks
+
+windows = pack_windows(iter_documents(recipe.corpus), model.tokenizer, context_size=64, n_tokens=2000)
+ids = torch.from_numpy(windows.token_ids.astype("int64"))
+with torch.no_grad():
+    acts = run_with_hooks(model.model, ids, capture=[recipe.hook]).activations[recipe.hook]
+    f = sae.encode(acts.reshape(-1, acts.shape[-1]))[:, feature].reshape(ids.shape)
+f[~torch.from_numpy(windows.keep)] = 0
+for flat in f.flatten().topk(5).indices.tolist():
+    w, t = divmod(flat, ids.shape[1])
+    left = model.tokenizer.decode(ids[w, max(t - 8, 0):t].tolist())
+    print(f"{float(f[w, t]):7.2f}  ...{left}[[{model.tokenizer.decode([int(ids[w, t])])}]]")'''),
+    new_markdown_cell("## Steering\n\nAdd the feature's unit decoder direction, scaled, at the hook at every "
+                      "position; scale 0 reproduces the unsteered text exactly."),
+    new_code_cell('''from workflows.steering import steer
+
+prompt = "The history of the city begins"
+n_new = 8 if TINY else 30
+for scale in (0.0, 20.0, 60.0):
+    out = steer(model, sae, recipe.hook, feature, scale, prompt, max_new_tokens=n_new)
+    print(f"scale {scale:5.1f}: {out.steered_text!r}")
+print("unsteered :", repr(out.baseline_text))
+assert steer(model, sae, recipe.hook, feature, 0.0, prompt, max_new_tokens=n_new).steered_ids == out.baseline_ids'''),
+]
+
+
+def main() -> None:
+    kernel = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    for name, cells in (("01_quickstart", QUICKSTART), ("02_pareto", PARETO), ("03_features_and_steering", STEERING)):
+        nb = new_notebook(cells=cells, metadata=kernel)
+        nbformat.validate(nb)
+        nbformat.write(nb, HERE / f"{name}.ipynb")
+
+
+if __name__ == "__main__":
+    main()
