@@ -199,12 +199,12 @@ def test_cli_eval_foreign_format_and_bad_input(tiny_llama_dir, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_real_smollm2_topk_recovers_most_of_the_loss(tmp_path, local_ray):
-    """Collect ~20k tokens of SmolLM2 at blocks.6, train a TopK SAE briefly, evaluate on the next 4k tokens."""
+    """Collect ~16k tokens of SmolLM2 at blocks.6, train a TopK SAE briefly, evaluate on the next 2k tokens."""
     from sae_core.store import ActivationStore
     from workflows.activations import CollectConfig, collect
 
     hook = "blocks.6.hook_resid_post"
-    store = ActivationStore(collect(CollectConfig(hooks=[hook], n_tokens=20_000, out=str(tmp_path / "acts"))).path)
+    store = ActivationStore(collect(CollectConfig(hooks=[hook], n_tokens=16_000, out=str(tmp_path / "acts"))).path)
     acts = store.read_hook(hook)
     torch.manual_seed(0)
     sae = sae_core.build(sae_core.make_config("topk", d_in=acts.shape[1], d_sae=2304, k=32))
@@ -214,7 +214,7 @@ def test_real_smollm2_topk_recovers_most_of_the_loss(tmp_path, local_ray):
     list(trainer.fit(batches))
     save_sae(sae, tmp_path / "sae", scaling_factor=trainer.scaling_factor)
     model = load_model()
-    windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=4096,
+    windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=2048,
                                skip_tokens=store.n_tokens)
     result = evaluate_sae(sae_core.io.load_sae(tmp_path / "sae"), model.model, hook, windows, batch_size=4)
     print(f"\nSmolLM2 {hook}, TopK d_sae=2304 k=32, 400 steps on {store.n_tokens} tokens, eval on "
