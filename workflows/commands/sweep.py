@@ -7,8 +7,8 @@ import json
 import os
 import time
 
-from workflows.commands.train import parse_sets
 from workflows.errors import UserError
+from workflows.recipes import parse_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     spec = SweepSpec(activations=os.path.abspath(args.activations), hook=args.hook, archs=args.arch,
                      grid=parse_grid(args.grid), steps=args.steps, experiment=args.experiment,
                      mlflow_uri=args.mlflow_uri, samples=args.samples, scheduler=args.scheduler,
-                     asha_metric=args.asha_metric, batch_size=args.batch_size, lr=args.lr, sets=parse_sets(args.set),
+                     asha_metric=args.asha_metric, batch_size=args.batch_size, lr=args.lr, sets=parse_overrides(args.set),
                      out=os.path.abspath(args.out or os.path.join("runs", "sweeps", args.experiment)),
                      model=args.model, cpus_per_trial=args.cpus_per_trial)
     started = time.time()
