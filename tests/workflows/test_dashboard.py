@@ -161,11 +161,11 @@ def test_smollm2_dashboard_for_50_features(tmp_path, local_ray):
     from workflows.activations import CollectConfig, collect
 
     hook = "blocks.6.hook_resid_post"
-    store = ActivationStore(collect(CollectConfig(hooks=[hook], n_tokens=40_000, out=str(tmp_path / "acts"))).path)
+    store = ActivationStore(collect(CollectConfig(hooks=[hook], n_tokens=12_000, out=str(tmp_path / "acts"))).path)
     acts = store.read_hook(hook)
-    sae = build(make_config("topk", d_in=576, d_sae=2304, k=32))
-    trainer = Trainer(sae, TrainConfig(steps=300, batch_size=1024, lr=1e-3, log_every=100))
-    batches = (acts[torch.randint(len(acts), (1024,))] for _ in range(300))
+    sae = build(make_config("topk", d_in=576, d_sae=1152, k=32))  # a quick SAE: what matters here is the dashboard
+    trainer = Trainer(sae, TrainConfig(steps=120, batch_size=512, lr=1e-3, log_every=60))
+    batches = (acts[torch.randint(len(acts), (512,))] for _ in range(120))
     list(trainer.fit(batches))
     sae_dir = save_sae(sae, tmp_path / "sae", scaling_factor=trainer.scaling_factor,
                        metadata={"hook_name": hook, "model_name": "builtin:smollm2-135m-instruct", "context_size": 128})
