@@ -90,7 +90,10 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND... ; gives up early if a pr
 start_node() {  # start_node NAME IP ARGS... : a blocking `ray start` in its own session, pid recorded
     local name=$1 ip=$2
     shift 2
-    setsid "$BIN/ray" start --block --disable-usage-stats --node-ip-address "$ip" --temp-dir "$TEMP_DIR" \
+    # One temp dir per node: nodes sharing one would share runtime_resources/, and a node's runtime
+    # env agent deletes a job's working_dir there when its own last reference goes, under the feet
+    # of a driver on another node (FileNotFoundError from os.getcwd()).
+    setsid "$BIN/ray" start --block --disable-usage-stats --node-ip-address "$ip" --temp-dir "$TEMP_DIR/$name" \
         --num-cpus "$NODE_CPUS" --num-gpus 0 --object-store-memory 100000000 "$@" \
         >"$STATE/$name.log" 2>&1 </dev/null &
     echo $! >"$STATE/$name.pid"
@@ -105,13 +108,16 @@ start_mlflow() {
     echo $! >"$STATE/mlflow.pid"
 }
 
-mlflow_ready() { curl -fsS -o /dev/null "http://$HOST:$MLFLOW_PORT/health" 2>/dev/null; }
+mlflow_ready() {
+    "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+        "http://$HOST:$MLFLOW_PORT/health" 2>/dev/null
+}
 
 up() {
     mkdir -p "$STATE"
     if alive "$STATE/head.pid"; then log "already up"; exports; return 0; fi
     if [ "${RAY_AUTH_TOKEN_PATH:-}" = "$STATE/auth_token" ] && [ ! -s "$STATE/auth_token" ]; then
-        (umask 077 && openssl rand -hex 32 >"$STATE/auth_token")
+        (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" >"$STATE/auth_token")
     fi
     if [ -z "${SAE_RAY_NO_MLFLOW:-}" ]; then
         start_mlflow  # starts while Ray does
@@ -155,6 +161,13 @@ down() {
     stop_pid_file "$STATE/mlflow.pid"
     for file in "$STATE"/worker*.pid; do [ -e "$file" ] && stop_pid_file "$file"; done
     stop_pid_file "$STATE/head.pid"
+    # Keep each node's logs with the rest of the state (the temp dir holds sockets and spill files).
+    rm -rf "$STATE/ray-logs"
+    for logs in "$TEMP_DIR"/*/session_latest/logs; do
+        [ -d "$logs" ] || continue
+        node=${logs#"$TEMP_DIR"/}
+        mkdir -p "$STATE/ray-logs" && cp -rL "$logs" "$STATE/ray-logs/${node%%/*}" 2>/dev/null || true
+    done
     rm -rf "$TEMP_DIR"
     log "down"
 }

@@ -63,7 +63,7 @@ repo = os.environ["REPO"]
 env = {
     "working_dir": repo,
     # Never ship environments, history, outputs or local cluster state (working_dir is capped at 500 MiB).
-    "excludes": [".venv/", ".git/", "runs/", "mlruns/", "mlartifacts/", "mlflow.db", ".cluster-local/",
+    "excludes": [".venv", ".git", "runs/", "mlruns/", "mlartifacts/", "mlflow.db", ".cluster-local/",
                  "*.egg-info/", "__pycache__/", ".pytest_cache/", ".ruff_cache/", "build/", "dist/",
                  ".cache/", "artifacts/", "/.whl/", "/.gl/"],
     "env_vars": {"PYTHONUNBUFFERED": "1"},

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import re
 import shlex
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,8 @@ def shell_entrypoints(path: Path) -> list[str]:
     """Literal `python -m workflows.cli <cmd> ...` lines in a shell file ("$@"-style pass-through skipped)."""
     out = []
     for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
         match = re.search(rf"python -m {re.escape(CLI_MODULE)}\s+(\S.*)", line)
         if match and not match.group(1).startswith(('"$', "$")):
             out.append(line[match.start():].strip())
@@ -103,7 +107,14 @@ def test_the_checker_catches_a_bad_flag_and_a_bad_subcommand():
     assert check_command("python -m workflows.cli no-such-command --out x", parsers)
 
 
-@pytest.mark.parametrize("where,command", all_entrypoints(), ids=lambda v: v if v.endswith((".yaml", ".sh")) else "")
+ENTRYPOINTS = all_entrypoints()
+
+
+def test_the_manifests_have_entrypoints_to_check():
+    assert {where for where, _ in ENTRYPOINTS} >= {f"cluster/kuberay/rayjob-{w}.yaml" for w in ("collect", "train", "sweep", "run")}
+
+
+@pytest.mark.parametrize("where,command", ENTRYPOINTS, ids=[f"{w}:{c.split()[3]}" for w, c in ENTRYPOINTS])
 def test_every_entrypoint_names_an_existing_subcommand_and_flags(where, command):
     # A manifest for a subcommand that does not exist yet (e.g. `sae run`) fails here on purpose.
     assert check_command(command, subparsers()) == [], f"{where}: {command}"
@@ -191,10 +202,14 @@ def test_submit_runs_a_job_on_a_local_multi_node_cluster(local_cluster, tmp_path
     mlflow_uri = env["MLFLOW_TRACKING_URI"]
     assert mlflow_uri.startswith("http://127.0.0.1:")
 
-    from ray.util.state import list_nodes
-
-    nodes = list_nodes(address=env["RAY_ADDRESS"], filters=[("state", "=", "ALIVE")])
-    assert len(nodes) == 2 and all(n.node_ip.startswith("127.") for n in nodes), nodes
+    # In a subprocess: whether a client sends the token is fixed by RAY_AUTH_MODE when Ray loads.
+    node_ips = subprocess.run(
+        [sys.executable, "-c", "import os, json; from ray.util.state import list_nodes; print(json.dumps("
+         "[n.node_ip for n in list_nodes(address=os.environ['RAY_ADDRESS'], filters=[('state', '=', 'ALIVE')])]))"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert node_ips.returncode == 0, node_ips.stderr[-2000:]
+    ips = json.loads(node_ips.stdout.strip().splitlines()[-1])
+    assert len(ips) == 2 and all(ip.startswith("127.") for ip in ips), ips  # two nodes, loopback only
 
     # Without the token the job server refuses the submission.
     refused = submit({**env, "RAY_AUTH_TOKEN": "not-the-token"}, "synth", "--out", str(tmp_path / "x"))
