@@ -233,6 +233,6 @@ def test_submit_runs_a_job_on_a_local_multi_node_cluster(local_cluster, tmp_path
     runs = client.search_runs([experiment.experiment_id])
     assert runs and runs[0].info.status == "FINISHED", runs
 
-    failed = submit(env, "train", "--activations", str(tmp_path / "missing"), "--hook", "synthetic",
-                    "--d-sae", "8", "--out", str(tmp_path / "never"))
+    failed = submit(env, "synth", "--out", str(tmp_path / "never"), "--n-features", "0", "--tokens", "10")
     assert failed.returncode == 1, failed.stderr[-2000:]  # the job's failure is the script's exit status
+    assert "n_features must be positive" in failed.stdout + failed.stderr  # the job's log is streamed back
