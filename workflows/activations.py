@@ -36,6 +36,7 @@ from workflows.models import (
     load_model,
     load_tokenizer,
 )
+from workflows.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -181,19 +182,11 @@ class ActivationMapper:
         return out
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 def _activation_dataset(cfg: CollectConfig, windows: Windows, window_ids: np.ndarray):
     """Ray Data dataset of the given windows mapped through the actor pool."""
     import ray
 
-    _ensure_ray()
+    ensure_ray()
     items = [{"window_id": int(w), "token_ids": windows.token_ids[w], "doc_ids": windows.doc_ids[w],
               "keep": windows.keep[w]} for w in window_ids]
     blocks = max(1, min(len(items) // cfg.batch_size, 256))

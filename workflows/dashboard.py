@@ -31,11 +31,11 @@ import torch
 from torch import Tensor
 
 from sae_core.io import load_sae, read_cfg
-from workflows.activations import _ensure_ray
 from workflows.corpus import DEFAULT_CORPUS, Windows, iter_documents, pack_windows
 from workflows.errors import UserError
 from workflows.hooks import parse_hook, run_with_hooks
 from workflows.models import DEFAULT_MODEL, load_config, load_model
+from workflows.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def collect_states(cfg: DashboardConfig, windows: Windows, features: list[int]) 
     """One pass over ``windows`` on a Ray Data actor pool; the per-batch states merged on the driver."""
     import ray
 
-    _ensure_ray()
+    ensure_ray()
     items = [{"window_id": w, "token_ids": windows.token_ids[w], "keep": windows.keep[w]}
              for w in range(len(windows.token_ids))]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.batch_size, 256)))

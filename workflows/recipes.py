@@ -32,7 +32,7 @@ class Recipe:
     """Hook point the SAE reads."""
     context_size: int = 128
     """Tokens per window."""
-    tokens: int = 200_000
+    tokens: int = 120_000
     """Training tokens to collect into the store."""
     store_dtype: str = "float16"
     """Storage dtype of the activations."""
@@ -47,8 +47,8 @@ class Recipe:
     """TrainConfig fields."""
     workers: int = 1
     """Ray Train workers."""
-    cpus_per_worker: float = 1.0
-    """CPUs per training worker."""
+    cpus_per_worker: float = 2.0
+    """CPUs per training worker (its torch threads)."""
     eval_tokens: int = 4096
     """Held-out tokens (fresh windows after the training ones) for CE loss recovered."""
     dashboard_features: int = 50

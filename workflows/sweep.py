@@ -285,7 +285,7 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
     """Run the sweep on the connected (or a new local) Ray; the parent run ends holding the frontiers."""
     from ray import tune
 
-    from workflows.train_ray import ensure_ray
+    from workflows.raysession import ensure_ray
 
     check_spec(spec)
     uri = resolve_tracking_uri(spec.mlflow_uri)

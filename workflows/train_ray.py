@@ -28,6 +28,7 @@ from sae_core.io import load_checkpoint, save_checkpoint
 from sae_core.store import ActivationStore, atomic_write_bytes
 from sae_core.trainer import Trainer
 from workflows.errors import UserError
+from workflows.raysession import ensure_ray
 from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
 from workflows.training import (
     TrainJob,
@@ -192,17 +193,6 @@ def ray_dataset(job: TrainJob, store: ActivationStore):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # so limit() keeps exactly the training rows
     return ray.data.read_parquet(files).select_columns([job.hook]).limit(train_rows)
-
-
-def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS if set, else start a local Ray; a no-op when already connected."""
-    import os
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
 
 
 def check_run_dir(job: TrainJob, resume: bool) -> None:

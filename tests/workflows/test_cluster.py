@@ -195,7 +195,7 @@ def submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_submit_runs_a_job_on_a_local_multi_node_cluster(local_cluster, tmp_path):
+def test_submit_runs_a_job_on_a_local_multi_node_cluster(local_cluster, tiny_llama_dir, shakespeare, tmp_path):
     env = local_cluster | {"SAE_RAY_RUNTIME_PIP": "0"}  # no internet: the nodes' venv has everything
     assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     assert env["RAY_ADDRESS"].startswith("http://127.0.0.1:")
@@ -215,15 +215,13 @@ def test_submit_runs_a_job_on_a_local_multi_node_cluster(local_cluster, tmp_path
     refused = submit({**env, "RAY_AUTH_TOKEN": "not-the-token"}, "synth", "--out", str(tmp_path / "x"))
     assert refused.returncode != 0 and not (tmp_path / "x").exists()
 
-    store, sae = tmp_path / "store", tmp_path / "sae"
-    done = submit(env, "synth", "--out", str(store), "--tokens", "2000", "--d", "16", "--n-features", "32",
-                  "--mean-active", "3")
+    # The whole pipeline (`sae run`, tiny recipe on a tiny random Llama) as a cluster job.
+    run = tmp_path / "run"
+    done = submit(env, "run", "--recipe", "tiny", "--set", f"model={tiny_llama_dir}", "--set", f"corpus={shakespeare}",
+                  "--out", str(run), "--mlflow-uri", mlflow_uri, "--experiment", "cluster-test")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    done = submit(env, "train", "--activations", str(store), "--hook", "synthetic", "--d-sae", "32", "--k", "3",
-                  "--steps", "10", "--batch-size", "64", "--out", str(sae), "--workers", "1",
-                  "--mlflow-uri", mlflow_uri, "--experiment", "cluster-test")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (sae / "cfg.json").is_file() and (sae / "metrics.json").is_file()
+    assert (run / "sae" / "cfg.json").is_file() and (run / "dashboard" / "index.html").is_file()
+    assert "ce_loss_recovered" in json.loads((run / "eval" / "eval.json").read_text())
 
     from mlflow.tracking import MlflowClient
 
