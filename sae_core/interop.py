@@ -3,7 +3,7 @@
 Formats (x is a row vector; D = d_in, F = d_sae; see shared/docs/formats.md):
 
 - ``saelens``: a folder with ``cfg.json`` + ``sae_weights.safetensors`` (architectures standard, topk,
-  jumprelu, gated; our kl_sparse). Transcoder layouts are refused as "not supported yet".
+  jumprelu, gated; our kl_sparse; the four transcoder layouts).
   ``normalize_activations: "layer_norm"`` / ``"constant_norm_rescale"`` load as an InputNormalizedSAE.
 - ``sparsify`` (EleutherAI): ``cfg.json`` + ``sae.safetensors`` with ``encoder.weight`` [F, D],
   ``encoder.bias`` [F], ``W_dec`` [F, D], ``b_dec`` [D]. ``pre = relu((x - b_dec) @ encoder.weight.T +
@@ -50,9 +50,8 @@ SPARSIFY_FILE = "sae.safetensors"
 GEMMASCOPE_FILE = "params.npz"
 OPENAI_SUFFIXES = (".pt", ".pth", ".bin")
 # SAELens architectures that exist but that sae_core cannot run yet.
-UNSUPPORTED_SAELENS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 METADATA_FIELDS = ("model_name", "hook_name", "hook_layer", "context_size", "prepend_bos", "dataset_path",
-                   "exclude_special_tokens")
+                   "exclude_special_tokens", "hook_name_out", "hook_names")
 
 AnySAE = SparseAutoencoder | InputNormalizedSAE
 
@@ -149,11 +148,9 @@ def saelens_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
 def from_saelens(src: Path) -> tuple[AnySAE, dict[str, Any]]:
     cfg = read_cfg(src)
     arch = cfg.get("architecture", "standard")
-    if arch in UNSUPPORTED_SAELENS and arch not in FOREIGN_ARCHITECTURES:
-        raise SAEFormatError(f"{src}/{CFG_FILE}: architecture {arch!r} (a transcoder layout) is not supported yet")
     if arch not in FOREIGN_ARCHITECTURES:
         raise RegistryError(f"{src}/{CFG_FILE}: field 'architecture' is {arch!r}, not one of "
-                            f"{sorted(FOREIGN_ARCHITECTURES)} (or the transcoders, not supported yet)")
+                            f"{sorted(FOREIGN_ARCHITECTURES)}")
     if arch == "standard" and cfg.get("activation_fn") == "topk":
         return _old_saelens_topk(src, cfg), saelens_metadata(cfg)
     return load_sae(src), saelens_metadata(cfg)

@@ -37,7 +37,11 @@ VERSION = "0.1.0"
 
 # SAELens architecture string -> our architecture, for folders written by other tools.
 FOREIGN_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-                         "kl_sparse": "kl_sparse"}
+                         "kl_sparse": "kl_sparse", "transcoder": "transcoder", "skip_transcoder": "skip_transcoder",
+                         "jumprelu_transcoder": "transcoder", "jumprelu_skip_transcoder": "skip_transcoder"}
+# Native config fields a foreign SAELens architecture string implies.
+_FOREIGN_FIELDS = {"transcoder": {"activation": "relu"}, "skip_transcoder": {"activation": "relu"},
+                   "jumprelu_transcoder": {"activation": "jumprelu"}, "jumprelu_skip_transcoder": {"activation": "jumprelu"}}
 # How each tensor changes when latent i is scaled by n_i (decoder norm) — exponent of n.
 _LATENT_SCALED = {"W_enc": 1, "b_enc": 1, "threshold": 1, "b_gate": 1, "b_mag": 1}
 
@@ -46,23 +50,30 @@ class SAEFormatError(ValueError):
     """A folder whose files do not match its cfg.json; the message names the tensor or field."""
 
 
-def fold_scaling_factor(tensors: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """The SAE was trained on x * scale; return weights that read x and reconstruct x."""
+def fold_scaling_factor(tensors: dict[str, Tensor], scale: float,
+                        output_scale: float | None = None) -> dict[str, Tensor]:
+    """The SAE was trained on x * scale (and, for a transcoder, on targets y * output_scale; None means
+    ``scale``); return weights that read x and reconstruct x (or y)."""
     out = dict(tensors)
-    if scale == 1.0:
+    output_scale = scale if output_scale is None else output_scale
+    if scale == 1.0 and output_scale == 1.0:
         return out
     out["W_enc"] = tensors["W_enc"] * scale
-    out["W_dec"] = tensors["W_dec"] / scale
-    out["b_dec"] = tensors["b_dec"] / scale
+    out["W_dec"] = tensors["W_dec"] / output_scale
+    out["b_dec"] = tensors["b_dec"] / output_scale
+    if "W_skip" in tensors:  # y * s_out ~ (x * s_in) @ W_skip.T
+        out["W_skip"] = tensors["W_skip"] * (scale / output_scale)
     return out
 
 
 def fold_decoder_norms(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Scale each latent by its decoder-row norm so the decoder rows become unit norm (exact for
     positively homogeneous activations)."""
-    norms_F = tensors["W_dec"].norm(dim=1).clamp_min(1e-12)
+    W_dec = tensors["W_dec"]
+    # A crosscoder's W_dec is [F, n_sources, D]: a latent's decoder row is all its sources together.
+    norms_F = W_dec.flatten(1).norm(dim=1).clamp_min(1e-12)
     out = dict(tensors)
-    out["W_dec"] = tensors["W_dec"] / norms_F[:, None]
+    out["W_dec"] = W_dec / norms_F.view(-1, *[1] * (W_dec.dim() - 1))
     for name in _LATENT_SCALED:
         if name in tensors:
             out[name] = tensors[name] * (norms_F if tensors[name].dim() == 1 else norms_F[None, :])
@@ -79,9 +90,10 @@ def _can_fold_norms(sae: SparseAutoencoder, tensors: dict[str, Tensor]) -> bool:
     return True
 
 
-def inference_tensors(sae: SparseAutoencoder, scaling_factor: float = 1.0) -> tuple[dict[str, Tensor], bool]:
+def inference_tensors(sae: SparseAutoencoder, scaling_factor: float = 1.0,
+                      output_scaling_factor: float | None = None) -> tuple[dict[str, Tensor], bool]:
     tensors = {k: v.float().cpu().contiguous() for k, v in sae.inference_tensors().items()}
-    tensors = fold_scaling_factor(tensors, scaling_factor)
+    tensors = fold_scaling_factor(tensors, scaling_factor, output_scaling_factor)
     folded = _can_fold_norms(sae, tensors)
     if folded:
         tensors = fold_decoder_norms(tensors)
@@ -110,12 +122,13 @@ def saelens_cfg(sae: SparseAutoencoder, metadata: dict[str, Any] | None) -> dict
 
 
 def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float = 1.0,
-             metadata: dict[str, Any] | None = None) -> Path:
+             metadata: dict[str, Any] | None = None, output_scaling_factor: float | None = None) -> Path:
     """Write ``sae`` as a SAELens inference folder. Existing files of the same names are replaced
-    atomically; other files in the folder are left alone."""
+    atomically; other files in the folder are left alone. ``output_scaling_factor`` is a transcoder's
+    target scale when it differs from the input's (None: the same)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors, folded = inference_tensors(sae, scaling_factor)
+    tensors, folded = inference_tensors(sae, scaling_factor, output_scaling_factor)
     fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights.", suffix=".tmp")
     os.close(fd)
     try:
@@ -127,6 +140,8 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float 
     native_cfg.pop("tied", None)  # the folded encoder is explicit
     native = {"config": native_cfg, "scaling_factor_folded": scaling_factor, "decoder_norms_folded": folded,
               "version": VERSION}
+    if output_scaling_factor is not None:
+        native["output_scaling_factor_folded"] = output_scaling_factor
     atomic_write_bytes(path / NATIVE_FILE, json.dumps(native, indent=2).encode())
     atomic_write_bytes(path / CFG_FILE, json.dumps(saelens_cfg(sae, metadata), indent=2).encode())
     return path
@@ -160,6 +175,9 @@ def _native_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
               "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
     if "k" in cfg:
         native["k"] = int(cfg["k"])
+    if "d_out" in cfg:
+        native["d_out"] = int(cfg["d_out"])
+    native.update(_FOREIGN_FIELDS.get(arch_name, {}))
     return native
 
 

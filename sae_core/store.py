@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,7 +297,7 @@ class ActivationStore:
 
     def iter_batches(
         self,
-        hook: str,
+        hook: str | Sequence[str],
         batch_size: int,
         *,
         seed: int = 0,
@@ -305,12 +305,16 @@ class ActivationStore:
         stop: int | None = None,
         shuffle_buffer: int = 1 << 18,
         loop: bool = True,
-    ) -> Iterator[torch.Tensor]:
-        """Yield shuffled float32 batches [batch_size, d] of rows [start, stop), looping over epochs.
+    ) -> Iterator[torch.Tensor] | Iterator[dict[str, torch.Tensor]]:
+        """Yield shuffled float32 batches [batch_size, d] of rows [start, stop), looping over epochs;
+        given several hooks, dicts {hook: batch} whose batches hold the same rows (transcoders read an
+        input and a target hook, crosscoders several sources).
 
         Shuffling is a seeded buffer over whole files read in a seeded order: it needs memory for
         ``shuffle_buffer`` rows, not for the whole store.
         """
+        single = isinstance(hook, str)
+        hooks = [hook] if single else list(hook)
         stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
         if stop - start < batch_size:
             raise StoreError(
@@ -323,16 +327,25 @@ class ActivationStore:
             order = rng.permutation(np.arange(start, stop))
             for lo in range(0, len(order), chunk):
                 rows = np.sort(order[lo : lo + chunk])
-                values = self._rows(hook, rows)[rng.permutation(len(rows))]
-                for b in range(0, len(values) - batch_size + 1, batch_size):
-                    yield values[b : b + batch_size]
+                perm = rng.permutation(len(rows))
+                values = {h: self._rows(h, hooks, rows)[perm] for h in hooks}
+                for b in range(0, len(perm) - batch_size + 1, batch_size):
+                    if single:
+                        yield values[hook][b : b + batch_size]
+                    else:
+                        yield {h: v[b : b + batch_size] for h, v in values.items()}
             if not loop:
                 return
 
-    def _rows(self, hook: str, rows: np.ndarray) -> torch.Tensor:
-        if not hasattr(self, "_cache") or self._cache[0] != hook:
-            self._cache = (hook, self.read_hook(hook))
-        return self._cache[1][torch.from_numpy(rows)]
+    def _rows(self, hook: str, wanted: list[str], rows: np.ndarray) -> torch.Tensor:
+        """Rows of ``hook``, from a cache that keeps the hooks of one iteration (``wanted``) only."""
+        if not hasattr(self, "_cache"):
+            self._cache: dict[str, torch.Tensor] = {}
+        for stale in [h for h in self._cache if h not in wanted]:
+            del self._cache[stale]
+        if hook not in self._cache:
+            self._cache[hook] = self.read_hook(hook)
+        return self._cache[hook][torch.from_numpy(rows)]
 
     def verify(self) -> list[StoreProblem]:
         """Check every listed file exists, has the manifest's row count and sha256, and the schema."""

@@ -143,22 +143,36 @@ class Trainer:
         self.tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_after_tokens, self.device)
         self.step_count = 0
         self.scaling_factor = 1.0
+        self.output_scaling_factor: float | None = None
+        """A transcoder's target scale (None until trained on (x, target) pairs)."""
         self.initialized = False
 
     # -- initialisation from data -----------------------------------------------------------------
+    def _scale_for(self, sample: Tensor) -> float:
+        """sqrt(d / mean squared norm) over rows of width d (a crosscoder's [N, S, D] counts N*S rows)."""
+        rows = sample.reshape(-1, sample.shape[-1])
+        sq_norm = self.reduce(rows.pow(2).sum(dim=1).sum(), "sum")
+        count = self.reduce(torch.tensor(float(len(rows)), device=self.device), "sum")
+        return math.sqrt(rows.shape[1] / float(sq_norm / count))
+
     @torch.no_grad()
-    def initialize(self, sample_ND: Tensor) -> None:
-        """Estimate the scaling factor and b_dec from a sample (each rank passes its own part)."""
+    def initialize(self, sample_ND: Tensor | tuple[Tensor, Tensor]) -> None:
+        """Estimate the scaling factor(s) and b_dec from a sample (each rank passes its own part); an
+        (input, target) pair gives the target its own scaling factor and initialises b_dec from it."""
+        sample_ND, target = sample_ND if isinstance(sample_ND, (tuple, list)) else (sample_ND, None)
         sample = sample_ND.to(self.device, torch.float32)
         if self.cfg.normalize_activations:
-            sq_norm = self.reduce(sample.pow(2).sum(dim=1).sum(), "sum")
-            count = self.reduce(torch.tensor(float(len(sample)), device=self.device), "sum")
-            self.scaling_factor = math.sqrt(self.sae.cfg.d_in / float(sq_norm / count))
+            self.scaling_factor = self._scale_for(sample)
         sample = sample * self.scaling_factor
+        if target is not None:
+            target = target.to(self.device, torch.float32)
+            self.output_scaling_factor = self._scale_for(target) if self.cfg.normalize_activations else 1.0
+            sample = target * self.output_scaling_factor
         if self.cfg.b_dec_init != "zeros":
-            center = sample.mean(dim=0) if self.cfg.b_dec_init == "mean" else geometric_median(sample)
+            flat = sample.flatten(1)
+            center = flat.mean(dim=0) if self.cfg.b_dec_init == "mean" else geometric_median(flat)
             # Ranks average their estimates so the initial weights agree everywhere.
-            self.sae.b_dec.copy_(self.reduce(center, "sum") / self.world_size)
+            self.sae.b_dec.copy_((self.reduce(center, "sum") / self.world_size).view_as(self.sae.b_dec))
         self.sae.set_decoder_norm_to_unit_norm()
         self.sae.init_encoder_from_decoder()
         self.initialized = True
@@ -169,17 +183,23 @@ class Trainer:
             return 1.0
         return min(1.0, (self.step_count + 1) / self.cfg.sparsity_warmup_steps)
 
-    def step(self, x_BD: Tensor) -> dict[str, float]:
-        """One optimizer step on a batch of raw activations; returns this step's metrics."""
+    def step(self, x_BD: Tensor | tuple[Tensor, Tensor]) -> dict[str, float]:
+        """One optimizer step on a batch of raw activations, or on an (input, target) pair of batches
+        for a transcoder; returns this step's metrics."""
         if not self.initialized:
             self.initialize(x_BD)
         start = time.perf_counter()
+        x_BD, target = x_BD if isinstance(x_BD, (tuple, list)) else (x_BD, None)
         x_BD = x_BD.to(self.device, torch.float32) * self.scaling_factor
+        targets = {}
+        if target is not None:
+            out_scale = self.scaling_factor if self.output_scaling_factor is None else self.output_scaling_factor
+            targets["target_BO"] = target.to(self.device, torch.float32) * out_scale
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.step_count, self.cfg)
         self.sae.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
-            out = self.forward_module(x_BD, dead_mask_F=self.tracker.dead_mask())
+            out = self.forward_module(x_BD, dead_mask_F=self.tracker.dead_mask(), **targets)
             loss = out.loss(self.sparsity_scale())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {float(loss.detach())} at step {self.step_count}; lower the learning rate")
@@ -194,7 +214,7 @@ class Trainer:
         self.tracker.update(out.latents_BF.detach(), self.reduce)
         self._maybe_resample(x_BD)
         self.step_count += 1
-        return self._step_metrics(x_BD, out, loss, time.perf_counter() - start)
+        return self._step_metrics(targets.get("target_BO", x_BD), out, loss, time.perf_counter() - start)
 
     def _maybe_resample(self, x_BD: Tensor) -> None:
         every = getattr(self.sae.cfg, "resample_every", None)
@@ -252,6 +272,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_count,
             "scaling_factor": self.scaling_factor,
+            "output_scaling_factor": self.output_scaling_factor,
             "initialized": self.initialized,
             "tokens_since_fired": self.tracker.tokens_since_fired_F.cpu(),
             "sae_config": self.sae.cfg.to_dict(),
@@ -264,6 +285,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
         self.scaling_factor = float(state["scaling_factor"])
+        self.output_scaling_factor = state.get("output_scaling_factor")
         self.initialized = bool(state["initialized"])
         self.tracker.tokens_since_fired_F.copy_(state["tokens_since_fired"])
         torch.set_rng_state(state["torch_rng"])
@@ -271,30 +293,44 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, acts_ND: Tensor, *, scaling_factor: float = 1.0,
-             batch_size: int = 4096) -> dict[str, float]:
-    """Held-out metrics on raw activations (in their own units): l0, mse, fvu, dead and dense fractions."""
+             batch_size: int = 4096, targets_NO: Tensor | None = None,
+             output_scaling_factor: float | None = None) -> dict[str, float]:
+    """Held-out metrics on raw activations (in their own units): l0, mse, fvu, dead and dense fractions.
+
+    A transcoder passes ``targets_NO`` (and their scale; None means ``scaling_factor``): mse and fvu are
+    then measured on the targets. A crosscoder's [N, S, D] inputs add ``fvu_source_<s>`` per source.
+    """
+    targets = acts_ND if targets_NO is None else targets_NO
+    out_scale = scaling_factor if output_scaling_factor is None else output_scaling_factor
     was_training = sae.training
     sae.eval()
     device = next(sae.parameters()).device
     counts_F = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    sq_err, l0_sum, n = 0.0, 0.0, 0
+    sq_err = torch.zeros(targets.shape[1:], dtype=torch.float64)
+    l0_sum, n = 0.0, 0
     for start in range(0, len(acts_ND), batch_size):
         x = acts_ND[start : start + batch_size].to(device, torch.float32)
-        latents = sae.encode(x * scaling_factor)
-        x_hat = sae.decode(latents) / scaling_factor
-        sq_err += float((x_hat - x).pow(2).sum())
-        l0_sum += float((latents != 0).sum())
-        counts_F += (latents != 0).sum(dim=0).cpu()
+        y = targets[start : start + batch_size].to(device, torch.float32)
+        extra = {} if targets_NO is None else {"target_BO": y * out_scale}
+        out = sae(x * scaling_factor, **extra)
+        sq_err += (out.x_hat_BD / out_scale - y).double().pow(2).sum(dim=0).cpu()
+        fired = out.latents_BF != 0
+        l0_sum += float(fired.sum())
+        counts_F += fired.sum(dim=0).cpu()
         n += len(x)
     sae.train(was_training)
-    acts = acts_ND.float()
-    total_var = float((acts - acts.mean(dim=0)).pow(2).sum())
+    ys = targets.double()
+    var = (ys - ys.mean(dim=0)).pow(2).sum(dim=0)
     freq_F = metrics.firing_frequency(counts_F, n)
-    return {
+    result = {
         "l0": l0_sum / max(n, 1),
-        "mse": sq_err / max(n * acts_ND.shape[1], 1),
-        "fvu": sq_err / max(total_var, 1e-12),
+        "mse": float(sq_err.sum()) / max(ys.numel(), 1),
+        "fvu": float(sq_err.sum()) / max(float(var.sum()), 1e-12),
         "dead_fraction": float(metrics.dead_fraction(counts_F)),
         "dense_fraction": float(metrics.dense_fraction(freq_F)),
         "n_tokens": n,
     }
+    if ys.dim() == 3:
+        for s, (err, total) in enumerate(zip(sq_err.sum(dim=1), var.sum(dim=1), strict=True)):
+            result[f"fvu_source_{s}"] = float(err) / max(float(total), 1e-12)
+    return result

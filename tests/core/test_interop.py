@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 import sae_core
-from sae_core.interop import UNSUPPORTED_SAELENS, detect_format, import_sae
-from sae_core.io import FOREIGN_ARCHITECTURES, SAEFormatError, load_sae, save_sae
+from sae_core.interop import detect_format, import_sae
+from sae_core.io import SAEFormatError, load_sae, save_sae
 from sae_core.normalization import InputNormalizedSAE
 from sae_core.registry import RegistryError
 
@@ -218,14 +218,26 @@ def test_saelens_bad_folders_name_the_problem(tmp_path):
         import_sae(write_saelens(tmp_path / "d", "standard", {**t, "b_dec": rand(D + 1)}))
 
 
-def test_saelens_transcoders_not_yet_supported_are_named(tmp_path):
-    t = {"W_enc": rand(D, F), "b_enc": rand(F), "W_dec": rand(F, D), "b_dec": rand(D)}
-    pending = [a for a in UNSUPPORTED_SAELENS if a not in FOREIGN_ARCHITECTURES]
-    if not pending:
-        pytest.skip("every SAELens transcoder layout is supported by sae_core.io now")
-    for arch in pending:
-        with pytest.raises(SAEFormatError, match=f"'{arch}'.*not supported yet"):
-            import_sae(write_saelens(tmp_path / arch, arch, t, d_out=D))
+@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"])
+def test_saelens_transcoder_layouts_import(tmp_path, arch):
+    d_out = 7  # != D and != F: a transposed or misplaced matrix cannot pass
+    t = {"W_enc": rand(D, F, seed=30), "b_enc": rand(F, seed=31), "W_dec": rand(F, d_out, seed=32),
+         "b_dec": rand(d_out, seed=33)}
+    if "jumprelu" in arch:
+        t["threshold"] = rand(F, seed=34).abs()
+    if "skip" in arch:
+        t["W_skip"] = rand(d_out, D, seed=35)
+    src = write_saelens(tmp_path / arch, arch, t, d_out=d_out, apply_b_dec_to_input=False)
+    cfg = json.loads((src / "cfg.json").read_text())
+    cfg["metadata"]["hook_name_out"] = "blocks.1.hook_mlp_out"
+    (src / "cfg.json").write_text(json.dumps(cfg))
+    imported = import_sae(src)
+    assert imported.metadata["hook_name_out"] == "blocks.1.hook_mlp_out"
+    x = x_batch()
+    h = x @ t["W_enc"] + t["b_enc"]
+    latents = torch.relu(h) * (h > t["threshold"]) if "jumprelu" in arch else torch.relu(h)
+    y_hat = latents @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if "skip" in arch else 0)
+    assert_reproduces(imported.sae, x, latents, y_hat)
 
 
 def test_our_folder_round_trips_through_import(tmp_path):

@@ -1,0 +1,213 @@
+"""Transcoder (Dunefsky et al. 2024; Paulo et al. 2025): a sparse map from one hook's activation (the
+MLP input) to another's (the MLP output), with any of the project's sparsity activations.
+
+    h = x @ W_enc + b_enc                 x [B, d_in]   (the encoder never subtracts b_dec: it is [d_out])
+    f = activation(h)                     topk | batchtopk | jumprelu | relu (the modules' own functions)
+    y_hat = f @ W_dec + b_dec             y [B, d_out]
+
+The target is passed as ``forward(x, target_BO=y)``; without one it is x itself, so with d_out == d_in
+(the default) a transcoder degenerates to an SAE on one hook and every registry test applies. With
+d_out != d_in and no target, inference still returns y_hat (its ``mse`` is then 0: nothing to compare).
+
+Saving (SAELens transcoder layouts): relu -> ``transcoder``, jumprelu -> ``jumprelu_transcoder``.
+TopK and BatchTopK have no SAELens transcoder layout; they are saved as ``jumprelu_transcoder`` with
+one global inference threshold, an EMA over training steps of the (k*B)-th largest relu'd
+pre-activation of the batch (for batchtopk: the smallest kept activation, as in batchtopk.py). That
+JumpReLU keeps, on data like the training data, k latents per token *on average* — the BatchTopK
+inference rule — so it approximates the TopK encoder: tokens get a variable number of latents and
+the exact top-k set is not reproduced. In eval mode the module itself uses that threshold, so the
+saved folder and the in-memory module agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae_core import kernels
+from sae_core.architectures.base import (
+    Reducer,
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    mse_loss,
+    no_reduce,
+    require,
+)
+from sae_core.architectures.batchtopk import batch_topk
+from sae_core.architectures.jumprelu import jumprelu, step
+from sae_core.architectures.relu import weighted_l1
+from sae_core.architectures.topk import topk_dense
+from sae_core.registry import register
+
+ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+
+
+@dataclass(kw_only=True)
+class TranscoderConfig(SAEConfig):
+    d_out: int | None = None
+    """Width of the target (the MLP output); None means d_in."""
+    activation: str = "topk"
+    """Sparsity activation: topk, batchtopk, jumprelu or relu (each with its knobs below)."""
+    apply_b_dec_to_input: bool = False
+    """Must stay False: b_dec lives in the output space."""
+    k: int = 32
+    """topk/batchtopk: latents active per token (on average for batchtopk)."""
+    aux_k: int | None = None
+    """topk/batchtopk: dead latents the AuxK loss may use per token; None means d_out // 2."""
+    aux_coefficient: float = 1.0 / 32
+    """topk/batchtopk: weight of the AuxK loss."""
+    threshold_momentum: float = 0.99
+    """topk/batchtopk: EMA momentum of the global inference threshold."""
+    l0_coefficient: float = 5e-3
+    """jumprelu: weight of the L0 penalty."""
+    bandwidth: float = 0.05
+    """jumprelu: width of the straight-through rectangle kernel."""
+    init_threshold: float = 0.1
+    """jumprelu: initial threshold."""
+    l1_coefficient: float = 1.0
+    """relu: weight of the decoder-norm-weighted L1 penalty (relu.py's convention, divided by d_out)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.d_out is None:
+            self.d_out = self.d_in
+        require(isinstance(self.d_out, int) and self.d_out > 0, f"d_out must be a positive integer, got {self.d_out!r}")
+        require(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        require(not self.apply_b_dec_to_input, "apply_b_dec_to_input must be False for a transcoder (b_dec is [d_out])")
+        require(isinstance(self.k, int) and 1 <= self.k <= self.d_sae, f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
+        require(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
+        require(self.aux_coefficient >= 0, f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
+        require(0 <= self.threshold_momentum < 1, f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
+        require(self.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {self.l0_coefficient}")
+        require(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth}")
+        require(self.init_threshold > 0, f"init_threshold must be > 0, got {self.init_threshold}")
+        require(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
+
+
+class Transcoder(SparseAutoencoder):
+    homogeneous = True
+    cfg: TranscoderConfig
+    skip = False
+    """Whether the module has a linear skip path W_skip [d_out, d_in] (skip_transcoder.py)."""
+
+    def __init__(self, cfg: TranscoderConfig):
+        super().__init__(cfg)
+        d_out = cfg.d_out
+        if d_out != cfg.d_in:
+            W_dec_FO = torch.randn(cfg.d_sae, d_out)
+            W_dec_FO *= cfg.init_scale / W_dec_FO.norm(dim=1, keepdim=True)
+            self.W_dec = nn.Parameter(W_dec_FO)
+            # A random encoder with unit columns: W_dec.T has the wrong shape to initialise it.
+            self.W_enc = nn.Parameter(nn.functional.normalize(torch.randn(cfg.d_in, cfg.d_sae), dim=0))
+            self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+        elif cfg.activation in ("topk", "batchtopk"):
+            self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        if self.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, cfg.d_in))
+        self._batch_threshold: Tensor | None = None
+
+    # -- SAELens naming ---------------------------------------------------------------------------
+    @property
+    def saelens_architecture(self) -> str:  # type: ignore[override]
+        base = "skip_transcoder" if self.skip else "transcoder"
+        return base if self.cfg.activation == "relu" else f"jumprelu_{base}"
+
+    def saelens_cfg_extra(self) -> dict[str, Any]:
+        return {"d_out": self.cfg.d_out}
+
+    # -- the forward path -------------------------------------------------------------------------
+    def activation(self, h_BF: Tensor) -> Tensor:
+        act = self.cfg.activation
+        if act == "relu":
+            return torch.relu(h_BF)
+        if act == "jumprelu":
+            return jumprelu(h_BF, self.log_threshold.exp(), self.cfg.bandwidth)
+        if not self.training:
+            return torch.relu(h_BF) * (h_BF > self.threshold)
+        return topk_dense(h_BF, self.cfg.k) if act == "topk" else batch_topk(h_BF, self.cfg.k)
+
+    def skip_term(self, x_BD: Tensor) -> Tensor | float:
+        """x @ W_skip.T for the skip variant, 0 otherwise; the output is decode(encode(x)) + skip_term(x)."""
+        return x_BD @ self.W_skip.T if self.skip else 0.0
+
+    def sparsity_loss(self, latents_BF: Tensor, h_BF: Tensor) -> Tensor:
+        if self.cfg.activation == "relu":
+            return self.cfg.l1_coefficient * weighted_l1(latents_BF, self.decoder_norms(), self.cfg.d_out)
+        if self.cfg.activation == "jumprelu":
+            l0_B = step(h_BF, self.log_threshold.exp(), self.cfg.bandwidth).sum(dim=-1)
+            return self.cfg.l0_coefficient * l0_B.mean()
+        return latents_BF.new_zeros(())
+
+    def auxk(self, h_BF: Tensor, residual_BO: Tensor, dead_mask_F: Tensor | None) -> Tensor:
+        """AuxK (topk.py's loss) on a transcoder: the top dead pre-activations reconstruct the residual
+        y - y_hat; topk.auxk_loss cannot be reused as is because it takes the residual in input space."""
+        if dead_mask_F is None or self.cfg.aux_coefficient == 0 or not bool(dead_mask_F.any()):
+            return h_BF.new_zeros(())
+        dead_idx_N = dead_mask_F.nonzero().squeeze(1)
+        aux_k = min(self.cfg.aux_k or max(self.cfg.d_out // 2, 1), len(dead_idx_N))
+        vals_BK, j_BK = h_BF[:, dead_idx_N].topk(aux_k, dim=-1, sorted=False)
+        recon_BO = kernels.sparse_decode(dead_idx_N[j_BK], torch.relu(vals_BK), self.W_dec, torch.zeros_like(self.b_dec))
+        residual_BO = residual_BO.detach()
+        return self.cfg.aux_coefficient * mse_loss(recon_BO, residual_BO) / residual_BO.pow(2).mean().clamp_min(1e-12)
+
+    def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None, target_BO: Tensor | None = None) -> SAEOutput:
+        y_BO = x_BD if target_BO is None else target_BO
+        if target_BO is None and self.cfg.d_out != self.cfg.d_in and self.training:
+            raise ValueError(f"this transcoder maps d_in={self.cfg.d_in} to d_out={self.cfg.d_out}: training needs the "
+                             "target, forward(x, target_BO=y)")
+        h_BF = self.pre_acts(x_BD)
+        latents_BF = self.activation(h_BF)
+        y_hat_BO = self.decode(latents_BF) + self.skip_term(x_BD)
+        if y_BO.shape != y_hat_BO.shape:  # inference without a target: nothing to measure the error against
+            y_BO = y_hat_BO.detach()
+        aux = h_BF.new_zeros(())
+        if self.cfg.activation in ("topk", "batchtopk") and self.training:
+            aux = self.auxk(h_BF, y_BO - y_hat_BO, dead_mask_F)
+            kept = torch.relu(h_BF.detach()).flatten()
+            self._batch_threshold = kept.topk(min(self.cfg.k * h_BF.shape[0], kept.numel()), sorted=False).values.min()
+        return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), self.sparsity_loss(latents_BF, h_BF), aux)
+
+    @torch.no_grad()
+    def update_running_stats(self, out: SAEOutput, reduce: Reducer = no_reduce) -> None:
+        """Fold this step's (k*B)-th largest pre-activation (min over ranks) into the threshold EMA."""
+        if not self.training or self._batch_threshold is None:
+            return
+        value = reduce(self._batch_threshold.float(), "min")
+        self._batch_threshold = None
+        if not bool(torch.isfinite(value)) or not bool(value > 0):
+            return
+        if bool((self.threshold == 0).all()):
+            self.threshold.fill_(float(value))
+        else:
+            m = self.cfg.threshold_momentum
+            self.threshold.mul_(m).add_((1 - m) * value)
+
+    @torch.no_grad()
+    def init_encoder_from_decoder(self) -> None:
+        if self.cfg.d_out == self.cfg.d_in:
+            super().init_encoder_from_decoder()
+
+    # -- saving: SAELens stores the JumpReLU threshold itself -------------------------------------
+    def inference_tensors(self) -> dict[str, Tensor]:
+        tensors = super().inference_tensors()
+        if "log_threshold" in tensors:
+            tensors["threshold"] = tensors.pop("log_threshold").exp()
+        return tensors
+
+    def inference_to_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        tensors = dict(tensors)
+        if self.cfg.activation == "jumprelu" and "threshold" in tensors:
+            tiny = torch.finfo(torch.float32).tiny
+            tensors["log_threshold"] = tensors.pop("threshold").float().clamp_min(tiny).log()
+        return tensors
+
+
+register("transcoder", TranscoderConfig, Transcoder,
+         "Transcoder: sparse map from one hook to another (MLP in -> out), any sparsity activation")
