@@ -116,13 +116,15 @@ def _replace_kept(keep_BT: Tensor, values_ND: Tensor | None) -> Callable[[Tensor
 
 
 @torch.no_grad()
-def _eval_batch(sae: AnySAE, model: Any, hook: str, ids_BT: Tensor, keep_BT: Tensor, sums: _Sums) -> None:
-    clean = run_with_hooks(model, ids_BT, capture=[hook], stop_at_last=False)
+def _eval_batch(sae: AnySAE, model: Any, hook: str, ids_BT: Tensor, keep_BT: Tensor, sums: _Sums,
+                out_hook: str | None = None) -> None:
+    target_hook = out_hook or hook  # a transcoder reads ``hook`` and stands in for ``out_hook``
+    clean = run_with_hooks(model, ids_BT, capture=dict.fromkeys([hook, target_hook]), stop_at_last=False)
     x_ND = clean.activations[hook][keep_BT].float()
     out = sae(x_ND)
-    sums.add_acts(x_ND, out.x_hat_BD, out.latents_BF)
-    spliced = run_with_hooks(model, ids_BT, replace={hook: _replace_kept(keep_BT, out.x_hat_BD)}).logits
-    zeroed = run_with_hooks(model, ids_BT, replace={hook: _replace_kept(keep_BT, None)}).logits
+    sums.add_acts(clean.activations[target_hook][keep_BT].float(), out.x_hat_BD, out.latents_BF)
+    spliced = run_with_hooks(model, ids_BT, replace={target_hook: _replace_kept(keep_BT, out.x_hat_BD)}).logits
+    zeroed = run_with_hooks(model, ids_BT, replace={target_hook: _replace_kept(keep_BT, None)}).logits
     mask_BT = ce_positions(keep_BT)
     logp_clean, ce_clean = _next_token_losses(clean.logits, ids_BT, mask_BT)
     logp_spliced, ce_spliced = _next_token_losses(spliced, ids_BT, mask_BT)
@@ -135,14 +137,14 @@ def _eval_batch(sae: AnySAE, model: Any, hook: str, ids_BT: Tensor, keep_BT: Ten
     sums.kl += float(kl_M.double().sum())
 
 
-def _result(sums: _Sums, d_in: int) -> EvalResult:
+def _result(sums: _Sums, width: int) -> EvalResult:
     if sums.n == 0 or sums.n_ce == 0:
         raise UserError("no evaluable tokens: the windows hold no kept position followed by a kept target")
     total_var = sums.sum_sq - float(sums.sum_D.pow(2).sum()) / sums.n
     freq_F = metrics.firing_frequency(sums.counts_F, sums.n)
     clean, spliced, zero = (v / sums.n_ce for v in (sums.ce_clean, sums.ce_spliced, sums.ce_zero))
     return EvalResult(
-        l0=sums.l0 / sums.n, mse=sums.sq_err / (sums.n * d_in), fvu=sums.sq_err / max(total_var, 1e-12),
+        l0=sums.l0 / sums.n, mse=sums.sq_err / (sums.n * width), fvu=sums.sq_err / max(total_var, 1e-12),
         dead_fraction=float(metrics.dead_fraction(sums.counts_F)), dense_fraction=float(metrics.dense_fraction(freq_F)),
         ce_loss_clean=clean, ce_loss_spliced=spliced, ce_loss_zero=zero,
         ce_loss_recovered=ce_recovered(clean, spliced, zero), kl_div=sums.kl / sums.n_ce,
@@ -157,9 +159,11 @@ def ce_recovered(clean: float, spliced: float, zero: float) -> float:
 
 
 def evaluate_sae(sae: AnySAE, model: Any, hook: str, windows: Windows, *, batch_size: int = 8,
-                 progress: Callable[[int], None] = lambda n: None) -> EvalResult:
+                 progress: Callable[[int], None] = lambda n: None, out_hook: str | None = None) -> EvalResult:
     """Evaluate ``sae`` spliced at ``hook`` of ``model`` (a ``*ForCausalLM`` or LoadedModel) on ``windows``.
 
+    A transcoder reads ``hook`` and its output replaces ``out_hook`` (e.g. MLP in -> MLP out): MSE/FVU
+    are measured against ``out_hook``'s activations, and ``out_hook`` is what is spliced and zeroed.
     ``progress(n)`` is called with the kept tokens of each batch.
     """
     model = model.model if isinstance(model, LoadedModel) else model
@@ -171,11 +175,35 @@ def evaluate_sae(sae: AnySAE, model: Any, hook: str, windows: Windows, *, batch_
         for start in range(0, len(windows.token_ids), batch_size):
             ids_BT = torch.from_numpy(windows.token_ids[start : start + batch_size].astype(np.int64)).to(device)
             keep_BT = torch.from_numpy(windows.keep[start : start + batch_size]).to(device)
-            _eval_batch(sae, model, hook, ids_BT, keep_BT, sums)
+            _eval_batch(sae, model, hook, ids_BT, keep_BT, sums, out_hook)
             progress(int(keep_BT.sum()))
     finally:
         sae.train(was_training)
-    return _result(sums, sae.cfg.d_in)
+    return _result(sums, getattr(sae.cfg, "d_out", None) or sae.cfg.d_in)
+
+
+@torch.no_grad()
+def evaluate_crosscoder(cc: AnySAE, model: Any, hooks: list[str], windows: Windows, *, batch_size: int = 8,
+                        progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:
+    """A crosscoder's L0, dead/dense fractions, overall FVU and per-source FVU (``fvu/<hook>``) on the kept
+    positions of ``windows``; its sources are ``hooks`` in the order it was trained on."""
+    from sae_core.trainer import evaluate
+
+    model = model.model if isinstance(model, LoadedModel) else model
+    device = next(model.parameters()).device
+    chunks: list[Tensor] = []
+    for start in range(0, len(windows.token_ids), batch_size):
+        ids_BT = torch.from_numpy(windows.token_ids[start : start + batch_size].astype(np.int64)).to(device)
+        keep_BT = torch.from_numpy(windows.keep[start : start + batch_size]).to(device)
+        acts = run_with_hooks(model, ids_BT, capture=hooks).activations
+        chunks.append(torch.stack([acts[h][keep_BT].float() for h in hooks], dim=1).cpu())
+        progress(int(keep_BT.sum()))
+    if not chunks or not sum(len(c) for c in chunks):
+        raise UserError("no evaluable tokens: the windows hold no kept position")
+    result = evaluate(cc, torch.cat(chunks))
+    for s, hook in enumerate(hooks):
+        result[f"fvu/{hook}"] = result.pop(f"fvu_source_{s}")
+    return result
 
 
 # -- data -----------------------------------------------------------------------------------------

@@ -34,12 +34,17 @@ from workflows.training import (
     TrainJob,
     finish_run,
     finish_with,
+    hook_metadata,
+    hook_widths,
     log_final,
     open_checked_store,
+    read_examples,
     sae_config_for,
     split_rows,
     start_job_tracking,
+    store_batches,
     store_metadata,
+    store_widths,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,9 +108,12 @@ def direct_batches(job: TrainJob, rank: int, world: int, skip: int) -> Iterator[
     store = ActivationStore(job.activations)
     train_rows, _ = split_rows(store, job)
     local = job.train.batch_size // world
-    for i, batch in enumerate(store.iter_batches(job.hook, job.train.batch_size, seed=job.train.seed, stop=train_rows)):
+    for i, batch in enumerate(store_batches(store, job, train_rows)):
         if i >= skip:
-            yield batch[rank * local : (rank + 1) * local]
+            if isinstance(batch, tuple):  # a transcoder's (input, target)
+                yield tuple(t[rank * local : (rank + 1) * local] for t in batch)
+            else:
+                yield batch[rank * local : (rank + 1) * local]
 
 
 def ray_batches(job: TrainJob, world: int) -> Iterator[torch.Tensor]:
@@ -117,7 +125,7 @@ def ray_batches(job: TrainJob, world: int) -> Iterator[torch.Tensor]:
     while True:
         for batch in shard.iter_torch_batches(batch_size=local, drop_last=True, local_shuffle_buffer_size=16 * local,
                                               local_shuffle_seed=job.train.seed + epoch):
-            yield batch[job.hook]
+            yield job.example(batch)
         epoch += 1
 
 
@@ -132,7 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not opts.use_gpu:  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved
         torch.set_num_threads(max(1, int(opts.cpus_per_worker)))
     torch.manual_seed(job.train.seed)  # identical initial weights on every rank
-    sae = sae_core.build(sae_config_for(job, config["d_in"])).to(ray.train.torch.get_device())
+    sae = sae_core.build(sae_config_for(job, config["d_in"], config.get("d_out"))).to(ray.train.torch.get_device())
     ddp = torch.nn.parallel.DistributedDataParallel(sae) if world > 1 else None
     trainer = Trainer(sae, job.train, reduce=make_reducer(world), forward_module=ddp, world_size=world)
     tracker = MlflowTracker(config["mlflow_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else NullTracker()
@@ -144,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.log_metrics({"resumed_from_step": trainer.step_count}, step=trainer.step_count)
     elif job.activations:  # the same sample on every rank; a live stream initialises from its first batch
         store = ActivationStore(job.activations)
-        trainer.initialize(store.read_hook(job.hook, 0, min(job.train.init_sample_tokens, store.n_tokens)))
+        trainer.initialize(read_examples(store, job, 0, min(job.train.init_sample_tokens, store.n_tokens)))
     batches = direct_batches(job, rank, world, trainer.step_count) if opts.data == "direct" else ray_batches(job, world)
 
     def on_step(step: int) -> None:
@@ -192,7 +200,7 @@ def ray_dataset(job: TrainJob, store: ActivationStore):
     files = [str(store.root / f["path"]) for f in store.manifest.files]
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # so limit() keeps exactly the training rows
-    return ray.data.read_parquet(files).select_columns([job.hook]).limit(train_rows)
+    return ray.data.read_parquet(files).select_columns(job.columns()).limit(train_rows)
 
 
 def check_run_dir(job: TrainJob, resume: bool) -> None:
@@ -240,7 +248,7 @@ class StreamSource:
         from workflows.activations import CollectConfig, plan
 
         self.job = job
-        self.cfg = CollectConfig.from_dict({**(job.stream or {}), "hooks": [job.hook]})
+        self.cfg = CollectConfig.from_dict({**(job.stream or {}), "hooks": job.columns()})
         self.plan = plan(self.cfg)
         n = self.plan.n_windows
         n_eval = max(1, int(n * job.eval_fraction))
@@ -249,8 +257,8 @@ class StreamSource:
         self.train_ids, self.eval_ids = np.arange(n - n_eval), np.arange(n - n_eval, n)
 
     @property
-    def d_in(self) -> int:
-        return self.plan.d[self.job.hook]
+    def widths(self) -> tuple[int, int | None]:
+        return hook_widths(self.plan.d, self.job)
 
     def dataset(self):
         from workflows.activations import _activation_dataset
@@ -261,11 +269,12 @@ class StreamSource:
         from workflows.activations import _activation_dataset
 
         ds = _activation_dataset(self.cfg, self.plan.windows, self.eval_ids)
-        return torch.cat([torch.from_numpy(np.asarray(b[self.job.hook], dtype=np.float32))
-                          for b in ds.iter_batches(batch_size=None, batch_format="numpy")])
+        batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        return self.job.example({h: torch.cat([torch.from_numpy(np.asarray(b[h], dtype=np.float32)) for b in batches])
+                                 for h in self.job.columns()})
 
     def metadata(self) -> dict[str, Any]:
-        return {"model_name": self.cfg.model, "hook_name": self.job.hook, "context_size": self.cfg.context_size,
+        return {"model_name": self.cfg.model, **hook_metadata(self.job), "context_size": self.cfg.context_size,
                 "prepend_bos": True, "dataset_path": self.cfg.corpus, "exclude_special_tokens": True}
 
 
@@ -282,12 +291,12 @@ def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool =
     check_run_dir(job, resume)
     ensure_ray()
     source = StreamSource(job) if store is None else None
-    d_in = store.d(job.hook) if store is not None else source.d_in
-    sae_config_for(job, d_in)  # refuse a bad config before starting anything
+    d_in, d_out = store_widths(store, job) if store is not None else source.widths
+    sae_config_for(job, d_in, d_out)  # refuse a bad config before starting anything
     check_resources(opts, stream=source is not None)
     run_dir = prepare_run_dir(job, resume)
     tracker = start_tracking(job, opts, run_dir, store)
-    config = {"job": job.to_dict(), "options": asdict(opts), "d_in": d_in, "run_id": tracker.run_id,
+    config = {"job": job.to_dict(), "options": asdict(opts), "d_in": d_in, "d_out": d_out, "run_id": tracker.run_id,
               "mlflow_uri": tracker.uri}
     datasets = None
     if source is not None:
@@ -309,15 +318,15 @@ def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool =
     except BaseException:
         tracker.end("KILLED")
         raise
-    return finish_distributed(job, result, store if store is not None else source, tracker, d_in)
+    return finish_distributed(job, result, store if store is not None else source, tracker, d_in, d_out)
 
 
 def finish_distributed(job: TrainJob, result, source: ActivationStore | StreamSource, tracker: MlflowTracker,
-                       d_in: int) -> dict[str, Any]:
+                       d_in: int, d_out: int | None) -> dict[str, Any]:
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint: {result.error}")
     torch.manual_seed(job.train.seed)
-    trainer = Trainer(sae_core.build(sae_config_for(job, d_in)), job.train)
+    trainer = Trainer(sae_core.build(sae_config_for(job, d_in, d_out)), job.train)
     with result.checkpoint.as_directory() as folder:
         trainer.load_state_dict(load_checkpoint(folder))
     if isinstance(source, StreamSource):

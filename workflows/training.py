@@ -24,6 +24,10 @@ from workflows.tracking import MlflowTracker, NullTracker
 
 logger = logging.getLogger(__name__)
 
+# Architectures trained on (input hook, output hook) pairs, and those reading several hooks at once.
+PAIR_ARCHS = ("transcoder", "skip_transcoder")
+MULTI_SOURCE_ARCHS = ("crosscoder",)
+
 # Short CLI names for the sparsity knobs, mapped to the config field each architecture calls them.
 SPARSITY_ALIASES = {"l1": ("l1_coefficient",), "l0": ("l0_coefficient",), "kl": ("kl_coefficient",)}
 
@@ -35,7 +39,11 @@ class TrainJob:
     activations: str = ""
     """Activation store directory (or empty, with ``stream`` set)."""
     hook: str
-    """Hook column to train on."""
+    """Hook column to train on (a transcoder's input, a crosscoder's first source)."""
+    out_hook: str = ""
+    """Transcoders: the hook column to reconstruct (e.g. blocks.L.hook_mlp_out for hook blocks.L.hook_mlp_in)."""
+    sources: list[str] = field(default_factory=list)
+    """Crosscoders: every hook the dictionary reads and writes, ``hook`` first; empty otherwise."""
     arch: str = "topk"
     """Registered architecture name."""
     sae: dict[str, Any] = field(default_factory=dict)
@@ -57,6 +65,33 @@ class TrainJob:
                             "stream (--from-model/--corpus/--tokens)")
         if not 0 < self.eval_fraction < 1:
             raise UserError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        self._check_hooks()
+
+    def _check_hooks(self) -> None:
+        pairs = self.arch in PAIR_ARCHS
+        if pairs and not self.out_hook:
+            raise UserError(f"architecture {self.arch!r} maps one hook to another: name its target with --out-hook "
+                            "(e.g. --hook blocks.3.hook_mlp_in --out-hook blocks.3.hook_mlp_out)")
+        if self.out_hook and not pairs:
+            raise UserError(f"--out-hook is for transcoders ({', '.join(PAIR_ARCHS)}), not {self.arch!r}; drop it "
+                            "or choose --arch transcoder")
+        if len(self.sources) > 1 and self.arch not in MULTI_SOURCE_ARCHS:
+            raise UserError(f"several --hook values need a multi-source architecture ({', '.join(MULTI_SOURCE_ARCHS)}), "
+                            f"not {self.arch!r}; give --hook once")
+        if self.sources and self.sources[0] != self.hook:
+            raise UserError(f"sources {self.sources} must start with hook {self.hook!r}")
+        if len(set(self.sources)) != len(self.sources):
+            raise UserError(f"--hook names a source twice: {self.sources}")
+
+    def columns(self) -> list[str]:
+        """Every store column the job reads: its sources (or hook), then the transcoder target."""
+        return [*(self.sources or [self.hook]), *([self.out_hook] if self.out_hook else [])]
+
+    def example(self, columns: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """What the trainer takes, from a dict of equal-length per-hook tensors: x [N, D]; a crosscoder's
+        [N, S, D] stack of its sources; a transcoder's (input, target) pair."""
+        x = torch.stack([columns[h] for h in self.sources], dim=1) if self.sources else columns[self.hook]
+        return (x, columns[self.out_hook]) if self.out_hook else x
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -68,12 +103,46 @@ class TrainJob:
         return cls(**raw)
 
 
-def sae_config_for(job: TrainJob, d_in: int) -> sae_core.SAEConfig:
+def sae_config_for(job: TrainJob, d_in: int, d_out: int | None = None) -> sae_core.SAEConfig:
+    """The architecture config of ``job`` for inputs of width ``d_in`` (and a transcoder's targets of
+    width ``d_out``; a crosscoder gets ``n_sources`` from the job's sources)."""
     fields = dict(job.sae)
-    given_d_in = fields.pop("d_in", None)
-    if given_d_in is not None and given_d_in != d_in:
-        raise UserError(f"store hook {job.hook!r} has d={d_in}, but the SAE was asked for d_in={given_d_in}")
+    for name, actual in (("d_in", d_in), ("d_out", d_out if job.out_hook else None),
+                         ("n_sources", len(job.sources) if job.sources else None)):
+        given = fields.pop(name, None)
+        if given is not None and actual is not None and given != actual:
+            what = {"d_in": f"store hook {job.hook!r} has d={actual}", "d_out": f"store hook {job.out_hook!r} has d={actual}",
+                    "n_sources": f"{actual} --hook value(s) give n_sources={actual}"}[name]
+            raise UserError(f"{what}, but the SAE was asked for {name}={given}; drop that setting")
+        if actual is not None and name != "d_in":
+            fields[name] = actual
+        elif given is not None and name != "d_in":
+            fields[name] = given
     return sae_core.make_config(job.arch, d_in=d_in, **fields)
+
+
+def store_widths(store: ActivationStore, job: TrainJob) -> tuple[int, int | None]:
+    """(d_in, d_out) of the job's hooks in ``store``; a crosscoder's sources must share one width."""
+    return hook_widths({h: store.d(h) for h in job.columns()}, job)
+
+
+def hook_widths(widths: dict[str, int], job: TrainJob) -> tuple[int, int | None]:
+    sources = job.sources or [job.hook]
+    if len({widths[h] for h in sources}) > 1:
+        raise UserError(f"crosscoder sources must have one width, got {({h: widths[h] for h in sources})}; "
+                        "choose hooks of the same kind (e.g. residual streams of several layers)")
+    return widths[sources[0]], (widths[job.out_hook] if job.out_hook else None)
+
+
+def read_examples(store: ActivationStore, job: TrainJob, start: int, stop: int):
+    """Rows [start, stop) of the job's columns, as the trainer takes them (see TrainJob.example)."""
+    return job.example({h: store.read_hook(h, start, stop) for h in job.columns()})
+
+
+def store_batches(store: ActivationStore, job: TrainJob, stop: int):
+    """The job's seeded, looping training batches from rows [0, stop) of ``store``."""
+    for columns in store.iter_batches(job.columns(), job.train.batch_size, seed=job.train.seed, stop=stop):
+        yield job.example(columns)
 
 
 def resolve_sparsity_args(arch: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +175,8 @@ def split_rows(store: ActivationStore, job: TrainJob) -> tuple[int, int]:
 def open_checked_store(job: TrainJob) -> ActivationStore:
     try:
         store = ActivationStore(job.activations)
-        store.check_hook(job.hook)
+        for hook in job.columns():
+            store.check_hook(hook)
     except StoreError as exc:
         raise UserError(str(exc)) from exc
     return store
@@ -115,17 +185,31 @@ def open_checked_store(job: TrainJob) -> ActivationStore:
 def finish_run(job: TrainJob, trainer: Trainer, store: ActivationStore, metadata: dict[str, Any]) -> dict[str, Any]:
     """Evaluate on the store's held-out rows, write the SAELens folder, metrics.json and job.json."""
     train_rows, total = split_rows(store, job)
-    return finish_with(job, trainer, store.read_hook(job.hook, train_rows, total), metadata)
+    return finish_with(job, trainer, read_examples(store, job, train_rows, total), metadata)
 
 
-def finish_with(job: TrainJob, trainer: Trainer, held_out: torch.Tensor, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate on ``held_out`` activations, write the SAELens folder, metrics.json and job.json."""
-    result = evaluate(trainer.sae, held_out, scaling_factor=trainer.scaling_factor)
+def finish_with(job: TrainJob, trainer: Trainer, held_out, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate on ``held_out`` examples (TrainJob.example), write the SAELens folder, metrics.json, job.json."""
+    x, targets = held_out if isinstance(held_out, tuple) else (held_out, None)
+    result = evaluate(trainer.sae, x, scaling_factor=trainer.scaling_factor, targets_NO=targets,
+                      output_scaling_factor=trainer.output_scaling_factor)
     out = Path(job.out)
-    save_sae(trainer.sae, out, scaling_factor=trainer.scaling_factor, metadata=metadata)
+    save_sae(trainer.sae, out, scaling_factor=trainer.scaling_factor, metadata={**metadata, **hook_metadata(job)},
+             output_scaling_factor=trainer.output_scaling_factor)
     (out / "metrics.json").write_text(json.dumps({**result, "steps": trainer.step_count}, indent=2))
     (out / "job.json").write_text(json.dumps(job.to_dict(), indent=2))
     return result
+
+
+def hook_metadata(job: TrainJob) -> dict[str, Any]:
+    """The cfg.json metadata naming the hooks: SAELens's hook_name (and hook_name_out for transcoders);
+    a crosscoder's sources in order as hook_names."""
+    meta: dict[str, Any] = {"hook_name": job.hook}
+    if job.out_hook:
+        meta["hook_name_out"] = job.out_hook
+    if job.sources:
+        meta["hook_names"] = list(job.sources)
+    return meta
 
 
 def store_metadata(store: ActivationStore, job: TrainJob) -> dict[str, Any]:
@@ -145,10 +229,11 @@ def start_job_tracking(job: TrainJob, store: ActivationStore | None, *, uri: str
                        extra_params: dict[str, Any] | None = None) -> MlflowTracker:
     """An MLflow run for ``job`` with its params and the model/hook/architecture tags."""
     model = store.manifest.model if store is not None else str((job.stream or {}).get("model", ""))
-    tags = {"model": model, "hook": job.hook, "architecture": job.arch}
+    tags = {"model": model, "hook": job.hook, "architecture": job.arch, **({"out_hook": job.out_hook} if job.out_hook else {}),
+            **({"sources": ",".join(job.sources)} if job.sources else {})}
     tracker = MlflowTracker.create(uri, experiment, run_name or Path(job.out).name, tags, parent_run_id)
     tracker.log_params({"arch": job.arch, "sae": job.sae, "train": job.train.to_dict(), "hook": job.hook,
-                        "activations": job.activations, "stream": job.stream or {}, **(extra_params or {})})
+                        "out_hook": job.out_hook, "sources": job.sources, "activations": job.activations, "stream": job.stream or {}, **(extra_params or {})})
     return tracker
 
 
@@ -166,16 +251,13 @@ def train_local(job: TrainJob, on_metrics: Callable[[dict[str, float]], None] | 
     """Train in this process: read the store, train, evaluate on held-out rows, save."""
     tracker = tracker or NullTracker()
     store = open_checked_store(job)
-    sae_cfg = sae_config_for(job, store.d(job.hook))
-    import torch
-
+    sae_cfg = sae_config_for(job, *store_widths(store, job))
     torch.manual_seed(job.train.seed)
     sae = sae_core.build(sae_cfg)
     trainer = Trainer(sae, job.train)
     train_rows, _ = split_rows(store, job)
-    batches = store.iter_batches(job.hook, job.train.batch_size, seed=job.train.seed, stop=train_rows)
-    trainer.initialize(store.read_hook(job.hook, 0, min(job.train.init_sample_tokens, train_rows)))
-    for row in trainer.fit(batches):
+    trainer.initialize(read_examples(store, job, 0, min(job.train.init_sample_tokens, train_rows)))
+    for row in trainer.fit(store_batches(store, job, train_rows)):
         tracker.log_metrics(row, step=int(row["step"]))
         if on_metrics is not None:
             on_metrics(row)

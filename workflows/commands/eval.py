@@ -12,7 +12,15 @@ from tqdm import tqdm
 from sae_core.interop import FORMATS
 from workflows.corpus import DEFAULT_CORPUS
 from workflows.errors import UserError
-from workflows.evaluate import evaluate_sae, held_out_windows, load_any_sae, training_tokens, write_outputs
+from workflows.evaluate import (
+    EVAL_FILE,
+    evaluate_crosscoder,
+    evaluate_sae,
+    held_out_windows,
+    load_any_sae,
+    training_tokens,
+    write_outputs,
+)
 from workflows.models import DEFAULT_MODEL, load_model
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
 
@@ -25,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, help="import format of SAE_DIR (detected when omitted)")
     p.add_argument("--model", help=f"model spec (default: the SAE's metadata model_name, else {DEFAULT_MODEL})")
     p.add_argument("--hook", help="hook the SAE reads (default: the SAE's metadata hook_name)")
+    p.add_argument("--out-hook", help="transcoders: the hook their output replaces (default: the metadata's "
+                                      "hook_name_out); crosscoders read their sources from hook_names")
     p.add_argument("--corpus", help=f"corpus spec (default: the SAE's dataset_path, else {DEFAULT_CORPUS})")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
     p.add_argument("--tokens", type=int, default=8192, help="held-out tokens to evaluate on (default 8192)")
@@ -58,15 +68,37 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(model_spec, cache_dir=args.cache_dir)
     windows = held_out_windows(loaded.tokenizer, corpus=corpus, context_size=context_size, n_tokens=args.tokens,
                                skip_tokens=skip, text_field=args.text_field)
-    with tqdm(total=int(windows.keep.sum()), unit="tok", unit_scale=True, desc="eval") as bar:
-        result = evaluate_sae(sae, loaded.model, hook, windows, batch_size=args.batch_size, progress=bar.update)
+    out_hook = args.out_hook or meta.get("hook_name_out")
     info = {"sae": str(args.sae_dir), "model": model_spec, "hook": hook, "corpus": corpus,
-            "context_size": context_size, "skip_tokens": skip}
+            "context_size": context_size, "skip_tokens": skip, **({"out_hook": out_hook} if out_hook else {})}
+    if getattr(sae, "arch", "") == "crosscoder":
+        return _run_crosscoder(args, sae, meta, loaded, windows, out, info)
+    with tqdm(total=int(windows.keep.sum()), unit="tok", unit_scale=True, desc="eval") as bar:
+        result = evaluate_sae(sae, loaded.model, hook, windows, batch_size=args.batch_size, progress=bar.update,
+                              out_hook=out_hook)
     # SAELens reads sparsity.safetensors from the SAE folder; a foreign source is not ours to write into.
     paths = write_outputs(result, out, sparsity_dir=args.sae_dir if ours else out, info=info)
     if args.mlflow_run_id:
         _log_mlflow(args, result.metrics(), paths)
     _print_summary(result.metrics(), paths["eval"])
+    return 0
+
+
+def _run_crosscoder(args: argparse.Namespace, cc, meta: dict, loaded, windows, out: Path, info: dict) -> int:
+    """Per-source FVU (no CE: a crosscoder rewrites several hooks at once); eval.json only."""
+    hooks = meta.get("hook_names") or []
+    if len(hooks) != cc.cfg.n_sources:
+        raise UserError(f"the crosscoder has {cc.cfg.n_sources} sources but its metadata names hooks {hooks}; "
+                        "it needs cfg.json metadata.hook_names listing them in order")
+    with tqdm(total=int(windows.keep.sum()), unit="tok", unit_scale=True, desc="eval") as bar:
+        values = evaluate_crosscoder(cc, loaded.model, hooks, windows, batch_size=args.batch_size, progress=bar.update)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / EVAL_FILE
+    path.write_text(json.dumps({**values, **info, "hooks": hooks}, indent=2))
+    if args.mlflow_run_id:
+        _log_mlflow(args, values, {"eval": path})
+    print(json.dumps({k: values[k] for k in ("l0", "fvu", *(f"fvu/{h}" for h in hooks), "dead_fraction")}))
+    print(f"wrote {path}")
     return 0
 
 

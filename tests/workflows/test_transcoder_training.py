@@ -1,0 +1,139 @@
+"""Transcoders and crosscoders on a real (tiny, random) model: a store with several hooks from one
+collection pass, `sae train --out-hook` / repeated `--hook`, Ray Train on (input, target) pairs, and
+`sae eval` splicing a transcoder in place of the MLP output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sae_core.io import load_sae
+from sae_core.store import ActivationStore
+from sae_core.trainer import TrainConfig
+from workflows.evaluate import evaluate_crosscoder, evaluate_sae, held_out_windows
+from workflows.models import load_model
+from workflows.training import TrainJob, train_local
+
+MLP_IN, MLP_OUT = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"
+RESID = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+CONTEXT = 32
+
+
+def sae(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, local_ray, tiny_llama_dir, shakespeare) -> ActivationStore:
+    from workflows.activations import CollectConfig, collect
+
+    out = tmp_path_factory.mktemp("tc") / "acts"
+    cfg = CollectConfig(hooks=[MLP_IN, MLP_OUT, *RESID], n_tokens=12_000, model=str(tiny_llama_dir),
+                        corpus=str(shakespeare), context_size=CONTEXT, out=str(out))
+    return ActivationStore(collect(cfg).path)
+
+
+def transcoder_job(store: ActivationStore, arch: str, out, **train) -> TrainJob:
+    return TrainJob(activations=str(store.root), hook=MLP_IN, out_hook=MLP_OUT, arch=arch,
+                    sae={"d_sae": 192, "k": 8}, out=str(out), eval_fraction=0.1,
+                    train=TrainConfig(steps=300, batch_size=256, lr=3e-3, log_every=100, seed=0, **train))
+
+
+def test_transcoders_reconstruct_the_mlp_output_and_skip_helps(store, tmp_path, tiny_llama_dir):
+    results = {arch: train_local(transcoder_job(store, arch, tmp_path / arch)) for arch in ("transcoder", "skip_transcoder")}
+    plain, skip = results["transcoder"], results["skip_transcoder"]
+    print(f"\ntiny Llama {MLP_IN} -> {MLP_OUT}, d_sae=192 k=8, 300 steps: transcoder {json.dumps(plain)}, "
+          f"skip transcoder {json.dumps(skip)}")
+    assert plain["fvu"] < 0.5, plain  # the mean predictor has FVU 1
+    assert abs(skip["l0"] - plain["l0"]) < 0.25 * plain["l0"], results  # equal sparsity budget (threshold-based)
+    assert skip["fvu"] <= plain["fvu"], results
+    cfg = json.loads((tmp_path / "skip_transcoder" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_skip_transcoder" and cfg["d_out"] == store.d(MLP_OUT)
+    assert cfg["metadata"]["hook_name"] == MLP_IN and cfg["metadata"]["hook_name_out"] == MLP_OUT
+    # The saved folder reads raw MLP inputs and writes raw MLP outputs: check against the store.
+    loaded = load_sae(tmp_path / "skip_transcoder")
+    x, y = store.read_hook(MLP_IN, 11_000), store.read_hook(MLP_OUT, 11_000)
+    with torch.no_grad():
+        fvu = float((loaded(x).x_hat_BD - y).pow(2).sum() / (y - y.mean(dim=0)).pow(2).sum())
+    assert fvu == pytest.approx(skip["fvu"], rel=0.2)
+
+
+def test_eval_splices_a_transcoder_in_place_of_the_mlp(store, tmp_path, tiny_llama_dir):
+    train_local(transcoder_job(store, "transcoder", tmp_path / "tc"))
+    model = load_model(str(tiny_llama_dir))
+    windows = held_out_windows(model.tokenizer, corpus=None, context_size=CONTEXT, n_tokens=256)
+    result = evaluate_sae(load_sae(tmp_path / "tc"), model.model, MLP_IN, windows, out_hook=MLP_OUT)
+    assert result.ce_loss_spliced != result.ce_loss_clean and result.ce_loss_zero != result.ce_loss_clean
+    assert result.fvu < 1.0 and result.kl_div >= 0
+    out = sae("eval", str(tmp_path / "tc"), "--model", str(tiny_llama_dir), "--tokens", "256",
+              "--context-size", str(CONTEXT), "--corpus", "builtin:stdlib")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "tc" / "eval.json").read_text())
+    assert report["out_hook"] == MLP_OUT and report["ce_loss_recovered"] == pytest.approx(result.ce_loss_recovered)
+
+
+def test_crosscoder_on_two_layers_reports_fvu_per_source(store, tmp_path, tiny_llama_dir):
+    out = tmp_path / "cc"
+    result = sae("train", "--activations", str(store.root), "--hook", RESID[0], "--hook", RESID[1], "--arch",
+                 "crosscoder", "--d-sae", "192", "--set", "activation=\"topk\"", "--k", "8", "--steps", "200",
+                 "--batch-size", "256", "--lr", "3e-3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["fvu_source_0"] < 1 and metrics["fvu_source_1"] < 1
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["n_sources"] == 2 and cfg["metadata"]["hook_names"] == RESID
+    model = load_model(str(tiny_llama_dir))
+    windows = held_out_windows(model.tokenizer, corpus=None, context_size=CONTEXT, n_tokens=256)
+    per_source = evaluate_crosscoder(load_sae(out), model.model, RESID, windows)
+    assert set(per_source) >= {f"fvu/{h}" for h in RESID} and 0 < per_source["l0"] <= 8
+    assert all(0 <= per_source[f"fvu/{h}"] < 1 for h in RESID)
+
+
+def test_transcoder_on_ray_train_matches_in_process(store, tmp_path):
+    from workflows.train_ray import DistributedOptions, train_distributed
+
+    # ReLU + L1: no per-batch statistic (a TopK transcoder's inference threshold is estimated per rank,
+    # like BatchTopK's), so 2 workers must match 1 exactly.
+    job = transcoder_job(store, "skip_transcoder", tmp_path / "local")
+    job.sae = {"d_sae": 192, "activation": "relu"}
+    job.train = TrainConfig(**{**job.train.to_dict(), "steps": 40})
+    local = train_local(job)
+    job.out = str(tmp_path / "ray")
+    ray_result = train_distributed(job, DistributedOptions(workers=2, checkpoint_every=20))
+    assert ray_result["steps"] == 40
+    for name in ("fvu", "l0", "mse"):
+        assert ray_result[name] == pytest.approx(local[name], rel=1e-3, abs=1e-5), name
+    a, b = load_sae(tmp_path / "local").state_dict(), load_sae(tmp_path / "ray").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hook", MLP_IN, "--arch", "transcoder"], "name its target with --out-hook"),
+    (["--hook", MLP_IN, "--out-hook", MLP_OUT, "--arch", "topk"], "--out-hook is for transcoders"),
+    (["--hook", RESID[0], "--hook", RESID[1], "--arch", "topk"], "several --hook values need"),
+    (["--hook", MLP_IN, "--out-hook", "blocks.7.hook_mlp_out", "--arch", "transcoder"], "blocks.7.hook_mlp_out"),
+])
+def test_bad_hook_combinations_are_one_line_exit_2(store, tmp_path, args, message):
+    result = sae("train", "--activations", str(store.root), *args, "--d-sae", "64", "--k", "4", "--steps", "2",
+                 "--batch-size", "64", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_crosscoder_sources_of_different_widths_are_refused(tmp_path):
+    import numpy as np
+
+    from sae_core.store import Manifest, StoreWriter, make_table
+
+    writer = StoreWriter(tmp_path / "two", Manifest(model="m", hooks={"a": {"d": 4}, "b": {"d": 6}}))
+    meta = {k: np.zeros(300) for k in ("token_id", "window_id", "position", "doc_id")}
+    writer.write_part(0, make_table(meta, {"a": np.ones((300, 4)), "b": np.ones((300, 6))}, "float32"))
+    result = sae("train", "--activations", str(tmp_path / "two"), "--hook", "a", "--hook", "b", "--arch", "crosscoder",
+                 "--d-sae", "8", "--steps", "2", "--batch-size", "64", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "sources must have one width" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
