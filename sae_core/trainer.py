@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_core import metrics
-from sae_core.architectures.base import ConfigError, Reducer, SparseAutoencoder, no_reduce, require
+from sae_core.architectures.base import ConfigError, Reducer, SAEOutput, SparseAutoencoder, no_reduce, require
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +137,8 @@ class Trainer:
         self.forward_module = forward_module or sae
         self.world_size = world_size
         self.device = next(sae.parameters()).device
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                          foreach=not fused, fused=fused or None)
+        # The fused kernel exists on CPU too and beats foreach there (benchmarks/kernels.py times both).
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         self.tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_after_tokens, self.device)
         self.step_count = 0
         self.scaling_factor = 1.0
@@ -195,12 +194,25 @@ class Trainer:
         if target is not None:
             out_scale = self.scaling_factor if self.output_scaling_factor is None else self.output_scaling_factor
             targets["target_BO"] = target.to(self.device, torch.float32) * out_scale
+
+        def compute() -> tuple[Tensor, SAEOutput, Tensor]:
+            out = self.forward_module(x_BD, dead_mask_F=self.tracker.dead_mask(), **targets)
+            return out.loss(self.sparsity_scale()), out, x_BD
+
+        loss, out = self.update(compute)
+        return self._step_metrics(targets.get("target_BO", x_BD), out, loss, time.perf_counter() - start)
+
+    def update(self, compute: Callable[[], tuple[Tensor, SAEOutput, Tensor]]) -> tuple[Tensor, SAEOutput]:
+        """One optimizer step on the loss ``compute()`` returns with the SAE's output it came from and the
+        SAE's (normalised) inputs: the LR schedule, gradient projection and clipping, decoder
+        renormalisation, running statistics, dead-latent tracking and resampling (which draws from the
+        inputs). ``step`` uses it with the reconstruction loss; other losses (workflows/e2e.py) bring
+        their own ``compute``."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.step_count, self.cfg)
         self.sae.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
-            out = self.forward_module(x_BD, dead_mask_F=self.tracker.dead_mask(), **targets)
-            loss = out.loss(self.sparsity_scale())
+            loss, out, x_BD = compute()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {float(loss.detach())} at step {self.step_count}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,9 +224,9 @@ class Trainer:
         self.sae.set_decoder_norm_to_unit_norm()
         self.sae.update_running_stats(out, self.reduce)
         self.tracker.update(out.latents_BF.detach(), self.reduce)
-        self._maybe_resample(x_BD)
+        self._maybe_resample(x_BD.detach())
         self.step_count += 1
-        return self._step_metrics(targets.get("target_BO", x_BD), out, loss, time.perf_counter() - start)
+        return loss, out
 
     def _maybe_resample(self, x_BD: Tensor) -> None:
         every = getattr(self.sae.cfg, "resample_every", None)

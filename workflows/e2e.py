@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import sae_core
 from sae_core.architectures.base import ConfigError, SAEOutput
 from sae_core.io import SPARSITY_FILE, load_checkpoint, load_sae, save_sae
-from sae_core.trainer import TrainConfig, Trainer, lr_factor
+from sae_core.trainer import TrainConfig, Trainer
 from workflows.corpus import DEFAULT_CORPUS, Windows, iter_documents, pack_windows
 from workflows.errors import UserError
 from workflows.evaluate import _next_token_losses, _replace_kept, ce_positions, evaluate_sae, held_out_windows
@@ -43,7 +43,6 @@ from workflows.raysession import ensure_ray
 from workflows.tracking import MlflowTracker, NullTracker
 from workflows.train_ray import (
     JOB_FILE,
-    RAY_RUN_NAME,
     DistributedOptions,
     check_resources,
     check_run_dir,
@@ -51,6 +50,7 @@ from workflows.train_ray import (
     prepare_run_dir,
     report_checkpoint,
     start_tracking,
+    torch_trainer,
 )
 from workflows.training import TrainJob, log_final, sae_config_for
 
@@ -228,29 +228,17 @@ def e2e_terms(trainer: Trainer, model: nn.Module, job: E2EJob, later: list[str],
 
 def e2e_step(trainer: Trainer, model: nn.Module, job: E2EJob, later: list[str], ids_BT: Tensor,
              keep_BT: Tensor) -> dict[str, float]:
-    """Trainer.step's update with the e2e loss: the same LR schedule, gradient projection, clipping,
-    decoder renormalisation, running statistics, dead-latent tracking and resampling."""
-    start, cfg = time.perf_counter(), trainer.cfg
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_factor(trainer.step_count, cfg)
-    trainer.sae.train()
-    device = trainer.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-        terms = e2e_terms(trainer, model, job, later, ids_BT.to(device), keep_BT.to(device))
-    if not torch.isfinite(terms.loss):
-        raise FloatingPointError(f"loss is {float(terms.loss.detach())} at step {trainer.step_count}; lower the learning rate")
-    trainer.optimizer.zero_grad(set_to_none=True)
-    terms.loss.backward()
-    trainer.sae.remove_gradient_parallel_to_decoder_directions()
-    if cfg.grad_clip is not None:
-        nn.utils.clip_grad_norm_(trainer.sae.parameters(), cfg.grad_clip)
-    trainer.optimizer.step()
-    trainer.sae.set_decoder_norm_to_unit_norm()
-    trainer.sae.update_running_stats(terms.out, trainer.reduce)
-    trainer.tracker.update(terms.out.latents_BF.detach(), trainer.reduce)
-    trainer._maybe_resample(terms.x_ND.detach())
-    trainer.step_count += 1
-    return step_metrics(trainer, terms, time.perf_counter() - start)
+    """Trainer.update (the same LR schedule, projection, clipping, renormalisation, statistics and
+    resampling as an MSE step) on the e2e loss."""
+    start, device = time.perf_counter(), trainer.device
+    terms: list[E2ETerms] = []
+
+    def compute() -> tuple[Tensor, SAEOutput, Tensor]:
+        terms.append(e2e_terms(trainer, model, job, later, ids_BT.to(device), keep_BT.to(device)))
+        return terms[0].loss, terms[0].out, terms[0].x_ND
+
+    trainer.update(compute)
+    return step_metrics(trainer, terms[0], time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -341,8 +329,6 @@ def training_windows(job: E2EJob) -> Windows:
 def train_e2e(job: E2EJob, opts: DistributedOptions, *, resume: bool = False) -> dict[str, Any]:
     """Train ``job`` end to end on Ray Train (RAY_ADDRESS or a local Ray), then evaluate it on held-out text."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     d_in, later = check_job(job, opts)
     check_run_dir(job, resume)  # duck-typed: it needs only .out and .to_dict()
@@ -356,15 +342,7 @@ def train_e2e(job: E2EJob, opts: DistributedOptions, *, resume: bool = False) ->
     config = {"job": job.to_dict(), "options": asdict(opts), "d_in": d_in, "downstream_hooks": later,
               "windows": ray.put((windows.token_ids, windows.doc_ids, windows.keep)), "run_id": tracker.run_id,
               "mlflow_uri": tracker.uri}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.use_gpu,
-                                     resources_per_worker=None if opts.use_gpu else {"CPU": opts.cpus_per_worker}),
-        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run_dir),
-                             failure_config=FailureConfig(max_failures=opts.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    trainer = torch_trainer(train_loop_per_worker, config, opts, run_dir)
     try:
         result = trainer.fit()
     except BaseException:

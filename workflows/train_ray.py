@@ -278,11 +278,26 @@ class StreamSource:
                 "prepend_bos": True, "dataset_path": self.cfg.corpus, "exclude_special_tokens": True}
 
 
-def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool = False) -> dict[str, Any]:
-    """Run ``job`` on Ray Train (connecting to RAY_ADDRESS or starting a local Ray)."""
+def torch_trainer(loop, config: dict[str, Any], opts: DistributedOptions, run_dir: Path, datasets=None):
+    """The TorchTrainer every Ray Train workflow runs: ``opts``' workers, checkpoints and failure
+    recovery in ``run_dir``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    return TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.use_gpu,
+                                     resources_per_worker=None if opts.use_gpu else {"CPU": opts.cpus_per_worker}),
+        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run_dir),
+                             failure_config=FailureConfig(max_failures=opts.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+    )
+
+
+def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``job`` on Ray Train (connecting to RAY_ADDRESS or starting a local Ray)."""
     if job.train.batch_size % opts.workers:
         raise UserError(f"--batch-size {job.train.batch_size} is not divisible by --workers {opts.workers}")
     if job.stream:
@@ -303,16 +318,7 @@ def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool =
         datasets = {"train": source.dataset()}
     elif opts.data == "ray":
         datasets = {"train": ray_dataset(job, store)}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=opts.use_gpu,
-                                     resources_per_worker=None if opts.use_gpu else {"CPU": opts.cpus_per_worker}),
-        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(run_dir),
-                             failure_config=FailureConfig(max_failures=opts.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets=datasets,
-    )
+    trainer = torch_trainer(train_loop_per_worker, config, opts, run_dir, datasets)
     try:
         result = trainer.fit()
     except BaseException:
