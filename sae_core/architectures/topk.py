@@ -37,8 +37,10 @@ def topk_dense(h_BF: Tensor, k: int) -> Tensor:
     return torch.zeros_like(h_BF).scatter(-1, idx_BK, torch.relu(vals_BK))
 
 
-def auxk_loss(x_BD: Tensor, sae: SparseAutoencoder, x_hat_BD: Tensor, dead_mask_F: Tensor | None, aux_k: int) -> Tensor:
-    """Reconstruct the residual x - x_hat from the top aux_k dead latents (Gao et al. 2024, appendix A.2).
+def auxk_loss(x_BD: Tensor, sae: SparseAutoencoder, x_hat_BD: Tensor, dead_mask_F: Tensor | None, aux_k: int,
+              target_BD: Tensor | None = None) -> Tensor:
+    """Reconstruct the residual target - x_hat (target: x itself, or a transcoder's y) from the top aux_k
+    dead latents of x (Gao et al. 2024, appendix A.2).
 
     Only the dead columns of the encoder are multiplied, so the cost scales with the number of dead latents.
     """
@@ -47,7 +49,7 @@ def auxk_loss(x_BD: Tensor, sae: SparseAutoencoder, x_hat_BD: Tensor, dead_mask_
     dead_idx_N = dead_mask_F.nonzero().squeeze(1)
     h_dead_BN = sae.encoder_input(x_BD) @ sae.encoder_weight()[:, dead_idx_N] + sae.b_enc[dead_idx_N]
     vals_BK, j_BK = h_dead_BN.topk(min(aux_k, len(dead_idx_N)), dim=-1, sorted=False)
-    residual_BD = (x_BD - x_hat_BD).detach()
+    residual_BD = ((x_BD if target_BD is None else target_BD) - x_hat_BD).detach()
     recon_BD = kernels.sparse_decode(dead_idx_N[j_BK], torch.relu(vals_BK), sae.W_dec, torch.zeros_like(sae.b_dec))
     # Normalised by the residual's own size so the term stays O(1) whatever the main loss is.
     return mse_loss(recon_BD, residual_BD) / residual_BD.pow(2).mean().clamp_min(1e-12)

@@ -11,8 +11,9 @@ d_out != d_in and no target, inference still returns y_hat (its ``mse`` is then 
 
 Saving (SAELens transcoder layouts): relu -> ``transcoder``, jumprelu -> ``jumprelu_transcoder``.
 TopK and BatchTopK have no SAELens transcoder layout; they are saved as ``jumprelu_transcoder`` with
-one global inference threshold, an EMA over training steps of the (k*B)-th largest relu'd
-pre-activation of the batch (for batchtopk: the smallest kept activation, as in batchtopk.py). That
+one global inference threshold, an EMA over training steps of the (k*b)-th largest relu'd
+pre-activation of b = 256 rows of the batch (for batchtopk: the smallest activation the batch kept,
+as in batchtopk.py). That
 JumpReLU keeps, on data like the training data, k latents per token *on average* — the BatchTopK
 inference rule — so it approximates the TopK encoder: tokens get a variable number of latents and
 the exact top-k set is not reproduced. In eval mode the module itself uses that threshold, so the
@@ -38,13 +39,15 @@ from sae_core.architectures.base import (
     no_reduce,
     require,
 )
-from sae_core.architectures.batchtopk import batch_topk
+from sae_core.architectures.batchtopk import batch_topk, dense_or_sparse_decode
 from sae_core.architectures.jumprelu import jumprelu, step
 from sae_core.architectures.relu import weighted_l1
-from sae_core.architectures.topk import topk_dense
+from sae_core.architectures.topk import auxk_loss, topk_dense
 from sae_core.registry import register
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+THRESHOLD_SAMPLE_ROWS = 256
+"""Rows of each batch a TopK transcoder estimates its inference threshold on."""
 
 
 @dataclass(kw_only=True)
@@ -145,34 +148,40 @@ class Transcoder(SparseAutoencoder):
             return self.cfg.l0_coefficient * l0_B.mean()
         return latents_BF.new_zeros(())
 
-    def auxk(self, h_BF: Tensor, residual_BO: Tensor, dead_mask_F: Tensor | None) -> Tensor:
-        """AuxK (topk.py's loss) on a transcoder: the top dead pre-activations reconstruct the residual
-        y - y_hat; topk.auxk_loss cannot be reused as is because it takes the residual in input space."""
-        if dead_mask_F is None or self.cfg.aux_coefficient == 0 or not bool(dead_mask_F.any()):
-            return h_BF.new_zeros(())
-        dead_idx_N = dead_mask_F.nonzero().squeeze(1)
-        aux_k = min(self.cfg.aux_k or max(self.cfg.d_out // 2, 1), len(dead_idx_N))
-        vals_BK, j_BK = h_BF[:, dead_idx_N].topk(aux_k, dim=-1, sorted=False)
-        recon_BO = kernels.sparse_decode(dead_idx_N[j_BK], torch.relu(vals_BK), self.W_dec, torch.zeros_like(self.b_dec))
-        residual_BO = residual_BO.detach()
-        return self.cfg.aux_coefficient * mse_loss(recon_BO, residual_BO) / residual_BO.pow(2).mean().clamp_min(1e-12)
-
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None, target_BO: Tensor | None = None) -> SAEOutput:
         y_BO = x_BD if target_BO is None else target_BO
         if target_BO is None and self.cfg.d_out != self.cfg.d_in and self.training:
             raise ValueError(f"this transcoder maps d_in={self.cfg.d_in} to d_out={self.cfg.d_out}: training needs the "
                              "target, forward(x, target_BO=y)")
-        h_BF = self.pre_acts(x_BD)
-        latents_BF = self.activation(h_BF)
-        y_hat_BO = self.decode(latents_BF) + self.skip_term(x_BD)
+        act, batchwise = self.cfg.activation, self.training and self.cfg.activation in ("topk", "batchtopk")
+        if batchwise and act == "topk":  # the sparse kernels: no dense pre-activations, no dense decode
+            vals_BK, idx_BK, latents_BF = kernels.topk_encode_dense(x_BD, self.W_enc, self.b_enc, self.cfg.k)
+            y_hat_BO = kernels.sparse_decode(idx_BK, vals_BK, self.W_dec, self.b_dec)
+            self._batch_threshold = self._sampled_threshold(x_BD)
+        else:
+            h_BF = self.pre_acts(x_BD)
+            latents_BF = self.activation(h_BF)
+            y_hat_BO = dense_or_sparse_decode(latents_BF, self.W_dec, self.b_dec) if act != "relu" else self.decode(latents_BF)
+            if batchwise:  # BatchTopK's own rule: the smallest activation it kept
+                kept = latents_BF.detach()[latents_BF.detach() > 0]
+                self._batch_threshold = kept.min() if kept.numel() else None
+        y_hat_BO = y_hat_BO + self.skip_term(x_BD)
         if y_BO.shape != y_hat_BO.shape:  # inference without a target: nothing to measure the error against
             y_BO = y_hat_BO.detach()
-        aux = h_BF.new_zeros(())
-        if self.cfg.activation in ("topk", "batchtopk") and self.training:
-            aux = self.auxk(h_BF, y_BO - y_hat_BO, dead_mask_F)
-            kept = torch.relu(h_BF.detach()).flatten()
-            self._batch_threshold = kept.topk(min(self.cfg.k * h_BF.shape[0], kept.numel()), sorted=False).values.min()
-        return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), self.sparsity_loss(latents_BF, h_BF), aux)
+        aux = y_hat_BO.new_zeros(())
+        if batchwise and dead_mask_F is not None and self.cfg.aux_coefficient > 0:
+            aux_k = self.cfg.aux_k or max(self.cfg.d_out // 2, 1)
+            aux = self.cfg.aux_coefficient * auxk_loss(x_BD, self, y_hat_BO, dead_mask_F, aux_k, target_BD=y_BO)
+        sparsity = self.sparsity_loss(latents_BF, h_BF) if not batchwise else aux.new_zeros(())
+        return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), sparsity, aux)
+
+    @torch.no_grad()
+    def _sampled_threshold(self, x_BD: Tensor) -> Tensor:
+        """The (k*b)-th largest relu'd pre-activation of the batch's first b rows (the batch is shuffled):
+        the same quantile as over the whole batch, at a fraction of the cost of a dense [B, F] pass."""
+        rows = x_BD[: min(len(x_BD), THRESHOLD_SAMPLE_ROWS)]
+        flat = torch.relu(self.pre_acts(rows)).flatten()
+        return flat.topk(min(self.cfg.k * len(rows), flat.numel()), sorted=False).values.min()
 
     @torch.no_grad()
     def update_running_stats(self, out: SAEOutput, reduce: Reducer = no_reduce) -> None:
