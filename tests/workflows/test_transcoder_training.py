@@ -137,3 +137,28 @@ def test_crosscoder_sources_of_different_widths_are_refused(tmp_path):
                  "--d-sae", "8", "--steps", "2", "--batch-size", "64", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "sources must have one width" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_real_smollm2_transcoder_recovers_the_mlp(tmp_path, local_ray):
+    """Collect ~8k tokens of SmolLM2's blocks.6 MLP in/out, train a TopK skip transcoder briefly,
+    splice it in place of the MLP on the next 1k tokens."""
+    from workflows.activations import CollectConfig, collect
+
+    hook_in, hook_out = "blocks.6.hook_mlp_in", "blocks.6.hook_mlp_out"
+    store = ActivationStore(collect(CollectConfig(hooks=[hook_in, hook_out], n_tokens=8_000,
+                                                  out=str(tmp_path / "acts"))).path)
+    job = TrainJob(activations=str(store.root), hook=hook_in, out_hook=hook_out, arch="skip_transcoder",
+                   sae={"d_sae": 1152, "k": 32, "threshold_momentum": 0.9}, out=str(tmp_path / "tc"),
+                   train=TrainConfig(steps=150, batch_size=1024, lr=2e-3, lr_decay_steps=40, log_every=1000))
+    held_metrics = train_local(job)
+    model = load_model()
+    windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=1024,
+                               skip_tokens=store.n_tokens)
+    result = evaluate_sae(load_sae(tmp_path / "tc"), model.model, hook_in, windows, batch_size=4, out_hook=hook_out)
+    print(f"\nSmolLM2 {hook_in} -> {hook_out}, skip transcoder d_sae=1152 k=32, 150 steps on {store.n_tokens} "
+          f"tokens (held-out store FVU {held_metrics['fvu']:.3f}), eval on {result.n_ce_tokens} positions: "
+          f"{json.dumps(result.metrics())}")
+    assert result.ce_loss_zero > result.ce_loss_clean  # removing the MLP's output hurts the model
+    assert result.ce_loss_spliced < result.ce_loss_zero and result.ce_loss_recovered > 0.3
+    assert result.fvu < 0.8 and 16 < result.l0 < 64  # the inference threshold keeps about k=32 per token
