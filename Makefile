@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
+# Two pytest workers, one test file each at a time: much of the suite waits on Ray, model loads and
+# subprocesses, so two files overlap well on 2 cores (tests/conftest.py gives each worker one thread).
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: setup test test-fast demo lint kernels clean-venv
 
@@ -23,7 +26,7 @@ $(STAMP): pyproject.toml
 
 # pytest exits 5 when nothing was collected (e.g. a -k filter matching nothing): not a failure here.
 test: setup
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 test-fast: PYTEST_ARGS += -m "not slow"
