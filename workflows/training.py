@@ -106,19 +106,16 @@ class TrainJob:
 def sae_config_for(job: TrainJob, d_in: int, d_out: int | None = None) -> sae_core.SAEConfig:
     """The architecture config of ``job`` for inputs of width ``d_in`` (and a transcoder's targets of
     width ``d_out``; a crosscoder gets ``n_sources`` from the job's sources)."""
-    fields = dict(job.sae)
-    for name, actual in (("d_in", d_in), ("d_out", d_out if job.out_hook else None),
-                         ("n_sources", len(job.sources) if job.sources else None)):
-        given = fields.pop(name, None)
-        if given is not None and actual is not None and given != actual:
-            what = {"d_in": f"store hook {job.hook!r} has d={actual}", "d_out": f"store hook {job.out_hook!r} has d={actual}",
-                    "n_sources": f"{actual} --hook value(s) give n_sources={actual}"}[name]
-            raise UserError(f"{what}, but the SAE was asked for {name}={given}; drop that setting")
-        if actual is not None and name != "d_in":
-            fields[name] = actual
-        elif given is not None and name != "d_in":
-            fields[name] = given
-    return sae_core.make_config(job.arch, d_in=d_in, **fields)
+    derived = {"d_in": d_in, "d_out": d_out if job.out_hook else None,
+               "n_sources": len(job.sources) if job.sources else None}
+    derived = {name: value for name, value in derived.items() if value is not None}
+    sources = {"d_in": f"store hook {job.hook!r} has d", "d_out": f"store hook {job.out_hook!r} has d",
+               "n_sources": "the --hook values give n_sources"}
+    for name, actual in derived.items():
+        given = job.sae.get(name)
+        if given is not None and given != actual:
+            raise UserError(f"{sources[name]}={actual}, but the SAE was asked for {name}={given}; drop that setting")
+    return sae_core.make_config(job.arch, **{**job.sae, **derived})
 
 
 def store_widths(store: ActivationStore, job: TrainJob) -> tuple[int, int | None]:
