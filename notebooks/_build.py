@@ -98,27 +98,39 @@ assert tagged == set(frontier["run_id"]), "MLflow's pareto tags disagree with th
 ]
 
 STEERING = [
-    new_markdown_cell("# 03 — Features and steering\n\nTrain a small SAE on SmolLM2 (or reuse the quickstart's), "
-                      "look at one feature's top contexts, then steer generation with it."),
+    new_markdown_cell("# 03 — Features and steering\n\nReuse the quickstart's SAE (notebook 01 in the same "
+                      "work folder) or train a small one on SmolLM2, look at one feature's top contexts, then "
+                      "steer generation with it."),
     new_code_cell(SETTINGS),
-    new_code_cell('''from workflows.pipeline import run_pipeline
-from workflows.recipes import get_recipe
+    new_code_cell('''import json
 
-overrides = {"dashboard_features": 0}
-if TINY:
-    overrides |= {"hook": "blocks.3.hook_resid_post", "tokens": 6000, "sae": {"d_sae": 1152, "k": 16},
-                  "train": {"steps": 60, "batch_size": 512, "lr": 2e-3, "log_every": 20},
-                  "cpus_per_worker": 0.5, "eval_tokens": 512}
-recipe = get_recipe("smollm2-topk", overrides)
-result = run_pipeline(recipe, out=WORK / "steering", mlflow_uri=MLFLOW_URI, experiment="notebook-steering")
-result.metrics["ce_loss_recovered"]'''),
+from workflows.pipeline import run_pipeline
+from workflows.recipes import Recipe, get_recipe
+
+quick = WORK / "quickstart"
+if (quick / "eval" / "eval.json").is_file() and (quick / "sae" / "cfg.json").is_file():
+    # Notebook 01 ran in this work folder: its SAE, recipe and evaluation are all there.
+    recipe = Recipe(**json.loads((quick / "recipe.json").read_text()))
+    sae_dir = quick / "sae"
+    metrics = json.loads((quick / "eval" / "eval.json").read_text())
+    print("reusing the quickstart's SAE in", sae_dir)
+else:
+    overrides = {"dashboard_features": 0}
+    if TINY:
+        overrides |= {"hook": "blocks.3.hook_resid_post", "tokens": 6000, "sae": {"d_sae": 1152, "k": 16},
+                      "train": {"steps": 60, "batch_size": 512, "lr": 2e-3, "log_every": 20},
+                      "cpus_per_worker": 0.5, "eval_tokens": 512}
+    recipe = get_recipe("smollm2-topk", overrides)
+    result = run_pipeline(recipe, out=WORK / "steering", mlflow_uri=MLFLOW_URI, experiment="notebook-steering")
+    sae_dir, metrics = result.sae_dir, result.metrics
+metrics["ce_loss_recovered"]'''),
     new_code_cell('''from sae_core.io import load_sae
 from workflows.models import load_model
 
 model = load_model(recipe.model)
-sae = load_sae(result.sae_dir)
+sae = load_sae(sae_dir)
 sparsity = __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-    str(result.sae_dir / "sparsity.safetensors"))["sparsity"]
+    str(sae_dir / "sparsity.safetensors"))["sparsity"]
 feature = int(sparsity.argmax())  # the most frequent feature on the held-out text
 feature, float(sparsity[feature])'''),
     new_markdown_cell("## Where does the feature fire?"),
@@ -155,6 +167,8 @@ def main() -> None:
     kernel = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
     for name, cells in (("01_quickstart", QUICKSTART), ("02_pareto", PARETO), ("03_features_and_steering", STEERING)):
         nb = new_notebook(cells=cells, metadata=kernel)
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"{name[:2]}-{i:02d}"  # stable ids: rebuilding changes only the cells that changed
         nbformat.validate(nb)
         nbformat.write(nb, HERE / f"{name}.ipynb")
 

@@ -17,11 +17,17 @@ def test_committed_notebook_has_no_outputs(path):
     assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One work folder for all notebooks, as `runs/notebooks` is for a researcher: 03 reuses 01's SAE."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
+def test_notebook_runs_top_to_bottom(path, workdir, tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_NB_TINY", "1")
-    monkeypatch.setenv("SAE_NB_WORKDIR", str(tmp_path))
+    monkeypatch.setenv("SAE_NB_WORKDIR", str(workdir))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]

@@ -100,3 +100,33 @@ def local_ray():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+SMOLLM2_HOOKS = ["blocks.6.hook_resid_post", "blocks.6.hook_mlp_in", "blocks.6.hook_mlp_out"]
+SMOLLM2_TOKENS = 16_000
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory, worker_id):
+    """16k tokens of the real SmolLM2 at blocks.6 (residual stream, MLP in and out), collected once for
+    the whole run: the slow tests of several files train on it, and under xdist the workers share it
+    (the first one to ask collects, the other waits on the lock instead of collecting its own)."""
+    import subprocess
+    import sys
+
+    from filelock import FileLock
+
+    from sae_core.store import ActivationStore, read_manifest
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # under xdist: the run's folder above the workers'
+    path = shared / "smollm2-blocks6"
+    with FileLock(str(shared / "smollm2-blocks6.lock")):
+        if not ((path / "manifest.json").is_file() and read_manifest(path).extra.get("complete")):
+            # A subprocess: it starts and stops its own Ray, whatever Ray this worker's modules use.
+            hooks = [arg for hook in SMOLLM2_HOOKS for arg in ("--hook", hook)]
+            done = subprocess.run([sys.executable, "-m", "workflows.cli", "collect", *hooks, "--tokens",
+                                   str(SMOLLM2_TOKENS), "--dtype", "float32", "--out", str(path)],
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+    return ActivationStore(path)

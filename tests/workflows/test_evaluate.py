@@ -198,26 +198,22 @@ def test_cli_eval_foreign_format_and_bad_input(tiny_llama_dir, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_real_smollm2_topk_recovers_most_of_the_loss(tmp_path, local_ray):
-    """Collect ~16k tokens of SmolLM2 at blocks.6, train a TopK SAE briefly, evaluate on the next 2k tokens."""
-    from sae_core.store import ActivationStore
-    from workflows.activations import CollectConfig, collect
-
-    hook = "blocks.6.hook_resid_post"
-    store = ActivationStore(collect(CollectConfig(hooks=[hook], n_tokens=16_000, out=str(tmp_path / "acts"))).path)
+def test_real_smollm2_topk_recovers_most_of_the_loss(tmp_path, smollm2_store):
+    """Train a TopK SAE briefly on 16k tokens of SmolLM2 at blocks.6, evaluate on the next 1.5k tokens."""
+    hook, store = "blocks.6.hook_resid_post", smollm2_store
     acts = store.read_hook(hook)
     torch.manual_seed(0)
     sae = sae_core.build(sae_core.make_config("topk", d_in=acts.shape[1], d_sae=2304, k=32))
-    trainer = Trainer(sae, TrainConfig(steps=400, batch_size=1024, lr=1e-3, lr_decay_steps=100, log_every=1000))
+    trainer = Trainer(sae, TrainConfig(steps=250, batch_size=1024, lr=1e-3, lr_decay_steps=60, log_every=1000))
     order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))
-    batches = (acts[order[(i * 1024) % (len(acts) - 1024):][:1024]] for i in range(400))
+    batches = (acts[order[(i * 1024) % (len(acts) - 1024):][:1024]] for i in range(250))
     list(trainer.fit(batches))
     save_sae(sae, tmp_path / "sae", scaling_factor=trainer.scaling_factor)
     model = load_model()
-    windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=2048,
+    windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=1536,
                                skip_tokens=store.n_tokens)
     result = evaluate_sae(sae_core.io.load_sae(tmp_path / "sae"), model.model, hook, windows, batch_size=4)
-    print(f"\nSmolLM2 {hook}, TopK d_sae=2304 k=32, 400 steps on {store.n_tokens} tokens, eval on "
+    print(f"\nSmolLM2 {hook}, TopK d_sae=2304 k=32, 250 steps on {store.n_tokens} tokens, eval on "
           f"{result.n_ce_tokens} held-out positions: {json.dumps(result.metrics())}")
     assert result.ce_loss_zero > result.ce_loss_clean + 1.0  # zeroing the mid-depth residual wrecks the model
     assert result.ce_loss_recovered > 0.5 and result.l0 == pytest.approx(32.0)
