@@ -26,18 +26,25 @@ def _isolated_tracking(tmp_path, monkeypatch):
 # `make test PYTEST_ARGS=--durations=0`). xdist's loadfile scheduler hands out files in collection
 # order, so starting the long ones first keeps both workers busy to the end instead of one finishing
 # a long file alone. Files not listed keep their order after these; refresh the list when it drifts.
+# (test_activations and test_dashboard come after test_evaluate: by then the shared SmolLM2 store of
+# tests/workflows/conftest.py is collected and they do not wait on its lock.)
 SLOWEST_FIRST = [
     "tests/workflows/test_train_ray.py",
-    "tests/test_notebooks.py",
-    "tests/workflows/test_cluster.py",
-    "tests/workflows/test_evaluate.py",
-    "tests/workflows/test_dashboard.py",
     "tests/workflows/test_transcoder_training.py",
+    "tests/test_notebooks.py",
+    "tests/workflows/test_evaluate.py",
+    "tests/workflows/test_cluster.py",
+    "tests/core/test_architectures.py",
     "tests/workflows/test_train_fault.py",
-    "tests/workflows/test_e2e.py",
-    "tests/workflows/test_train_stream.py",
-    "tests/workflows/test_pipeline.py",
     "tests/workflows/test_sweep.py",
+    "tests/workflows/test_activations.py",
+    "tests/workflows/test_dashboard.py",
+    "tests/workflows/test_train_stream.py",
+    "tests/workflows/test_e2e.py",
+    "tests/workflows/test_pipeline.py",
+    "tests/workflows/test_cli_train.py",
+    "tests/core/test_transcoders.py",
+    "tests/workflows/test_models.py",
 ]
 
 
