@@ -257,6 +257,14 @@ def collect(cfg: CollectConfig, progress: Callable[[int], None] = lambda n: None
                          parts_skipped=n_parts - len(todo), seconds=time.perf_counter() - start)
 
 
+def complete_manifest(store: str | Path) -> Manifest | None:
+    """The manifest of a store `collect` finished writing; None for a missing or unfinished one."""
+    if not (Path(store) / "manifest.json").is_file():
+        return None
+    manifest = read_manifest(store)
+    return manifest if manifest.extra.get("complete") else None
+
+
 def _empty(cfg: CollectConfig, p: Plan) -> dict[str, np.ndarray]:
     out = {k: np.zeros(0, dtype=np.int64) for k in META}
     out.update({h: np.zeros((0, p.d[h]), dtype=cfg.dtype) for h in cfg.hooks})

@@ -17,7 +17,7 @@ from typing import Any
 
 from sae_core.store import read_manifest
 from sae_core.trainer import TrainConfig
-from workflows.activations import CollectConfig, collect
+from workflows.activations import CollectConfig, collect, complete_manifest
 from workflows.errors import UserError
 from workflows.recipes import Recipe
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
@@ -60,8 +60,8 @@ def collect_stage(recipe: Recipe, out: Path) -> Path:
     cfg = CollectConfig(hooks=[recipe.hook], n_tokens=recipe.tokens, model=recipe.model, corpus=recipe.corpus,
                         context_size=recipe.context_size, out=str(store), dtype=recipe.store_dtype,
                         workers=recipe.collect_workers)
-    if (store / "manifest.json").is_file() and read_manifest(store).extra.get("complete"):
-        manifest = read_manifest(store)
+    manifest = complete_manifest(store)
+    if manifest is not None:
         if manifest.model == recipe.model and list(manifest.hooks) == [recipe.hook] and \
                 manifest.extra.get("collect", {}).get("n_tokens") == recipe.tokens:
             logger.info("reusing the activation store %s (%d tokens)", store, manifest.n_tokens)

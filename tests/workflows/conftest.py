@@ -116,13 +116,14 @@ def smollm2_store(tmp_path_factory, worker_id):
 
     from filelock import FileLock
 
-    from sae_core.store import ActivationStore, read_manifest
+    from sae_core.store import ActivationStore
+    from workflows.activations import complete_manifest
 
     base = tmp_path_factory.getbasetemp()
     shared = base if worker_id == "master" else base.parent  # under xdist: the run's folder above the workers'
     path = shared / "smollm2-blocks6"
     with FileLock(str(shared / "smollm2-blocks6.lock")):
-        if not ((path / "manifest.json").is_file() and read_manifest(path).extra.get("complete")):
+        if complete_manifest(path) is None:
             # A subprocess: it starts and stops its own Ray, whatever Ray this worker's modules use.
             hooks = [arg for hook in SMOLLM2_HOOKS for arg in ("--hook", hook)]
             done = subprocess.run([sys.executable, "-m", "workflows.cli", "collect", *hooks, "--tokens",

@@ -90,7 +90,7 @@ def test_resume_after_ctrl_c_finishes_at_the_same_step(store, tmp_path):
     out, db = tmp_path / "run", tmp_path / "m.db"
     args = ["--activations", str(store), "--hook", "synthetic", "--d-sae", "128", "--k", "4", "--steps", "400",
             "--batch-size", "256", "--lr", "3e-3", "--set", "dead_after_tokens=1000000000", "--out", str(out),
-            "--workers", "1", "--checkpoint-every", "40"]
+            "--workers", "1", "--checkpoint-every", "20"]
     proc = cli(*args, db=db)
     deadline = time.time() + 240
     while not [p for p in (out / "ray-train").glob("checkpoint_*") if p.is_dir()] and time.time() < deadline and proc.poll() is None:
