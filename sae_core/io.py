@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sae_core.architectures.base import ConfigError, SparseAutoencoder
+from sae_core.config import ReasonedError
 from sae_core.normalization import NORMALIZATIONS, InputNormalizedSAE, wrap_normalization
 from sae_core.registry import RegistryError, build, get
 from sae_core.store import atomic_write_bytes
@@ -46,8 +47,9 @@ _FOREIGN_FIELDS = {"transcoder": {"activation": "relu"}, "skip_transcoder": {"ac
 _LATENT_SCALED = {"W_enc": 1, "b_enc": 1, "threshold": 1, "b_gate": 1, "b_mag": 1}
 
 
-class SAEFormatError(ValueError):
-    """A folder whose files do not match its cfg.json; the message names the tensor or field."""
+class SAEFormatError(ReasonedError):
+    """A folder whose files do not match its cfg.json; the message names the tensor or field. ``reason``
+    "foreign_normalization": a per-token normalisation only an importer can convert."""
 
 
 def fold_scaling_factor(tensors: dict[str, Tensor], scale: float,
@@ -165,9 +167,8 @@ def _native_config(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         )
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", None, *NORMALIZATIONS):
-        raise SAEFormatError(
-            f"{path}/{CFG_FILE}: normalize_activations={norm!r} is not supported here; use `sae import` to convert it"
-        )
+        raise SAEFormatError(f"{path}/{CFG_FILE}: normalize_activations={norm!r} is not supported by this loader",
+                             reason="foreign_normalization")
     for field in ("d_in", "d_sae"):
         if not isinstance(cfg.get(field), int):
             raise SAEFormatError(f"{path}/{CFG_FILE}: field {field!r} is missing or not an integer")

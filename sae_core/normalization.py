@@ -76,6 +76,14 @@ class InputNormalizedSAE(nn.Module):
     def homogeneous(self) -> bool:
         return self.sae.homogeneous
 
+    @property
+    def wiring(self):
+        return self.sae.wiring
+
+    @property
+    def d_out(self) -> int:
+        return self.sae.d_out
+
     def inference_tensors(self) -> dict[str, Tensor]:
         return self.sae.inference_tensors()
 

@@ -1,15 +1,32 @@
 """The architecture registry. Each file in ``sae_core/architectures`` calls :func:`register` at import,
-and :func:`discover` imports them all, so adding an architecture is adding one file."""
+and :func:`discover` imports them all, so adding an architecture is adding one file.
+
+An architecture can also live outside this package: name its module in the environment variable
+``SAE_RAY_ARCHITECTURES`` (comma-separated module names, importable from ``sys.path``) or declare it
+under the ``sae_ray.architectures`` entry-point group of an installed package.
+
+Everything the rest of the project needs to know about an architecture is on its :class:`ArchSpec`:
+what it reads and writes (``wiring``), whether it resamples dead latents, its config class. Code that
+feeds, trains or evaluates SAEs asks the spec, never the name.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import logging
+import os
 import pkgutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sae_core.architectures.base import SAEConfig, SparseAutoencoder
+    from sae_core.architectures.base import SAEConfig, SparseAutoencoder, Wiring
+
+logger = logging.getLogger(__name__)
+
+PLUGINS_ENV = "SAE_RAY_ARCHITECTURES"
+ENTRY_POINT_GROUP = "sae_ray.architectures"
 
 
 class RegistryError(ValueError):
@@ -22,6 +39,25 @@ class ArchSpec:
     config_cls: type[SAEConfig]
     model_cls: type[SparseAutoencoder]
     summary: str
+
+    @property
+    def wiring(self) -> Wiring:
+        """What the architecture reads from the model and writes back."""
+        return self.model_cls.wiring
+
+    @property
+    def can_resample(self) -> bool:
+        """Whether the module re-initialises dead latents during training (``resample_dead``)."""
+        from sae_core.architectures.base import SparseAutoencoder
+
+        return self.model_cls.resample_dead is not SparseAutoencoder.resample_dead
+
+    @property
+    def fields(self) -> list[str]:
+        """The config's field names."""
+        import dataclasses
+
+        return [f.name for f in dataclasses.fields(self.config_cls)]
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -46,6 +82,13 @@ def discover() -> None:
     for info in sorted(pkgutil.iter_modules(architectures.__path__), key=lambda m: m.name):
         importlib.import_module(f"{architectures.__name__}.{info.name}")
     _DISCOVERED = True
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise RegistryError(f"{PLUGINS_ENV} names module {module!r}, which cannot be imported: {exc}") from exc
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
 
 
 def names() -> list[str]:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sae_core.config import ReasonedError
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "sae-activations/1"
@@ -30,8 +32,9 @@ META_COLUMNS = {"token_id": "int32", "window_id": "int64", "position": "int32", 
 DTYPES = ("float16", "float32")
 
 
-class StoreError(ValueError):
-    """A store that cannot be read or written as asked; the message names the problem and the fix."""
+class StoreError(ReasonedError):
+    """A store that cannot be read or written as asked; the message names the problem, ``reason`` its kind:
+    "not_a_store", "store_exists" (another store is in the way), "missing_part", "too_few_rows"."""
 
 
 def sha256_file(path: Path) -> str:
@@ -120,7 +123,7 @@ class Manifest:
 def read_manifest(root: str | Path) -> Manifest:
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise StoreError(f"{root} is not an activation store: no {MANIFEST} (make one with `sae collect` or `sae synth`)")
+        raise StoreError(f"{root} is not an activation store: no {MANIFEST}", reason="not_a_store")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -167,10 +170,8 @@ class StoreWriter:
             old = read_manifest(self.root)
             for key in ("model", "hooks", "dtype", "context_size", "corpus"):
                 if getattr(old, key) != getattr(manifest, key):
-                    raise StoreError(
-                        f"{self.root} already holds a store with {key}={getattr(old, key)!r}, not "
-                        f"{getattr(manifest, key)!r}; choose another --out or delete it"
-                    )
+                    raise StoreError(f"{self.root} already holds a store with {key}={getattr(old, key)!r}, not "
+                                     f"{getattr(manifest, key)!r}", reason="store_exists")
             manifest.files = old.files
             manifest.n_tokens = old.n_tokens
         self.manifest = manifest
@@ -247,7 +248,7 @@ class ActivationStore:
         entry = self.manifest.files[file_index]
         path = self.root / entry["path"]
         if not path.is_file():
-            raise StoreError(f"store file {path} listed in the manifest is missing (run `sae store verify`)")
+            raise StoreError(f"store file {path} listed in the manifest is missing", reason="missing_part")
         table = pq.read_table(path, columns=columns)
         return table
 
@@ -310,17 +311,16 @@ class ActivationStore:
         given several hooks, dicts {hook: batch} whose batches hold the same rows (transcoders read an
         input and a target hook, crosscoders several sources).
 
-        Shuffling is a seeded buffer over whole files read in a seeded order: it needs memory for
-        ``shuffle_buffer`` rows, not for the whole store.
+        Rows are drawn in a seeded permutation of [start, stop), ``shuffle_buffer`` at a time. Note that
+        the hook columns are read whole into memory once (``_rows`` caches them), so memory grows with
+        the store, not with the buffer.
         """
         single = isinstance(hook, str)
         hooks = [hook] if single else list(hook)
         stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
         if stop - start < batch_size:
-            raise StoreError(
-                f"store {self.root} has {stop - start} usable rows, fewer than one batch of {batch_size}; "
-                "collect more tokens or lower --batch-size"
-            )
+            raise StoreError(f"store {self.root} has {stop - start} usable rows, fewer than one batch of {batch_size}",
+                             reason="too_few_rows")
         rng = np.random.default_rng(seed)
         chunk = max(batch_size, shuffle_buffer)
         while True:
@@ -378,6 +378,3 @@ class ActivationStore:
             problems.append(StoreProblem(MANIFEST, f"n_tokens={self.manifest.n_tokens} but files hold {total} rows"))
         return problems
 
-
-def open_store(root: str | Path) -> ActivationStore:
-    return ActivationStore(root)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from sae_core import metrics
-from sae_core.architectures.base import ConfigError, Reducer, SAEOutput, SparseAutoencoder, no_reduce, require
+from sae_core.architectures.base import Reducer, SAEOutput, SparseAutoencoder, no_reduce
+from sae_core.config import require, strict_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - fields)
-        if unknown:
-            raise ConfigError(f"unknown training field(s) {unknown}; valid: {sorted(fields)}")
-        return cls(**raw)
+        return strict_from_dict(cls, raw, "training")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -229,8 +226,8 @@ class Trainer:
         return loss, out
 
     def _maybe_resample(self, x_BD: Tensor) -> None:
-        every = getattr(self.sae.cfg, "resample_every", None)
-        if every and self.step_count > 0 and self.step_count % every == 0 and hasattr(self.sae, "resample_dead"):
+        every = self.sae.resample_interval()
+        if every and self.step_count > 0 and self.step_count % every == 0:
             dead_F = self.tracker.dead_mask()
             if dead_F.any():
                 self.sae.resample_dead(dead_F, x_BD)

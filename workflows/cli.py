@@ -18,6 +18,21 @@ from workflows.errors import UserError
 # Errors that are the user's input, not our bug: one line, exit 2, no traceback.
 USER_ERRORS = (UserError, StoreError, RegistryError, ConfigError, FileNotFoundError, SAEFormatError)
 
+# What to do about a library error, in this front-end's terms (the library names no flag or command).
+ADVICE = {
+    "not_a_store": "make one with `sae collect` or `sae synth`",
+    "store_exists": "choose another --out or delete it",
+    "missing_part": "run `sae store verify`",
+    "too_few_rows": "collect more tokens or lower --batch-size",
+    "foreign_normalization": "use `sae import` to convert it",
+}
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line shown for a user error: its message, plus this front-end's advice for its reason."""
+    advice = ADVICE.get(getattr(exc, "reason", None) or "")
+    return f"{exc}; {advice}" if advice else str(exc)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae", description="Train and study sparse autoencoders on Ray.")
@@ -36,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except USER_ERRORS as exc:
-        print(f"sae {args.command}: error: {exc}", file=sys.stderr)
+        print(f"sae {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sae {args.command}: interrupted", file=sys.stderr)

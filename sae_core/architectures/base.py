@@ -11,12 +11,18 @@ coefficients do not depend on d_in when inputs are normalised to mean squared no
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from sae_core.config import ConfigError, require, strict_from_dict
+
+__all__ = ["ConfigError", "Reducer", "SAEConfig", "SAEOutput", "SparseAutoencoder", "Wiring", "mse_loss",
+           "no_reduce", "require"]
 
 # A reducer sums or takes the min/max of a tensor across data-parallel ranks; identity when single-process.
 Reducer = Callable[[Tensor, str], Tensor]
@@ -26,8 +32,29 @@ def no_reduce(t: Tensor, op: str) -> Tensor:
     return t
 
 
-class ConfigError(ValueError):
-    """A config field with a bad value; the message names the field."""
+class Wiring(enum.Enum):
+    """What a dictionary reads from a model and writes back: the contract between an architecture and
+    the code that feeds, trains and evaluates it. Each architecture declares one (``SparseAutoencoder.wiring``).
+    """
+
+    SITE = "site"
+    """Reads one site's activations [B, d_in] and reconstructs them; spliced back at that site."""
+    PAIR = "pair"
+    """Reads an input site [B, d_in] and predicts an output site [B, d_out] (config field ``d_out``);
+    spliced in place of the output site (a transcoder: MLP in -> MLP out)."""
+    STACKED = "stacked"
+    """Reads S sites of one width stacked [B, S, d_in] and reconstructs each (config field ``n_sources``);
+    it rewrites several sites at once, so it is not spliced: evaluated per site."""
+
+    @property
+    def derived_field(self) -> str | None:
+        """The config field a data source sets besides ``d_in``: the output width or the number of sites."""
+        return {Wiring.SITE: None, Wiring.PAIR: "d_out", Wiring.STACKED: "n_sources"}[self]
+
+    @property
+    def splices(self) -> bool:
+        """Whether one reconstruction can stand in for one site of the model (evaluation, end-to-end)."""
+        return self is not Wiring.STACKED
 
 
 @dataclass(kw_only=True)
@@ -64,19 +91,10 @@ class SAEConfig:
         arch = raw.pop("arch", cls.arch)
         if arch != cls.arch:
             raise ConfigError(f"config is for architecture {arch!r}, not {cls.arch!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - fields)
-        if unknown:
-            raise ConfigError(f"unknown field(s) {unknown} for architecture {cls.arch!r}; valid: {sorted(fields)}")
-        return cls(**raw)
+        return strict_from_dict(cls, raw, f"architecture {cls.arch!r}")
 
     def replace(self, **changes: Any) -> SAEConfig:
         return dataclasses.replace(self, **changes)
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 class SAEOutput(NamedTuple):
@@ -110,6 +128,8 @@ class SparseAutoencoder(nn.Module):
     """activation(c*h) == c*activation(h) per latent for c > 0, so decoder norms can be folded at save."""
     max_active: ClassVar[str | None] = None
     """Config field bounding the latents active per row (e.g. "k"), for sparse kernels; None if unbounded."""
+    wiring: ClassVar[Wiring] = Wiring.SITE
+    """What the dictionary reads and writes (see :class:`Wiring`)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -175,6 +195,19 @@ class SparseAutoencoder(nn.Module):
         unit_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
         parallel_F = (self.W_dec.grad * unit_FD).sum(dim=1, keepdim=True)
         self.W_dec.grad -= parallel_F * unit_FD
+
+    @property
+    def d_out(self) -> int:
+        """Width of what the SAE writes (a PAIR wiring's output site; d_in otherwise)."""
+        return self.cfg.d_in
+
+    def resample_interval(self) -> int:
+        """Steps between resamplings of dead latents (``resample_dead``); 0: this SAE never resamples."""
+        return 0
+
+    def resample_dead(self, dead_mask_F: Tensor, x_BD: Tensor) -> None:
+        """Re-initialise the dead latents from the inputs ``x_BD`` (only called when ``resample_interval``)."""
+        raise NotImplementedError(f"architecture {self.arch!r} does not resample dead latents")
 
     def update_running_stats(self, out: SAEOutput, reduce: Reducer = no_reduce) -> None:
         """Update state estimated during training (e.g. BatchTopK's threshold). Called once per step."""

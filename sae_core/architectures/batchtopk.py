@@ -16,36 +16,15 @@ import torch
 from torch import Tensor
 
 from sae_core import kernels
-from sae_core.architectures.base import (
-    Reducer,
-    SAEConfig,
-    SAEOutput,
-    SparseAutoencoder,
-    mse_loss,
-    no_reduce,
-    require,
-)
-from sae_core.architectures.topk import auxk_loss
+from sae_core.architectures.base import Reducer, SAEConfig, SAEOutput, SparseAutoencoder, mse_loss, no_reduce
+from sae_core.architectures.common import KSparsityFields, ThresholdEMAFields, update_threshold_ema
+from sae_core.architectures.topk import auxk_term
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class BatchTopKConfig(SAEConfig):
-    k: int = 32
-    """Mean number of latents active per token (k*B are kept over a batch of B)."""
-    aux_k: int | None = None
-    """Dead latents the AuxK loss may use per token; None means d_in // 2."""
-    aux_coefficient: float = 1.0 / 32
-    """Weight of the AuxK loss (as in TopK)."""
-    threshold_momentum: float = 0.99
-    """EMA momentum of the inference threshold: t <- m*t + (1-m)*min_kept (the first step sets t)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(isinstance(self.k, int) and 1 <= self.k <= self.d_sae, f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
-        require(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
-        require(self.aux_coefficient >= 0, f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
-        require(0 <= self.threshold_momentum < 1, f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
+class BatchTopKConfig(KSparsityFields, ThresholdEMAFields, SAEConfig):
+    """k is the mean number of latents per token: k*B are kept over a batch of B."""
 
 
 def batch_topk(h_BF: Tensor, k: int) -> Tensor:
@@ -55,12 +34,9 @@ def batch_topk(h_BF: Tensor, k: int) -> Tensor:
     return torch.zeros_like(flat).scatter(0, idx_N, vals_N).view_as(h_BF)
 
 
-def dense_or_sparse_decode(latents_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor) -> Tensor:
-    """Decode through the sparse kernel when the kernels package can pad a dense latent matrix."""
-    to_padded = getattr(kernels, "to_padded", None)
-    if to_padded is None:
-        return latents_BF @ W_dec_FD + b_dec_D
-    idx_BK, vals_BK = to_padded(latents_BF)
+def padded_sparse_decode(latents_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor) -> Tensor:
+    """Decode dense latents with a variable number of non-zeros per row through the sparse kernel."""
+    idx_BK, vals_BK = kernels.to_padded(latents_BF)
     return kernels.sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D)
 
 
@@ -79,19 +55,13 @@ class BatchTopKSAE(SparseAutoencoder):
         return torch.relu(h_BF) * (h_BF > self.threshold)
 
     def decode(self, latents_BF: Tensor) -> Tensor:
-        return dense_or_sparse_decode(latents_BF, self.W_dec, self.b_dec)
-
-    def auxk_term(self, x_BD: Tensor, x_hat_BD: Tensor, dead_mask_F: Tensor | None) -> Tensor:
-        if dead_mask_F is None or self.cfg.aux_coefficient == 0:
-            return x_BD.new_zeros(())
-        aux_k = self.cfg.aux_k or max(self.cfg.d_in // 2, 1)
-        return self.cfg.aux_coefficient * auxk_loss(x_BD, self, x_hat_BD, dead_mask_F, aux_k)
+        return padded_sparse_decode(latents_BF, self.W_dec, self.b_dec)
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
         latents_BF = self.encode(x_BD)
         x_hat_BD = self.decode(latents_BF)
         zero = x_BD.new_zeros(())
-        aux = self.auxk_term(x_BD, x_hat_BD, dead_mask_F)
+        aux = auxk_term(self, x_BD, x_hat_BD, dead_mask_F)
         return SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), zero, aux)
 
     @torch.no_grad()
@@ -100,16 +70,8 @@ class BatchTopKSAE(SparseAutoencoder):
         if not self.training:
             return
         latents_BF = out.latents_BF.detach().float()
-        inf = torch.tensor(float("inf"), device=latents_BF.device)
-        # Every rank calls reduce, even with nothing kept, so collectives stay matched.
-        min_kept = reduce(torch.where(latents_BF > 0, latents_BF, inf).min(), "min")
-        if not bool(torch.isfinite(min_kept)):
-            return
-        if bool((self.threshold == 0).all()):
-            self.threshold.fill_(float(min_kept))
-        else:
-            m = self.cfg.threshold_momentum
-            self.threshold.mul_(m).add_((1 - m) * min_kept)
+        min_kept = torch.where(latents_BF > 0, latents_BF, torch.inf).min()
+        update_threshold_ema(self.threshold, min_kept, self.cfg.threshold_momentum, reduce)
 
 
 register("batchtopk", BatchTopKConfig, BatchTopKSAE,

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, mse_loss, require
+from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, Wiring, mse_loss, require
+from sae_core.architectures.common import require_choice
 from sae_core.architectures.relu import weighted_l1
 from sae_core.architectures.topk import topk_dense
 from sae_core.registry import register
@@ -47,7 +48,7 @@ class CrosscoderConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(isinstance(self.n_sources, int) and self.n_sources >= 1, f"n_sources must be >= 1, got {self.n_sources!r}")
-        require(self.activation in ("relu", "topk"), f"activation must be relu or topk, got {self.activation!r}")
+        require_choice(self.activation, ("relu", "topk"), "activation")
         require(isinstance(self.k, int) and 1 <= self.k <= self.d_sae, f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
         require(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
         if self.activation == "topk":
@@ -56,6 +57,7 @@ class CrosscoderConfig(SAEConfig):
 
 class Crosscoder(SparseAutoencoder):
     saelens_architecture = "crosscoder"
+    wiring = Wiring.STACKED
     cfg: CrosscoderConfig
 
     def __init__(self, cfg: CrosscoderConfig):

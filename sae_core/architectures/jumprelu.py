@@ -28,25 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, require
+from sae_core.architectures.common import JumpReLUFields, log_threshold_to_saved, saved_to_log_threshold
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class JumpReLUConfig(SAEConfig):
-    l0_coefficient: float = 5e-3
-    """Weight of the L0 penalty mean_b sum_i H(h_bi - theta_i) (the paper's lambda; see module docstring)."""
-    bandwidth: float = 0.05
-    """Width eps of the rectangle kernel of the straight-through estimators, in pre-activation units."""
-    init_threshold: float = 0.1
-    """Initial threshold of every latent."""
+class JumpReLUConfig(JumpReLUFields, SAEConfig):
     pre_act_loss_coefficient: float = 0.0
     """Weight of the pre-activation loss on dead latents (Anthropic Jan 2025); 0 disables."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {self.l0_coefficient}")
-        require(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth}")
-        require(self.init_threshold > 0, f"init_threshold must be > 0, got {self.init_threshold}")
         require(self.pre_act_loss_coefficient >= 0,
                 f"pre_act_loss_coefficient must be >= 0, got {self.pre_act_loss_coefficient}")
 
@@ -98,6 +90,11 @@ def step(h_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
     return _HeavisideFn.apply(h_BF, theta_F, bandwidth)
 
 
+def l0_penalty(h_BF: Tensor, theta_F: Tensor, cfg: JumpReLUFields) -> Tensor:
+    """``l0_coefficient`` x the mean number of latents above threshold, differentiable in theta."""
+    return cfg.l0_coefficient * step(h_BF, theta_F, cfg.bandwidth).sum(dim=-1).mean()
+
+
 class JumpReLUSAE(SparseAutoencoder):
     saelens_architecture = "jumprelu"
     homogeneous = True
@@ -114,8 +111,7 @@ class JumpReLUSAE(SparseAutoencoder):
         return jumprelu(h_BF, self.threshold(), self.cfg.bandwidth)
 
     def sparsity_loss(self, latents_BF: Tensor, h_BF: Tensor) -> Tensor:
-        l0_B = step(h_BF, self.threshold(), self.cfg.bandwidth).sum(dim=-1)
-        return self.cfg.l0_coefficient * l0_B.mean()
+        return l0_penalty(h_BF, self.threshold(), self.cfg)
 
     def aux_loss(self, x_BD: Tensor, out: SAEOutput, h_BF: Tensor, dead_mask_F: Tensor | None) -> Tensor:
         coef = self.cfg.pre_act_loss_coefficient
@@ -126,17 +122,10 @@ class JumpReLUSAE(SparseAutoencoder):
 
     # -- saving: SAELens stores the threshold itself ----------------------------------------------
     def inference_tensors(self) -> dict[str, Tensor]:
-        tensors = super().inference_tensors()
-        tensors["threshold"] = tensors.pop("log_threshold").exp()
-        return tensors
+        return log_threshold_to_saved(super().inference_tensors())
 
     def inference_to_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        tensors = dict(tensors)
-        if "threshold" in tensors:
-            # A zero threshold (plain ReLU) is kept as the smallest positive one.
-            tiny = torch.finfo(torch.float32).tiny
-            tensors["log_threshold"] = tensors.pop("threshold").float().clamp_min(tiny).log()
-        return tensors
+        return saved_to_log_threshold(tensors)
 
 
 register("jumprelu", JumpReLUConfig, JumpReLUSAE, "JumpReLU with learned thresholds and STE L0 (Rajamanoharan et al. 2024)")

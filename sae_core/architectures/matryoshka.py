@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sae_core.architectures.base import SAEOutput, mse_loss, require
 from sae_core.architectures.batchtopk import BatchTopKConfig, BatchTopKSAE
+from sae_core.architectures.topk import auxk_term
 from sae_core.registry import register
 
 
@@ -59,7 +60,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         latents_BF = self.encode(x_BD)
         *partial, x_hat_BD = prefix_reconstructions(latents_BF, self.W_dec, self.b_dec, self.cfg.prefix_sizes())
         prefix_mse = sum((mse_loss(r, x_BD) for r in partial), x_BD.new_zeros(()))
-        aux = prefix_mse + self.auxk_term(x_BD, x_hat_BD, dead_mask_F)
+        aux = prefix_mse + auxk_term(self, x_BD, x_hat_BD, dead_mask_F)
         return SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), x_BD.new_zeros(()), aux)
 
 

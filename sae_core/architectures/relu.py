@@ -56,6 +56,9 @@ class ReLUSAE(SparseAutoencoder):
     def sparsity_loss(self, latents_BF: Tensor, h_BF: Tensor) -> Tensor:
         return self.cfg.l1_coefficient * weighted_l1(latents_BF, self.decoder_norms(), self.cfg.d_in)
 
+    def resample_interval(self) -> int:
+        return self.cfg.resample_every or 0
+
     @torch.no_grad()
     def resample_dead(self, dead_mask_F: Tensor, x_BD: Tensor) -> None:
         """Point each dead latent at the residual of an input drawn with probability proportional to

@@ -9,32 +9,32 @@ import torch
 from torch import Tensor
 
 from sae_core import kernels
-from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, mse_loss, require
+from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, mse_loss
+from sae_core.architectures.common import KSparsityFields
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class TopKConfig(SAEConfig):
-    k: int = 32
-    """Latents active per token."""
-    aux_k: int | None = None
-    """Dead latents the AuxK loss may use per token; None means d_in // 2."""
-    aux_coefficient: float = 1.0 / 32
-    """Weight of the AuxK loss (Gao et al. use 1/32)."""
+class TopKConfig(KSparsityFields, SAEConfig):
     tied: bool = False
     """Use W_dec.T as the encoder."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(isinstance(self.k, int) and 1 <= self.k <= self.d_sae, f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
-        require(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
-        require(self.aux_coefficient >= 0, f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
 
 
 def topk_dense(h_BF: Tensor, k: int) -> Tensor:
     """relu of the k largest entries of each row, zeros elsewhere."""
     vals_BK, idx_BK = h_BF.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(h_BF).scatter(-1, idx_BK, torch.relu(vals_BK))
+
+
+def auxk_term(sae: SparseAutoencoder, x_BD: Tensor, x_hat_BD: Tensor, dead_mask_F: Tensor | None,
+              target_BD: Tensor | None = None) -> Tensor:
+    """The weighted AuxK loss of an SAE whose config has :class:`KSparsityFields` (zero when nothing is dead
+    or the coefficient is 0); ``target_BD`` is what the SAE reconstructs when it is not ``x_BD``."""
+    cfg = sae.cfg
+    if dead_mask_F is None or cfg.aux_coefficient == 0:  # type: ignore[attr-defined]
+        return x_BD.new_zeros(())
+    aux_k = cfg.aux_k_for(sae.d_out)  # type: ignore[attr-defined]
+    return cfg.aux_coefficient * auxk_loss(x_BD, sae, x_hat_BD, dead_mask_F, aux_k, target_BD)  # type: ignore[attr-defined]
 
 
 def auxk_loss(x_BD: Tensor, sae: SparseAutoencoder, x_hat_BD: Tensor, dead_mask_F: Tensor | None, aux_k: int,
@@ -69,11 +69,7 @@ class TopKSAE(SparseAutoencoder):
             self.encoder_input(x_BD), self.encoder_weight(), self.b_enc, self.cfg.k)
         x_hat_BD = kernels.sparse_decode(idx_BK, vals_BK, self.W_dec, self.b_dec)
         zero = x_BD.new_zeros(())
-        out = SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), zero, zero)
-        if dead_mask_F is None or self.cfg.aux_coefficient == 0:
-            return out
-        aux_k = self.cfg.aux_k or max(self.cfg.d_in // 2, 1)
-        return out._replace(aux=self.cfg.aux_coefficient * auxk_loss(x_BD, self, x_hat_BD, dead_mask_F, aux_k))
+        return SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), zero, auxk_term(self, x_BD, x_hat_BD, dead_mask_F))
 
     def saelens_cfg_extra(self) -> dict[str, Any]:
         return {"k": self.cfg.k}

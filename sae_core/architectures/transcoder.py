@@ -35,14 +35,24 @@ from sae_core.architectures.base import (
     SAEConfig,
     SAEOutput,
     SparseAutoencoder,
+    Wiring,
     mse_loss,
     no_reduce,
     require,
 )
-from sae_core.architectures.batchtopk import batch_topk, dense_or_sparse_decode
-from sae_core.architectures.jumprelu import jumprelu, step
+from sae_core.architectures.batchtopk import batch_topk, padded_sparse_decode
+from sae_core.architectures.common import (
+    JumpReLUFields,
+    KSparsityFields,
+    ThresholdEMAFields,
+    log_threshold_to_saved,
+    require_choice,
+    saved_to_log_threshold,
+    update_threshold_ema,
+)
+from sae_core.architectures.jumprelu import jumprelu, l0_penalty
 from sae_core.architectures.relu import weighted_l1
-from sae_core.architectures.topk import auxk_loss, topk_dense
+from sae_core.architectures.topk import auxk_term, topk_dense
 from sae_core.registry import register
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
@@ -51,27 +61,16 @@ THRESHOLD_SAMPLE_ROWS = 256
 
 
 @dataclass(kw_only=True)
-class TranscoderConfig(SAEConfig):
+class TranscoderConfig(KSparsityFields, ThresholdEMAFields, JumpReLUFields, SAEConfig):
+    """k, aux_k, aux_coefficient and threshold_momentum serve topk/batchtopk; l0_coefficient, bandwidth
+    and init_threshold serve jumprelu; l1_coefficient serves relu."""
+
     d_out: int | None = None
     """Width of the target (the MLP output); None means d_in."""
     activation: str = "topk"
     """Sparsity activation: topk, batchtopk, jumprelu or relu (each with its knobs below)."""
     apply_b_dec_to_input: bool = False
     """Must stay False: b_dec lives in the output space."""
-    k: int = 32
-    """topk/batchtopk: latents active per token (on average for batchtopk)."""
-    aux_k: int | None = None
-    """topk/batchtopk: dead latents the AuxK loss may use per token; None means d_out // 2."""
-    aux_coefficient: float = 1.0 / 32
-    """topk/batchtopk: weight of the AuxK loss."""
-    threshold_momentum: float = 0.99
-    """topk/batchtopk: EMA momentum of the global inference threshold."""
-    l0_coefficient: float = 5e-3
-    """jumprelu: weight of the L0 penalty."""
-    bandwidth: float = 0.05
-    """jumprelu: width of the straight-through rectangle kernel."""
-    init_threshold: float = 0.1
-    """jumprelu: initial threshold."""
     l1_coefficient: float = 1.0
     """relu: weight of the decoder-norm-weighted L1 penalty (relu.py's convention, divided by d_out)."""
 
@@ -80,20 +79,14 @@ class TranscoderConfig(SAEConfig):
         if self.d_out is None:
             self.d_out = self.d_in
         require(isinstance(self.d_out, int) and self.d_out > 0, f"d_out must be a positive integer, got {self.d_out!r}")
-        require(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        require_choice(self.activation, ACTIVATIONS, "activation")
         require(not self.apply_b_dec_to_input, "apply_b_dec_to_input must be False for a transcoder (b_dec is [d_out])")
-        require(isinstance(self.k, int) and 1 <= self.k <= self.d_sae, f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
-        require(self.aux_k is None or self.aux_k >= 1, f"aux_k must be >= 1, got {self.aux_k}")
-        require(self.aux_coefficient >= 0, f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
-        require(0 <= self.threshold_momentum < 1, f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
-        require(self.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {self.l0_coefficient}")
-        require(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth}")
-        require(self.init_threshold > 0, f"init_threshold must be > 0, got {self.init_threshold}")
         require(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
 
 
 class Transcoder(SparseAutoencoder):
     homogeneous = True
+    wiring = Wiring.PAIR
     cfg: TranscoderConfig
     skip = False
     """Whether the module has a linear skip path W_skip [d_out, d_in] (skip_transcoder.py)."""
@@ -125,6 +118,10 @@ class Transcoder(SparseAutoencoder):
     def saelens_cfg_extra(self) -> dict[str, Any]:
         return {"d_out": self.cfg.d_out}
 
+    @property
+    def d_out(self) -> int:
+        return int(self.cfg.d_out)
+
     # -- the forward path -------------------------------------------------------------------------
     def activation(self, h_BF: Tensor) -> Tensor:
         act = self.cfg.activation
@@ -144,8 +141,7 @@ class Transcoder(SparseAutoencoder):
         if self.cfg.activation == "relu":
             return self.cfg.l1_coefficient * weighted_l1(latents_BF, self.decoder_norms(), self.cfg.d_out)
         if self.cfg.activation == "jumprelu":
-            l0_B = step(h_BF, self.log_threshold.exp(), self.cfg.bandwidth).sum(dim=-1)
-            return self.cfg.l0_coefficient * l0_B.mean()
+            return l0_penalty(h_BF, self.log_threshold.exp(), self.cfg)
         return latents_BF.new_zeros(())
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None, target_BO: Tensor | None = None) -> SAEOutput:
@@ -161,17 +157,14 @@ class Transcoder(SparseAutoencoder):
         else:
             h_BF = self.pre_acts(x_BD)
             latents_BF = self.activation(h_BF)
-            y_hat_BO = dense_or_sparse_decode(latents_BF, self.W_dec, self.b_dec) if act != "relu" else self.decode(latents_BF)
+            y_hat_BO = padded_sparse_decode(latents_BF, self.W_dec, self.b_dec) if act != "relu" else self.decode(latents_BF)
             if batchwise:  # BatchTopK's own rule: the smallest activation it kept
                 kept = latents_BF.detach()[latents_BF.detach() > 0]
                 self._batch_threshold = kept.min() if kept.numel() else None
         y_hat_BO = y_hat_BO + self.skip_term(x_BD)
         if y_BO.shape != y_hat_BO.shape:  # inference without a target: nothing to measure the error against
             y_BO = y_hat_BO.detach()
-        aux = y_hat_BO.new_zeros(())
-        if batchwise and dead_mask_F is not None and self.cfg.aux_coefficient > 0:
-            aux_k = self.cfg.aux_k or max(self.cfg.d_out // 2, 1)
-            aux = self.cfg.aux_coefficient * auxk_loss(x_BD, self, y_hat_BO, dead_mask_F, aux_k, target_BD=y_BO)
+        aux = auxk_term(self, x_BD, y_hat_BO, dead_mask_F, target_BD=y_BO) if batchwise else y_hat_BO.new_zeros(())
         sparsity = self.sparsity_loss(latents_BF, h_BF) if not batchwise else aux.new_zeros(())
         return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), sparsity, aux)
 
@@ -186,17 +179,10 @@ class Transcoder(SparseAutoencoder):
     @torch.no_grad()
     def update_running_stats(self, out: SAEOutput, reduce: Reducer = no_reduce) -> None:
         """Fold this step's (k*B)-th largest pre-activation (min over ranks) into the threshold EMA."""
-        if not self.training or self._batch_threshold is None:
+        if not self.training or self.cfg.activation not in ("topk", "batchtopk"):
             return
-        value = reduce(self._batch_threshold.float(), "min")
-        self._batch_threshold = None
-        if not bool(torch.isfinite(value)) or not bool(value > 0):
-            return
-        if bool((self.threshold == 0).all()):
-            self.threshold.fill_(float(value))
-        else:
-            m = self.cfg.threshold_momentum
-            self.threshold.mul_(m).add_((1 - m) * value)
+        estimate, self._batch_threshold = self._batch_threshold, None
+        update_threshold_ema(self.threshold, estimate, self.cfg.threshold_momentum, reduce)
 
     @torch.no_grad()
     def init_encoder_from_decoder(self) -> None:
@@ -205,17 +191,10 @@ class Transcoder(SparseAutoencoder):
 
     # -- saving: SAELens stores the JumpReLU threshold itself -------------------------------------
     def inference_tensors(self) -> dict[str, Tensor]:
-        tensors = super().inference_tensors()
-        if "log_threshold" in tensors:
-            tensors["threshold"] = tensors.pop("log_threshold").exp()
-        return tensors
+        return log_threshold_to_saved(super().inference_tensors())
 
     def inference_to_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        tensors = dict(tensors)
-        if self.cfg.activation == "jumprelu" and "threshold" in tensors:
-            tiny = torch.finfo(torch.float32).tiny
-            tensors["log_threshold"] = tensors.pop("threshold").float().clamp_min(tiny).log()
-        return tensors
+        return saved_to_log_threshold(tensors) if self.cfg.activation == "jumprelu" else tensors
 
 
 register("transcoder", TranscoderConfig, Transcoder,
