@@ -124,10 +124,12 @@ def saelens_cfg(sae: SparseAutoencoder, metadata: dict[str, Any] | None) -> dict
 
 
 def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float = 1.0,
-             metadata: dict[str, Any] | None = None, output_scaling_factor: float | None = None) -> Path:
+             metadata: dict[str, Any] | None = None, output_scaling_factor: float | None = None,
+             extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``sae`` as a SAELens inference folder. Existing files of the same names are replaced
     atomically; other files in the folder are left alone. ``output_scaling_factor`` is a transcoder's
-    target scale when it differs from the input's (None: the same)."""
+    target scale when it differs from the input's (None: the same). ``extra_files`` (name -> bytes, e.g.
+    metrics.json) are published with the SAE's own files."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors, folded = inference_tensors(sae, scaling_factor, output_scaling_factor)
@@ -145,6 +147,8 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float 
     if output_scaling_factor is not None:
         native["output_scaling_factor_folded"] = output_scaling_factor
     atomic_write_bytes(path / NATIVE_FILE, json.dumps(native, indent=2).encode())
+    for name, data in (extra_files or {}).items():
+        atomic_write_bytes(path / name, data)
     atomic_write_bytes(path / CFG_FILE, json.dumps(saelens_cfg(sae, metadata), indent=2).encode())
     return path
 

@@ -261,12 +261,18 @@ class Trainer:
         }
 
     # -- the loop ---------------------------------------------------------------------------------
-    def fit(self, batches: Iterator[Tensor], on_step: Callable[[int], None] | None = None) -> Iterator[dict[str, float]]:
-        """Train until ``cfg.steps``; yield a metrics dict every ``log_every`` steps and at the end."""
-        for x_BD in batches:
+    def fit(self, batches: Iterator[Any], on_step: Callable[[int], None] | None = None,
+            step: Callable[[Any], dict[str, float]] | None = None) -> Iterator[dict[str, float]]:
+        """Train until ``cfg.steps``; yield a metrics dict every ``log_every`` steps and at the end.
+
+        ``step`` turns one batch into one optimizer update and its metrics: :meth:`step` (reconstruction)
+        by default; other objectives pass their own, built on :meth:`update`. ``on_step(step_count)``
+        runs after every update (checkpointing)."""
+        step = step or self.step
+        for batch in batches:
             if self.step_count >= self.cfg.steps:
                 return
-            row = self.step(x_BD)
+            row = step(batch)
             if on_step is not None:
                 on_step(self.step_count)
             if self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps:
