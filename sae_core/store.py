@@ -306,10 +306,18 @@ class ActivationStore:
         stop: int | None = None,
         shuffle_buffer: int = 1 << 18,
         loop: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        skip_batches: int = 0,
     ) -> Iterator[torch.Tensor] | Iterator[dict[str, torch.Tensor]]:
-        """Yield shuffled float32 batches [batch_size, d] of rows [start, stop), looping over epochs;
-        given several hooks, dicts {hook: batch} whose batches hold the same rows (transcoders read an
-        input and a target hook, crosscoders several sources).
+        """Yield shuffled float32 batches of rows [start, stop), looping over epochs; given several hooks,
+        dicts {hook: batch} whose batches hold the same rows (transcoders read an input and a target
+        hook, crosscoders several sources).
+
+        The sequence of global batches of ``batch_size`` rows depends only on ``seed`` and the rows;
+        data-parallel rank ``rank`` of ``world`` gets rows [rank * b, (rank + 1) * b) of each, b =
+        batch_size // world, so N ranks together see exactly what one would. The first
+        ``skip_batches`` global batches (already trained on, when resuming) are passed over.
 
         Rows are drawn in a seeded permutation of [start, stop), ``shuffle_buffer`` at a time. Note that
         the hook columns are read whole into memory once (``_rows`` caches them), so memory grows with
@@ -323,17 +331,24 @@ class ActivationStore:
                              reason="too_few_rows")
         rng = np.random.default_rng(seed)
         chunk = max(batch_size, shuffle_buffer)
+        local = batch_size // world
+        index = 0
         while True:
             order = rng.permutation(np.arange(start, stop))
             for lo in range(0, len(order), chunk):
                 rows = np.sort(order[lo : lo + chunk])
                 perm = rng.permutation(len(rows))
+                n_batches = len(perm) // batch_size
+                if index + n_batches <= skip_batches:
+                    index += n_batches
+                    continue
                 values = {h: self._rows(h, hooks, rows)[perm] for h in hooks}
-                for b in range(0, len(perm) - batch_size + 1, batch_size):
-                    if single:
-                        yield values[hook][b : b + batch_size]
-                    else:
-                        yield {h: v[b : b + batch_size] for h, v in values.items()}
+                for b in range(0, n_batches * batch_size, batch_size):
+                    index += 1
+                    if index <= skip_batches:
+                        continue
+                    mine = slice(b + rank * local, b + (rank + 1) * local)
+                    yield values[hook][mine] if single else {h: v[mine] for h, v in values.items()}
             if not loop:
                 return
 
