@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import torch
 
-from workflows.activations import CollectConfig, _activation_dataset, plan
+from workflows.activations import CollectConfig, activation_dataset, plan
 from workflows.hooks import run_with_hooks
 from workflows.models import DEFAULT_MODEL, load_model
 
@@ -94,7 +94,7 @@ def run_loop(cfg: CollectConfig, windows) -> tuple[float, float, int]:
 def run_pipeline(cfg: CollectConfig, windows, on_first=lambda: None) -> tuple[float, float, int, int]:
     """(total seconds, seconds after the first batch, rows, rows after the first batch) on Ray Data."""
     start = time.perf_counter()
-    ds = _activation_dataset(cfg, windows, np.arange(len(windows.token_ids)))
+    ds = activation_dataset(cfg, windows, np.arange(len(windows.token_ids)))
     first, rows, rows_first = None, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if first is None:

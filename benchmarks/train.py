@@ -21,8 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
 from sae_core.trainer import TrainConfig
+from workflows.job import TrainJob
 from workflows.train_ray import DistributedOptions, train_distributed
-from workflows.training import TrainJob, open_checked_store, start_job_tracking, train_local
+from workflows.training import Run, start_job_tracking, train_local
 
 
 def steady_tokens_per_s(uri: str, run_id: str, batch_size: int) -> float:
@@ -52,8 +53,8 @@ def main() -> None:
 
     rows = []
     torch.set_num_threads(2)
-    local = job("local")
-    tracker = start_job_tracking(local, open_checked_store(local), uri=uri, experiment="bench")
+    local = Run(job("local"))
+    tracker = start_job_tracking(local, uri=uri, experiment="bench")
     start = time.perf_counter()
     train_local(local, tracker=tracker)
     rows.append(("single process (2 threads)", steady_tokens_per_s(uri, tracker.run_id, args.batch_size),

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sae_core.config import strict_from_dict
 from sae_core.store import DTYPES, Manifest, StoreWriter, make_table, read_manifest, write_manifest
 from workflows.corpus import DEFAULT_CORPUS, EXCLUDED, Windows, iter_documents, pack_windows, special_ids
 from workflows.errors import UserError
@@ -36,6 +37,7 @@ from workflows.models import (
     load_model,
     load_tokenizer,
 )
+from workflows.options import DEFAULT_CONTEXT_SIZE
 from workflows.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ class CollectConfig:
     """``builtin:stdlib``, a .txt/.jsonl/.parquet file, folder or glob, or ``hf:NAME[:CONFIG][:SPLIT]``."""
     text_field: str = "text"
     """Field (jsonl) or column (parquet, hf) holding the text."""
-    context_size: int = 128
+    context_size: int = DEFAULT_CONTEXT_SIZE
     """Tokens per window, BOS included."""
     out: str | None = None
     """Store directory (for :func:`collect`; streaming needs none)."""
@@ -102,11 +104,7 @@ class CollectConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> CollectConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise UserError(f"unknown collect config field(s) {unknown}")
-        return cls(**raw)
+        return strict_from_dict(cls, raw, "collect config")
 
 
 @dataclass(kw_only=True)
@@ -182,7 +180,7 @@ class ActivationMapper:
         return out
 
 
-def _activation_dataset(cfg: CollectConfig, windows: Windows, window_ids: np.ndarray):
+def activation_dataset(cfg: CollectConfig, windows: Windows, window_ids: np.ndarray):
     """Ray Data dataset of the given windows mapped through the actor pool."""
     import ray
 
@@ -243,7 +241,7 @@ def collect(cfg: CollectConfig, progress: Callable[[int], None] = lambda n: None
         writer.write_part(i, _part_table([_empty(cfg, p)], cfg.hooks, cfg.dtype))
     if any(expected[i] > 0 for i in todo):
         window_ids = np.flatnonzero(np.isin(part_of, todo))
-        for batch in _activation_dataset(cfg, p.windows, window_ids).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in activation_dataset(cfg, p.windows, window_ids).iter_batches(batch_size=None, batch_format="numpy"):
             for i in np.unique(batch["window_id"] // cfg.part_windows):
                 mine = batch["window_id"] // cfg.part_windows == i
                 buffers[i].append({k: v[mine] for k, v in batch.items()})
@@ -277,7 +275,7 @@ def stream_activations(cfg: CollectConfig) -> Iterator[dict[str, torch.Tensor]]:
     Batches come in completion order, not window order; each row carries its window_id and position.
     """
     p = plan(cfg)
-    ds = _activation_dataset(cfg, p.windows, np.arange(p.n_windows))
+    ds = activation_dataset(cfg, p.windows, np.arange(p.n_windows))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         out = {k: torch.from_numpy(np.array(batch[k])) for k in META}
         out.update({h: torch.from_numpy(np.asarray(batch[h], dtype=np.float32)) for h in cfg.hooks})

@@ -35,6 +35,7 @@ from workflows.corpus import DEFAULT_CORPUS, Windows, iter_documents, pack_windo
 from workflows.errors import UserError
 from workflows.hooks import parse_hook, run_with_hooks
 from workflows.models import DEFAULT_MODEL, load_config, load_model
+from workflows.options import DEFAULT_CONTEXT_SIZE
 from workflows.raysession import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class DashboardConfig:
     text_field: str = "text"
     """Field (jsonl) or column (parquet, hf) holding the text."""
     context_size: int | None = None
-    """Tokens per window, BOS included; default: the SAE's ``context_size`` metadata, else 128."""
+    """Tokens per window, BOS included; default: the SAE's ``context_size`` metadata, else DEFAULT_CONTEXT_SIZE."""
     features: list[int] | None = None
     """Feature ids to report; None with ``top_density`` None means the first 100."""
     top_density: int | None = None
@@ -298,7 +299,7 @@ def resolve(cfg: DashboardConfig) -> tuple[DashboardConfig, int]:
     if not hook:
         raise UserError(f"{cfg.sae}/cfg.json names no hook_name; pass --hook")
     model = cfg.model or meta.get("model_name") or DEFAULT_MODEL
-    context = cfg.context_size or meta.get("context_size") or 128
+    context = cfg.context_size or meta.get("context_size") or DEFAULT_CONTEXT_SIZE
     cfg = dataclasses.replace(cfg, hook=hook, model=model, context_size=int(context))
     config = load_config(model, cfg.cache_dir)
     parse_hook(hook, int(getattr(config, "num_hidden_layers", None) or config.n_layer))

@@ -40,6 +40,7 @@ from workflows.corpus import DEFAULT_CORPUS, Windows, iter_documents, pack_windo
 from workflows.errors import UserError
 from workflows.hooks import run_with_hooks
 from workflows.models import LoadedModel, load_model
+from workflows.options import DEFAULT_CONTEXT_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class _Sums:
         self.n += len(x)
 
 
-def _next_token_losses(logits_BTV: Tensor, targets_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
+def next_token_losses(logits_BTV: Tensor, targets_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
     """(log-probs [M, V], CE per counted position [M]) for the positions of ``mask_BT``."""
     logp_MV = F.log_softmax(logits_BTV[:, :-1][mask_BT].float(), dim=-1)
     ce_M = -logp_MV.gather(-1, targets_BT[:, 1:][mask_BT].unsqueeze(-1)).squeeze(-1)
@@ -106,7 +107,7 @@ def ce_positions(keep_BT: Tensor) -> Tensor:
     return keep_BT[:, :-1] & keep_BT[:, 1:]
 
 
-def _replace_kept(keep_BT: Tensor, values_ND: Tensor | None) -> Callable[[Tensor], Tensor]:
+def replace_kept(keep_BT: Tensor, values_ND: Tensor | None) -> Callable[[Tensor], Tensor]:
     """A hook replacement writing ``values_ND`` (zeros when None) at the kept positions only."""
     def fn(x_BTD: Tensor) -> Tensor:
         out = x_BTD.clone()
@@ -118,17 +119,17 @@ def _replace_kept(keep_BT: Tensor, values_ND: Tensor | None) -> Callable[[Tensor
 @torch.no_grad()
 def _eval_batch(sae: AnySAE, model: Any, hook: str, ids_BT: Tensor, keep_BT: Tensor, sums: _Sums,
                 out_hook: str | None = None) -> None:
-    target_hook = out_hook or hook  # a transcoder reads ``hook`` and stands in for ``out_hook``
+    target_hook = out_hook or hook  # a PAIR wiring reads ``hook`` and stands in for ``out_hook``
     clean = run_with_hooks(model, ids_BT, capture=dict.fromkeys([hook, target_hook]), stop_at_last=False)
     x_ND = clean.activations[hook][keep_BT].float()
     out = sae(x_ND)
     sums.add_acts(clean.activations[target_hook][keep_BT].float(), out.x_hat_BD, out.latents_BF)
-    spliced = run_with_hooks(model, ids_BT, replace={target_hook: _replace_kept(keep_BT, out.x_hat_BD)}).logits
-    zeroed = run_with_hooks(model, ids_BT, replace={target_hook: _replace_kept(keep_BT, None)}).logits
+    spliced = run_with_hooks(model, ids_BT, replace={target_hook: replace_kept(keep_BT, out.x_hat_BD)}).logits
+    zeroed = run_with_hooks(model, ids_BT, replace={target_hook: replace_kept(keep_BT, None)}).logits
     mask_BT = ce_positions(keep_BT)
-    logp_clean, ce_clean = _next_token_losses(clean.logits, ids_BT, mask_BT)
-    logp_spliced, ce_spliced = _next_token_losses(spliced, ids_BT, mask_BT)
-    _, ce_zero = _next_token_losses(zeroed, ids_BT, mask_BT)
+    logp_clean, ce_clean = next_token_losses(clean.logits, ids_BT, mask_BT)
+    logp_spliced, ce_spliced = next_token_losses(spliced, ids_BT, mask_BT)
+    _, ce_zero = next_token_losses(zeroed, ids_BT, mask_BT)
     kl_M = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(dim=-1)
     sums.n_ce += len(ce_clean)
     sums.ce_clean += float(ce_clean.double().sum())
@@ -162,7 +163,7 @@ def evaluate_sae(sae: AnySAE, model: Any, hook: str, windows: Windows, *, batch_
                  progress: Callable[[int], None] = lambda n: None, out_hook: str | None = None) -> EvalResult:
     """Evaluate ``sae`` spliced at ``hook`` of ``model`` (a ``*ForCausalLM`` or LoadedModel) on ``windows``.
 
-    A transcoder reads ``hook`` and its output replaces ``out_hook`` (e.g. MLP in -> MLP out): MSE/FVU
+    An SAE of PAIR wiring reads ``hook`` and its output replaces ``out_hook`` (e.g. MLP in -> MLP out): MSE/FVU
     are measured against ``out_hook``'s activations, and ``out_hook`` is what is spliced and zeroed.
     ``progress(n)`` is called with the kept tokens of each batch.
     """
@@ -179,14 +180,14 @@ def evaluate_sae(sae: AnySAE, model: Any, hook: str, windows: Windows, *, batch_
             progress(int(keep_BT.sum()))
     finally:
         sae.train(was_training)
-    return _result(sums, getattr(sae.cfg, "d_out", None) or sae.cfg.d_in)
+    return _result(sums, sae.d_out)
 
 
 @torch.no_grad()
-def evaluate_crosscoder(cc: AnySAE, model: Any, hooks: list[str], windows: Windows, *, batch_size: int = 8,
-                        progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:
-    """A crosscoder's L0, dead/dense fractions, overall FVU and per-source FVU (``fvu/<hook>``) on the kept
-    positions of ``windows``; its sources are ``hooks`` in the order it was trained on."""
+def evaluate_per_site(sae: AnySAE, model: Any, hooks: list[str], windows: Windows, *, batch_size: int = 8,
+                      progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:
+    """L0, dead/dense fractions, overall FVU and per-site FVU (``fvu/<hook>``) of an SAE reading several sites
+    stacked (a STACKED wiring) on the kept positions of ``windows``; ``hooks`` in the order it was trained on."""
     from sae_core.trainer import evaluate
 
     model = model.model if isinstance(model, LoadedModel) else model
@@ -200,7 +201,7 @@ def evaluate_crosscoder(cc: AnySAE, model: Any, hooks: list[str], windows: Windo
         progress(int(keep_BT.sum()))
     if not chunks or not sum(len(c) for c in chunks):
         raise UserError("no evaluable tokens: the windows hold no kept position")
-    result = evaluate(cc, torch.cat(chunks))
+    result = evaluate(sae, torch.cat(chunks))
     for s, hook in enumerate(hooks):
         result[f"fvu/{hook}"] = result.pop(f"fvu_source_{s}")
     return result
@@ -232,7 +233,7 @@ def load_any_sae(sae: AnySAE | str | Path, fmt: str | None = None) -> tuple[AnyS
 
 
 def ce_loss_recovered(sae: AnySAE | str | Path, model: str | LoadedModel | None = None, hook: str | None = None, *,
-                      corpus: str | None = None, n_tokens: int = 4096, context_size: int = 128,
+                      corpus: str | None = None, n_tokens: int = 4096, context_size: int = DEFAULT_CONTEXT_SIZE,
                       skip_tokens: int = 0, batch_size: int = 8) -> float:
     """CE loss recovered of ``sae`` (a module, or a folder in any import format) spliced at ``hook`` of
     ``model`` (a spec for :func:`load_model`, a LoadedModel, or None for the SAE's own metadata / the

@@ -5,7 +5,7 @@ Names follow TransformerLens / SAELens so SAEs trained here line up with theirs:
 - ``blocks.{L}.hook_resid_post``: the residual stream after block L (the block's output).
 - ``blocks.{L}.hook_attn_out``: what attention adds to the residual stream in block L
   (after Gemma-2/3's post-attention norm, which sits on that branch).
-- ``blocks.{L}.hook_mlp_in``: the input of the MLP, i.e. after the pre-MLP norm (for transcoders).
+- ``blocks.{L}.hook_mlp_in``: the input of the MLP, i.e. after the pre-MLP norm (read by SAEs mapping MLP in to MLP out).
 - ``blocks.{L}.hook_mlp_out``: what the MLP adds to the residual stream (after Gemma's post-FFN norm).
 
 Supported layouts: Llama / Qwen / Mistral / Gemma (``model.layers``), GPT-2 (``transformer.h``),

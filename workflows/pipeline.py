@@ -19,10 +19,10 @@ from sae_core.store import read_manifest
 from sae_core.trainer import TrainConfig
 from workflows.activations import CollectConfig, collect, complete_manifest
 from workflows.errors import UserError
+from workflows.job import TrainJob
 from workflows.recipes import Recipe
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
-from workflows.training import TrainJob
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,8 @@ def sweep_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: st
     sets.update({k: v for k, v in recipe.sae.items() if k not in recipe.sweep})
     spec = SweepSpec(activations=str(store.resolve()), hook=recipe.hook, archs=[recipe.arch],
                      grid={k: list(v) for k, v in recipe.sweep.items()}, steps=recipe.sweep_steps,
-                     experiment=experiment, mlflow_uri=uri, batch_size=train.get("batch_size", 4096),
-                     lr=train.get("lr", 4e-4), sets=sets, out=str(out / "sweeps"),
-                     cpus_per_trial=recipe.cpus_per_worker)
+                     experiment=experiment, mlflow_uri=uri, sets=sets, out=str(out / "sweeps"),
+                     cpus_per_trial=recipe.cpus_per_worker, **{k: train[k] for k in ("batch_size", "lr") if k in train})
     result = run_sweep(spec)
     if not result.finished:
         raise UserError(f"no sweep trial finished ({result.failed} failed); see MLflow run {result.parent_run_id}")

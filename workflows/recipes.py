@@ -16,6 +16,7 @@ from typing import Any
 from workflows.corpus import DEFAULT_CORPUS
 from workflows.errors import UserError
 from workflows.models import DEFAULT_MODEL
+from workflows.options import DEFAULT_CONTEXT_SIZE
 
 
 @dataclass(kw_only=True)
@@ -30,7 +31,7 @@ class Recipe:
     """Text source."""
     hook: str = "blocks.6.hook_resid_post"
     """Hook point the SAE reads."""
-    context_size: int = 128
+    context_size: int = DEFAULT_CONTEXT_SIZE
     """Tokens per window."""
     tokens: int = 120_000
     """Training tokens to collect into the store."""

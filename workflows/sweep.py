@@ -8,7 +8,7 @@ are impossible (k > d_sae) or whose loss goes NaN fails alone: its MLflow run en
 
 Grid knobs and the architecture fields they set:
 - ``d_sae`` and any other architecture field: the field itself;
-- ``k`` -> k, ``l1`` -> l1_coefficient, ``l0`` -> l0_coefficient (``resolve_sparsity_args``);
+- ``k`` -> k, ``l1`` -> l1_coefficient, ``l0`` -> l0_coefficient (``workflows.options.resolve_knobs``);
 - ``target_l0`` -> k, for the architectures with a ``k`` (topk, batchtopk, matryoshka), whose L0 is k
   by construction; penalty-based architectures have no direct L0 setting, so it is an error there;
 - a TrainConfig field (lr, seed, ...): the training setting.
@@ -17,12 +17,10 @@ Grid knobs and the architecture fields they set:
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,21 +29,14 @@ import sae_core
 from sae_core.trainer import TrainConfig
 from workflows import frontier as fr
 from workflows.errors import UserError
+from workflows.job import TrainJob
+from workflows.options import resolve_knobs
 from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
-from workflows.training import (
-    TrainJob,
-    open_checked_store,
-    resolve_sparsity_args,
-    split_rows,
-    start_job_tracking,
-    train_local,
-)
+from workflows.training import Run, end_failed, start_job_tracking, train_local
 
 logger = logging.getLogger(__name__)
 
 TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-CE_HOOK = "workflows.evaluate", "ce_loss_recovered"
-"""Called as ``ce_loss_recovered(sae_dir, *, model, hook) -> float`` when it exists and --model is given."""
 
 
 @dataclass(kw_only=True)
@@ -72,16 +63,16 @@ class SweepSpec:
     """"fifo" (run every trial to the end) or "asha" (stop trials behind their peers at the same step)."""
     asha_metric: str = "fvu"
     """Training metric ASHA compares (minimised)."""
-    batch_size: int = 4096
+    batch_size: int = TrainConfig.batch_size
     """Tokens per step."""
-    lr: float = 4e-4
+    lr: float = TrainConfig.lr
     """Adam learning rate."""
     sets: dict[str, Any] = field(default_factory=dict)
     """Other architecture or training fields, the same for every trial."""
     out: str = "runs/sweeps"
     """Folder for Tune's state and each trial's SAE folder."""
     model: str | None = None
-    """Base model for CE loss recovered (needs workflows.evaluate.ce_loss_recovered)."""
+    """Base model: when given, every trial also measures CE loss recovered on held-out text."""
     cpus_per_trial: float = 1.0
     """CPUs reserved per trial: trials run concurrently as the cluster's CPUs allow."""
 
@@ -114,7 +105,7 @@ def map_knobs(arch: str, knobs: Mapping[str, Any]) -> tuple[dict[str, Any], dict
         if "k" in sae:
             raise UserError("give k or target_l0, not both (target_l0 is k for TopK-family architectures)")
         sae["k"] = sae.pop("target_l0")
-    return resolve_sparsity_args(arch, sae), train
+    return resolve_knobs(arch, sae), train
 
 
 def check_spec(spec: SweepSpec) -> None:
@@ -125,8 +116,7 @@ def check_spec(spec: SweepSpec) -> None:
         unknown = sorted(set(spec.sets) - config_fields - TRAIN_FIELDS)
         if unknown:
             raise UserError(f"--set {unknown} is neither a field of architecture {arch!r} nor a training field")
-    probe = job_for(spec, {"arch": spec.archs[0]}, out="unused")
-    split_rows(open_checked_store(probe), probe)
+    Run(job_for(spec, {"arch": spec.archs[0]}, out="unused"))  # the store, its hook and its size
 
 
 def job_for(spec: SweepSpec, config: Mapping[str, Any], out: str) -> TrainJob:
@@ -168,19 +158,6 @@ class RunHeldOpen(NullTracker):
         self.inner.log_artifact(local_file, artifact_path)
 
 
-def ce_hook() -> Callable[..., float] | None:
-    """``workflows.evaluate.ce_loss_recovered`` if that module and function exist, else None."""
-    module_name, function_name = CE_HOOK
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    return getattr(importlib.import_module(module_name), function_name, None)
-
-
-def fail_run(tracker: NullTracker, exc: BaseException) -> None:
-    tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-    tracker.end("FAILED")
-
-
 def run_trial(config: dict[str, Any], *, spec: dict[str, Any], parent_run_id: str, uri: str) -> None:
     """One Tune trial: a child MLflow run, train_local with tune.report per row, held-out metrics last."""
     import torch
@@ -193,29 +170,32 @@ def run_trial(config: dict[str, Any], *, spec: dict[str, Any], parent_run_id: st
     out = str(Path(sweep.out) / "saes" / f"{name}-{trial.get_trial_id()}")
     tags = {"sweep_trial": "true", "trial_id": trial.get_trial_id(), "trial_name": trial.get_trial_name()}
     try:
-        job = job_for(sweep, config, out)
-    except Exception as exc:  # impossible training values: still an MLflow run, FAILED with the reason
+        run = Run(job_for(sweep, config, out))
+    except Exception as exc:  # impossible values (k > d_sae, ...): still an MLflow run, FAILED with the reason
         tracker = MlflowTracker.create(uri, sweep.experiment, name, {**tags, "hook": sweep.hook}, parent_run_id)
         tracker.log_params({"arch": config["arch"], "sweep": config})
-        fail_run(tracker, exc)
+        end_failed(tracker, exc)
         raise
-    tracker = start_job_tracking(job, open_checked_store(job), uri=uri, experiment=sweep.experiment, run_name=name,
+    job = run.job
+    tracker = start_job_tracking(run, uri=uri, experiment=sweep.experiment, run_name=name,
                                  parent_run_id=parent_run_id, extra_params={"sweep": config})
     tracker.set_tags(tags)
     try:
-        final = train_and_measure(job, sweep, tracker)
+        final = train_and_measure(run, sweep, tracker)
     except SystemExit:  # how tune.report ends a trial the scheduler stopped: not a failure
         tracker.set_tags({"stopped_early": sweep.scheduler})
         tracker.end("KILLED")
         raise
     except BaseException as exc:
-        fail_run(tracker, exc)
+        end_failed(tracker, exc)
         raise
     tune.report({**final, "step": job.train.steps, "held_out": 1, "mlflow_run_id": tracker.run_id})
 
 
-def train_and_measure(job: TrainJob, sweep: SweepSpec, tracker: MlflowTracker) -> dict[str, float]:
+def train_and_measure(run: Run, sweep: SweepSpec, tracker: MlflowTracker) -> dict[str, float]:
     from ray import tune
+
+    job = run.job
 
     def report(row: dict[str, float]) -> None:
         # The last row is followed by the held-out report; ASHA's max_t lies beyond it, so a trial
@@ -223,11 +203,12 @@ def train_and_measure(job: TrainJob, sweep: SweepSpec, tracker: MlflowTracker) -
         if row["step"] < job.train.steps:
             tune.report({**row, "held_out": 0, "mlflow_run_id": tracker.run_id})
 
-    metrics = train_local(job, on_metrics=report, tracker=RunHeldOpen(tracker))
+    metrics = train_local(run, on_metrics=report, tracker=RunHeldOpen(tracker))
     final = {k: metrics[k] for k in ("l0", "fvu", "mse", "dead_fraction")}
-    measure_ce = ce_hook() if sweep.model else None
-    if measure_ce is not None:
-        final["ce_loss_recovered"] = float(measure_ce(Path(job.out), model=sweep.model, hook=job.hook))
+    if sweep.model:
+        from workflows.evaluate import ce_loss_recovered
+
+        final["ce_loss_recovered"] = float(ce_loss_recovered(Path(job.out), model=sweep.model, hook=job.hook))
         tracker.log_metrics({"final/ce_loss_recovered": final["ce_loss_recovered"]}, step=job.train.steps)
     tracker.end("FINISHED")
     return final
@@ -291,10 +272,8 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
     uri = resolve_tracking_uri(spec.mlflow_uri)
     ensure_ray()
     check_cpus(spec)
-    parent = start_parent(spec, uri, open_checked_store(job_for(spec, {"arch": spec.archs[0]}, "unused")).manifest.model)
-    if spec.model and ce_hook() is None:
-        logger.warning("--model given but %s.%s does not exist yet: CE loss recovered is not measured", *CE_HOOK)
-        parent.set_tags({"ce_loss_recovered": "unavailable"})
+    probe = Run(job_for(spec, {"arch": spec.archs[0]}, "unused"))
+    parent = start_parent(spec, uri, probe.source.facts().model_name)
     out = Path(spec.out).resolve() / f"sweep-{parent.run_id[:8]}"
     trial_spec = {**spec.to_dict(), "out": str(out)}
     trainable = tune.with_resources(
@@ -347,7 +326,7 @@ def settle_runs(spec: SweepSpec, parent: MlflowTracker, errors: Mapping[str, str
         status, trial_id = run.info.status, run.data.tags.get("trial_id", "")
         child = MlflowTracker(parent.uri, run.info.run_id)
         if status == "RUNNING" and trial_id in errors:
-            fail_run(child, RuntimeError(errors[trial_id]))
+            end_failed(child, RuntimeError(errors[trial_id]))
             status = "FAILED"
         elif status == "RUNNING":
             child.set_tags({"stopped_early": spec.scheduler})

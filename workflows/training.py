@@ -1,207 +1,90 @@
-"""Single-process training from an activation store: the job description and its runner.
+"""One training path: a job (workflows/job.py) = a data source (workflows/sources.py) x an objective
+(workflows/objectives.py) x an architecture config x ``TrainConfig``.
 
-The Ray Train path (workflows/train_ray.py) runs the same job data-parallel.
+:func:`run_loop` is the loop every run executes: in this process it is called with world = 1
+(:func:`train_local`), on Ray Train by every DDP rank (workflows/train_ray.py). :func:`finish` is the
+one finisher: held-out evaluation, then the SAELens folder with metrics.json and job.json, then MLflow.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import sae_core
-from sae_core.io import save_sae
-from sae_core.store import ActivationStore, StoreError
-from sae_core.trainer import TrainConfig, Trainer, evaluate
-from workflows.errors import UserError
+from sae_core.io import load_checkpoint, save_sae
+from sae_core.trainer import Trainer
+from workflows.job import TrainJob, sae_config_for
+from workflows.objectives import json_bytes, objective_for
+from workflows.sources import DataFacts, make_source
 from workflows.tracking import MlflowTracker, NullTracker
 
 logger = logging.getLogger(__name__)
 
-# Architectures trained on (input hook, output hook) pairs, and those reading several hooks at once.
-PAIR_ARCHS = ("transcoder", "skip_transcoder")
-MULTI_SOURCE_ARCHS = ("crosscoder",)
-
-# Short CLI names for the sparsity knobs, mapped to the config field each architecture calls them.
-SPARSITY_ALIASES = {"l1": ("l1_coefficient",), "l0": ("l0_coefficient",), "kl": ("kl_coefficient",)}
+# What of the output folder goes to MLflow: the SAELens folder and its metrics, not Ray's checkpoints.
+SAE_ARTIFACTS = ("cfg.json", "sae_weights.safetensors", "sae_ray.json", "sparsity.safetensors", "metrics.json",
+                 "job.json")
 
 
-@dataclass(kw_only=True)
-class TrainJob:
-    """Everything a training run needs; goes whole into MLflow params and checkpoints."""
+class Run:
+    """A job's parts, built once on the driver: its source, its objective and the data's site widths."""
 
-    activations: str = ""
-    """Activation store directory (or empty, with ``stream`` set)."""
-    hook: str
-    """Hook column to train on (a transcoder's input, a crosscoder's first source)."""
-    out_hook: str = ""
-    """Transcoders: the hook column to reconstruct (e.g. blocks.L.hook_mlp_out for hook blocks.L.hook_mlp_in)."""
-    sources: list[str] = field(default_factory=list)
-    """Crosscoders: every hook the dictionary reads and writes, ``hook`` first; empty otherwise."""
-    arch: str = "topk"
-    """Registered architecture name."""
-    sae: dict[str, Any] = field(default_factory=dict)
-    """Architecture config fields (d_sae, k, ...); d_in comes from the store."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimisation settings."""
-    out: str = "runs/sae"
-    """Output folder: the SAELens folder, metrics.json, job.json."""
-    eval_fraction: float = 0.05
-    """Fraction of the store's rows (its end) held out for evaluation."""
-    stream: dict[str, Any] | None = None
-    """Train on the live model stream instead of a store: CollectConfig fields (model, corpus, n_tokens, ...)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            self.train = TrainConfig.from_dict(self.train)
-        if bool(self.activations) == bool(self.stream):
-            raise UserError("give exactly one data source: an activation store (--activations) or a live model "
-                            "stream (--from-model/--corpus/--tokens)")
-        if not 0 < self.eval_fraction < 1:
-            raise UserError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        self._check_hooks()
-
-    def _check_hooks(self) -> None:
-        pairs = self.arch in PAIR_ARCHS
-        if pairs and not self.out_hook:
-            raise UserError(f"architecture {self.arch!r} maps one hook to another: name its target with --out-hook "
-                            "(e.g. --hook blocks.3.hook_mlp_in --out-hook blocks.3.hook_mlp_out)")
-        if self.out_hook and not pairs:
-            raise UserError(f"--out-hook is for transcoders ({', '.join(PAIR_ARCHS)}), not {self.arch!r}; drop it "
-                            "or choose --arch transcoder")
-        if len(self.sources) > 1 and self.arch not in MULTI_SOURCE_ARCHS:
-            raise UserError(f"several --hook values need a multi-source architecture ({', '.join(MULTI_SOURCE_ARCHS)}), "
-                            f"not {self.arch!r}; give --hook once")
-        if self.sources and self.sources[0] != self.hook:
-            raise UserError(f"sources {self.sources} must start with hook {self.hook!r}")
-        if len(set(self.sources)) != len(self.sources):
-            raise UserError(f"--hook names a source twice: {self.sources}")
-
-    def columns(self) -> list[str]:
-        """Every store column the job reads: its sources (or hook), then the transcoder target."""
-        return [*(self.sources or [self.hook]), *([self.out_hook] if self.out_hook else [])]
-
-    def example(self, columns: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """What the trainer takes, from a dict of equal-length per-hook tensors: x [N, D]; a crosscoder's
-        [N, S, D] stack of its sources; a transcoder's (input, target) pair."""
-        x = torch.stack([columns[h] for h in self.sources], dim=1) if self.sources else columns[self.hook]
-        return (x, columns[self.out_hook]) if self.out_hook else x
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["train"] = self.train.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> TrainJob:
-        return cls(**raw)
+    def __init__(self, job: TrainJob, data: str = "direct"):
+        self.job = job
+        self.objective = objective_for(job)
+        self.source = make_source(job, self.objective.needs, data)
+        self.objective.prepare(job, self.source)
+        self.widths = self.source.widths()
+        sae_config_for(job, self.widths)  # refuse a bad config before anything starts
 
 
-def sae_config_for(job: TrainJob, d_in: int, d_out: int | None = None) -> sae_core.SAEConfig:
-    """The architecture config of ``job`` for inputs of width ``d_in`` (and a transcoder's targets of
-    width ``d_out``; a crosscoder gets ``n_sources`` from the job's sources)."""
-    derived = {"d_in": d_in, "d_out": d_out if job.out_hook else None,
-               "n_sources": len(job.sources) if job.sources else None}
-    derived = {name: value for name, value in derived.items() if value is not None}
-    sources = {"d_in": f"store hook {job.hook!r} has d", "d_out": f"store hook {job.out_hook!r} has d",
-               "n_sources": "the --hook values give n_sources"}
-    for name, actual in derived.items():
-        given = job.sae.get(name)
-        if given is not None and given != actual:
-            raise UserError(f"{sources[name]}={actual}, but the SAE was asked for {name}={given}; drop that setting")
-    return sae_core.make_config(job.arch, **{**job.sae, **derived})
+def build_trainer(job: TrainJob, widths: dict[str, int], *, world: int = 1, device: torch.device | str = "cpu",
+                  reduce=None) -> Trainer:
+    """The job's SAE (identical initial weights on every rank: the job's seed) and its trainer; under DDP
+    (world > 1) the forward runs through the DDP wrapper and data-derived state through ``reduce``."""
+    torch.manual_seed(job.train.seed)
+    sae = sae_core.build(sae_config_for(job, widths)).to(device)
+    ddp = nn.parallel.DistributedDataParallel(sae) if world > 1 else None
+    kwargs = {"reduce": reduce} if reduce is not None else {}
+    return Trainer(sae, job.train, forward_module=ddp, world_size=world, **kwargs)
 
 
-def store_widths(store: ActivationStore, job: TrainJob) -> tuple[int, int | None]:
-    """(d_in, d_out) of the job's hooks in ``store``; a crosscoder's sources must share one width."""
-    return hook_widths({h: store.d(h) for h in job.columns()}, job)
+def run_loop(run: Run, trainer: Trainer, *, rank: int = 0, world: int = 1, tracker: NullTracker | None = None,
+             checkpoint: dict[str, Any] | None = None, on_step: Callable[[int], None] | None = None,
+             on_metrics: Callable[[dict[str, float]], None] | None = None) -> Trainer:
+    """Train ``trainer`` on rank ``rank`` of ``world`` until the job's last step: resume from ``checkpoint``
+    or initialise from the objective's sample, then the objective's updates over the source's batches.
+    Logged rows go to ``tracker`` and ``on_metrics``; ``on_step(step)`` runs after every update."""
+    tracker = tracker or NullTracker()
+    job, objective = run.job, run.objective
+    objective.bind(job, run.source, trainer.device)
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+        logger.info("rank %d resumed at step %d", rank, trainer.step_count)
+        tracker.log_metrics({"resumed_from_step": trainer.step_count}, step=trainer.step_count)
+    else:
+        sample = objective.init_sample(run.source, job.train.init_sample_tokens)
+        if sample is not None:  # otherwise the trainer initialises from its first batch
+            trainer.initialize(sample)
+    batches = run.source.batches(rank, world, trainer.step_count)
+    for row in trainer.fit(batches, on_step=on_step, step=objective.step_fn(trainer)):
+        tracker.log_metrics(row, step=int(row["step"]))
+        if on_metrics is not None:
+            on_metrics(row)
+    return trainer
 
 
-def hook_widths(widths: dict[str, int], job: TrainJob) -> tuple[int, int | None]:
-    sources = job.sources or [job.hook]
-    if len({widths[h] for h in sources}) > 1:
-        raise UserError(f"crosscoder sources must have one width, got {({h: widths[h] for h in sources})}; "
-                        "choose hooks of the same kind (e.g. residual streams of several layers)")
-    return widths[sources[0]], (widths[job.out_hook] if job.out_hook else None)
-
-
-def read_examples(store: ActivationStore, job: TrainJob, start: int, stop: int):
-    """Rows [start, stop) of the job's columns, as the trainer takes them (see TrainJob.example)."""
-    return job.example({h: store.read_hook(h, start, stop) for h in job.columns()})
-
-
-def store_batches(store: ActivationStore, job: TrainJob, stop: int):
-    """The job's seeded, looping training batches from rows [0, stop) of ``store``."""
-    for columns in store.iter_batches(job.columns(), job.train.batch_size, seed=job.train.seed, stop=stop):
-        yield job.example(columns)
-
-
-def resolve_sparsity_args(arch: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Map CLI knobs (k, l1, l0, ...) onto the architecture's config fields; unknown knobs are errors."""
-    config_fields = {f.name for f in dataclasses.fields(sae_core.get(arch).config_cls)}
-    resolved: dict[str, Any] = {}
-    for knob, value in values.items():
-        if value is None:
-            continue
-        candidates = SPARSITY_ALIASES.get(knob, (knob,))
-        match = next((name for name in candidates if name in config_fields), None)
-        if match is None:
-            raise UserError(f"architecture {arch!r} has no {knob!r} setting (its fields: {sorted(config_fields)})")
-        resolved[match] = value
-    return resolved
-
-
-def split_rows(store: ActivationStore, job: TrainJob) -> tuple[int, int]:
-    """(train_rows, total_rows): the last eval_fraction of rows are held out."""
-    total = store.n_tokens
-    n_eval = max(int(total * job.eval_fraction), 1)
-    if total - n_eval < job.train.batch_size:
-        raise UserError(
-            f"store {job.activations} has {total} rows: too few for a batch of {job.train.batch_size} plus "
-            f"{n_eval} held-out rows; collect more tokens or lower --batch-size"
-        )
-    return total - n_eval, total
-
-
-def open_checked_store(job: TrainJob) -> ActivationStore:
-    try:
-        store = ActivationStore(job.activations)
-        for hook in job.columns():
-            store.check_hook(hook)
-    except StoreError as exc:
-        raise UserError(str(exc)) from exc
-    return store
-
-
-def finish_run(job: TrainJob, trainer: Trainer, store: ActivationStore, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate on the store's held-out rows, write the SAELens folder, metrics.json and job.json."""
-    train_rows, total = split_rows(store, job)
-    return finish_with(job, trainer, read_examples(store, job, train_rows, total), metadata)
-
-
-def finish_with(job: TrainJob, trainer: Trainer, held_out, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate on ``held_out`` examples (TrainJob.example), write the SAELens folder, metrics.json, job.json."""
-    x, targets = held_out if isinstance(held_out, tuple) else (held_out, None)
-    result = evaluate(trainer.sae, x, scaling_factor=trainer.scaling_factor, targets_NO=targets,
-                      output_scaling_factor=trainer.output_scaling_factor)
-    out = Path(job.out)
-    save_sae(trainer.sae, out, scaling_factor=trainer.scaling_factor, metadata={**metadata, **hook_metadata(job)},
-             output_scaling_factor=trainer.output_scaling_factor)
-    (out / "metrics.json").write_text(json.dumps({**result, "steps": trainer.step_count}, indent=2))
-    (out / "job.json").write_text(json.dumps(job.to_dict(), indent=2))
-    return result
-
-
-def hook_metadata(job: TrainJob) -> dict[str, Any]:
-    """The cfg.json metadata naming the hooks: SAELens's hook_name (and hook_name_out for transcoders);
-    a crosscoder's sources in order as hook_names."""
-    meta: dict[str, Any] = {"hook_name": job.hook}
+def sae_metadata(job: TrainJob, facts: DataFacts) -> dict[str, Any]:
+    """The cfg.json metadata: SAELens's fields, the site read (hook_name), a PAIR's output site
+    (hook_name_out) and a STACKED wiring's sites in order (hook_names)."""
+    meta: dict[str, Any] = {"model_name": facts.model_name, "hook_name": job.hook, "context_size": facts.context_size,
+                            "prepend_bos": facts.prepend_bos, "dataset_path": facts.dataset_path,
+                            "exclude_special_tokens": facts.exclude_special_tokens}
     if job.out_hook:
         meta["hook_name_out"] = job.out_hook
     if job.sources:
@@ -209,28 +92,38 @@ def hook_metadata(job: TrainJob) -> dict[str, Any]:
     return meta
 
 
-def store_metadata(store: ActivationStore, job: TrainJob) -> dict[str, Any]:
-    manifest = store.manifest
-    return {"model_name": manifest.model, "hook_name": job.hook, "context_size": manifest.context_size,
-            "prepend_bos": manifest.bos_token_id is not None, "dataset_path": manifest.corpus,
-            "exclude_special_tokens": bool(manifest.excluded)}
+def finish(run: Run, trainer: Trainer, tracker: NullTracker) -> dict[str, Any]:
+    """Evaluate on the held-out data, publish the SAELens folder with metrics.json and job.json (and the
+    objective's files), log it all to MLflow and close the run."""
+    job = run.job
+    evaluation = run.objective.evaluate(job, trainer, run.source)
+    metrics = {**evaluation.metrics, "steps": trainer.step_count}
+    files = {"metrics.json": json_bytes(metrics), "job.json": json_bytes(job.to_dict()), **evaluation.files}
+    save_sae(trainer.sae, job.out, scaling_factor=trainer.scaling_factor, metadata=sae_metadata(job, run.source.facts()),
+             output_scaling_factor=trainer.output_scaling_factor, extra_files=files)
+    log_final(tracker, job, metrics, trainer.step_count)
+    return metrics
 
 
-# What of the output folder goes to MLflow: the SAELens folder and its metrics, not Ray's checkpoints.
-SAE_ARTIFACTS = ("cfg.json", "sae_weights.safetensors", "sae_ray.json", "sparsity.safetensors", "metrics.json",
-                 "job.json")
+def finish_from_checkpoint(run: Run, state: dict[str, Any] | str | Path, tracker: NullTracker) -> dict[str, Any]:
+    """:func:`finish` for a run whose trainer lives in a checkpoint (what Ray Train leaves on the driver)."""
+    trainer = build_trainer(run.job, run.widths)
+    trainer.load_state_dict(state if isinstance(state, dict) else load_checkpoint(state))
+    return finish(run, trainer, tracker)
 
 
-def start_job_tracking(job: TrainJob, store: ActivationStore | None, *, uri: str | None, experiment: str,
-                       run_name: str | None = None, parent_run_id: str | None = None,
-                       extra_params: dict[str, Any] | None = None) -> MlflowTracker:
-    """An MLflow run for ``job`` with its params and the model/hook/architecture tags."""
-    model = store.manifest.model if store is not None else str((job.stream or {}).get("model", ""))
-    tags = {"model": model, "hook": job.hook, "architecture": job.arch, **({"out_hook": job.out_hook} if job.out_hook else {}),
+# -- MLflow ---------------------------------------------------------------------------------------
+def start_job_tracking(run: Run, *, uri: str | None, experiment: str, run_name: str | None = None,
+                       parent_run_id: str | None = None, extra_params: dict[str, Any] | None = None) -> MlflowTracker:
+    """An MLflow run for the job with its params and the model/hook/architecture tags."""
+    job = run.job
+    tags = {"model": run.source.facts().model_name, "hook": job.hook, "architecture": job.arch,
+            **({"out_hook": job.out_hook} if job.out_hook else {}),
             **({"sources": ",".join(job.sources)} if job.sources else {})}
     tracker = MlflowTracker.create(uri, experiment, run_name or Path(job.out).name, tags, parent_run_id)
     tracker.log_params({"arch": job.arch, "sae": job.sae, "train": job.train.to_dict(), "hook": job.hook,
-                        "out_hook": job.out_hook, "sources": job.sources, "activations": job.activations, "stream": job.stream or {}, **(extra_params or {})})
+                        "out_hook": job.out_hook, "sources": job.sources, "activations": job.activations,
+                        "stream": job.stream or {}, **run.objective.params(job), **(extra_params or {})})
     return tracker
 
 
@@ -243,21 +136,25 @@ def log_final(tracker: NullTracker, job: TrainJob, metrics: dict[str, Any], step
     tracker.end("FINISHED")
 
 
-def train_local(job: TrainJob, on_metrics: Callable[[dict[str, float]], None] | None = None,
+def end_failed(tracker: NullTracker, exc: BaseException) -> None:
+    """Close a run whose command failed: KILLED on Ctrl-C (and on SystemExit: how Tune stops a trial its
+    scheduler gave up on), FAILED with the error as a tag otherwise."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        tracker.end("KILLED")
+        return
+    tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+    tracker.end("FAILED")
+
+
+# -- in this process ---------------------------------------------------------------------------------
+def train_local(job: TrainJob | Run, on_metrics: Callable[[dict[str, float]], None] | None = None,
                 tracker: NullTracker | None = None) -> dict[str, Any]:
-    """Train in this process: read the store, train, evaluate on held-out rows, save."""
+    """Train in this process (the one loop with world = 1), evaluate on the held-out data, save."""
+    run = job if isinstance(job, Run) else Run(job)
     tracker = tracker or NullTracker()
-    store = open_checked_store(job)
-    sae_cfg = sae_config_for(job, *store_widths(store, job))
-    torch.manual_seed(job.train.seed)
-    sae = sae_core.build(sae_cfg)
-    trainer = Trainer(sae, job.train)
-    train_rows, _ = split_rows(store, job)
-    trainer.initialize(read_examples(store, job, 0, min(job.train.init_sample_tokens, train_rows)))
-    for row in trainer.fit(store_batches(store, job, train_rows)):
-        tracker.log_metrics(row, step=int(row["step"]))
-        if on_metrics is not None:
-            on_metrics(row)
-    metrics = finish_run(job, trainer, store, store_metadata(store, job))
-    log_final(tracker, job, metrics, trainer.step_count)
-    return metrics
+    try:
+        trainer = run_loop(run, build_trainer(run.job, run.widths), tracker=tracker, on_metrics=on_metrics)
+        return finish(run, trainer, tracker)
+    except BaseException as exc:
+        end_failed(tracker, exc)
+        raise

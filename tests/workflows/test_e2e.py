@@ -14,10 +14,12 @@ import sae_core
 from sae_core.io import load_sae, save_sae
 from sae_core.trainer import TrainConfig, Trainer
 from workflows.cli import main
-from workflows.e2e import E2EJob, hook_sample, train_e2e, training_windows
+from workflows.e2e import hook_sample
 from workflows.evaluate import evaluate_sae, held_out_windows
+from workflows.job import TrainJob
 from workflows.models import load_model
-from workflows.train_ray import DistributedOptions
+from workflows.sources import WindowSource, default_stream
+from workflows.train_ray import DistributedOptions, train_distributed
 
 HOOK = "blocks.1.hook_resid_post"
 CONTEXT = 32
@@ -39,9 +41,9 @@ def train_cfg() -> TrainConfig:
     return TrainConfig(steps=STEPS, batch_size=256, lr=1e-2, lr_decay_steps=100, log_every=50)
 
 
-def train_mse(job: E2EJob, model) -> Path:
+def train_mse(job: TrainJob, model) -> Path:
     """The baseline: the same tokens, SAE, initial weights, steps and schedule, trained on MSE in this process."""
-    acts_ND = hook_sample(model, HOOK, training_windows(job), n_tokens=10**9, device=torch.device("cpu"))
+    acts_ND = hook_sample(model, HOOK, WindowSource(job).windows, n_tokens=10**9, device=torch.device("cpu"))
     torch.manual_seed(job.train.seed)
     trainer = Trainer(sae_core.build(sae_core.make_config("topk", d_in=acts_ND.shape[1], **SAE)), job.train)
     trainer.initialize(acts_ND[: job.train.init_sample_tokens])  # the sample e2e initialises from
@@ -55,9 +57,9 @@ def train_mse(job: E2EJob, model) -> Path:
 
 def test_e2e_has_lower_kl_than_mse_at_equal_l0(local_ray, tiny_llama_dir, tmp_path, one_thread):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    job = E2EJob(hook=HOOK, sae=SAE, train=train_cfg(), out=str(tmp_path / "e2e"), model=str(tiny_llama_dir),
-                 n_tokens=TOKENS, context_size=CONTEXT, eval_tokens=2000)
-    result = train_e2e(job, DistributedOptions(workers=1, mlflow_uri=uri, checkpoint_every=100))
+    job = TrainJob(hook=HOOK, sae=SAE, train=train_cfg(), out=str(tmp_path / "e2e"), loss="e2e",
+                   stream=default_stream(str(tiny_llama_dir), TOKENS, CONTEXT), eval_tokens=2000)
+    result = train_distributed(job, DistributedOptions(workers=1, mlflow_uri=uri, checkpoint_every=100))
     assert result["steps"] == STEPS and result["train_tokens"] >= TOKENS
 
     loaded = load_model(str(tiny_llama_dir))

@@ -16,8 +16,9 @@ from ray.cluster_utils import Cluster
 from sae_core.io import CHECKPOINT_FILE, load_checkpoint, load_sae
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
 from sae_core.trainer import TrainConfig
+from workflows.job import TrainJob
 from workflows.train_ray import DistributedOptions, train_distributed
-from workflows.training import TrainJob, train_local
+from workflows.training import train_local
 
 STEPS = 300
 

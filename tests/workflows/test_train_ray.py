@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from sae_core.io import load_sae
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
 from sae_core.trainer import TrainConfig
+from workflows.job import TrainJob
 from workflows.train_ray import DistributedOptions, train_distributed
-from workflows.training import TrainJob, train_local
+from workflows.training import train_local
 
 
 @pytest.fixture(scope="module")

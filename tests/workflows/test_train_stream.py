@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from sae_core.io import load_sae
 from sae_core.trainer import TrainConfig
+from workflows.job import TrainJob
 from workflows.train_ray import DistributedOptions, train_distributed
-from workflows.training import TrainJob
 
 
 def test_train_from_the_live_stream(local_ray, tiny_llama_dir, shakespeare, tmp_path):

@@ -5,6 +5,7 @@ collection pass, `sae train --out-hook` / repeated `--hook`, Ray Train on (input
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,9 +15,10 @@ import torch
 from sae_core.io import load_sae
 from sae_core.store import ActivationStore
 from sae_core.trainer import TrainConfig
-from workflows.evaluate import evaluate_crosscoder, evaluate_sae, held_out_windows
+from workflows.evaluate import evaluate_per_site, evaluate_sae, held_out_windows
+from workflows.job import TrainJob
 from workflows.models import load_model
-from workflows.training import TrainJob, train_local
+from workflows.training import train_local
 
 MLP_IN, MLP_OUT = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"
 RESID = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -88,7 +90,7 @@ def test_crosscoder_on_two_layers_reports_fvu_per_source(store, tmp_path, tiny_l
     assert cfg["n_sources"] == 2 and cfg["metadata"]["hook_names"] == RESID
     model = load_model(str(tiny_llama_dir))
     windows = held_out_windows(model.tokenizer, corpus=None, context_size=CONTEXT, n_tokens=256)
-    per_source = evaluate_crosscoder(load_sae(out), model.model, RESID, windows)
+    per_source = evaluate_per_site(load_sae(out), model.model, RESID, windows)
     assert set(per_source) >= {f"fvu/{h}" for h in RESID} and 0 < per_source["l0"] <= 8
     assert all(0 <= per_source[f"fvu/{h}"] < 1 for h in RESID)
 
@@ -162,3 +164,106 @@ def test_real_smollm2_transcoder_recovers_the_mlp(tmp_path, local_ray):
     assert result.ce_loss_zero > result.ce_loss_clean  # removing the MLP's output hurts the model
     assert result.ce_loss_spliced < result.ce_loss_zero and result.ce_loss_recovered > 0.3
     assert result.fvu < 0.8 and 16 < result.l0 < 64  # the inference threshold keeps about k=32 per token
+
+
+PLUGIN = '''"""A throw-away transcoder-like architecture, written as a user would: one file outside sae_core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, Wiring, mse_loss
+from sae_core.registry import register
+
+
+@dataclass(kw_only=True)
+class ShrinkTranscoderConfig(SAEConfig):
+    d_out: int | None = None
+    """Width of the site written; None means d_in."""
+    apply_b_dec_to_input: bool = False
+    """b_dec lives in the output space."""
+    shrink: float = 0.5
+    """Soft threshold subtracted from every pre-activation."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.d_out = self.d_out or self.d_in
+
+
+class ShrinkTranscoder(SparseAutoencoder):
+    wiring = Wiring.PAIR
+    homogeneous = False
+    saelens_architecture = "shrink_transcoder"
+
+    def __init__(self, cfg: ShrinkTranscoderConfig):
+        super().__init__(cfg)
+        self.W_dec = nn.Parameter(nn.functional.normalize(torch.randn(cfg.d_sae, cfg.d_out), dim=1))
+        self.W_enc = nn.Parameter(torch.randn(cfg.d_in, cfg.d_sae) / cfg.d_in**0.5)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
+
+    @property
+    def d_out(self) -> int:
+        return self.cfg.d_out
+
+    def activation(self, h_BF: Tensor) -> Tensor:
+        return torch.relu(h_BF - self.cfg.shrink)
+
+    def init_encoder_from_decoder(self) -> None:
+        pass
+
+    def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None, target_BO: Tensor | None = None) -> SAEOutput:
+        latents_BF = self.activation(self.pre_acts(x_BD))
+        y_hat_BO = self.decode(latents_BF)
+        y_BO = y_hat_BO.detach() if target_BO is None else target_BO
+        zero = y_hat_BO.new_zeros(())
+        return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), zero, zero)
+
+    def saelens_cfg_extra(self) -> dict:
+        return {"d_out": self.cfg.d_out}
+
+
+register("shrink_transcoder", ShrinkTranscoderConfig, ShrinkTranscoder, "soft-thresholded transcoder (a test plugin)")
+'''
+
+
+def test_a_transcoder_like_architecture_from_one_file_outside_the_package(store, tmp_path, tiny_llama_dir):
+    """The workflows ask the architecture's spec, never its name: one file in a package of its own is
+    trained (in process and on Ray Train), saved, reloaded and spliced into the model by the CLI."""
+    package = tmp_path / "plugins" / "plugarch"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "shrink_transcoder.py").write_text(PLUGIN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")]),
+           "SAE_RAY_ARCHITECTURES": "plugarch.shrink_transcoder"}
+    out = tmp_path / "shrink"
+    train = ["train", "--activations", str(store.root), "--hook", MLP_IN, "--out-hook", MLP_OUT, "--arch",
+             "shrink_transcoder", "--d-sae", "96", "--steps", "60", "--batch-size", "256", "--lr", "3e-3"]
+    result = sae_env(env, *train, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["fvu"] < 1 and metrics["l0"] > 0, metrics
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "shrink_transcoder" and cfg["metadata"]["hook_name_out"] == MLP_OUT
+
+    result = sae_env(env, *train, "--steps", "20", "--workers", "1", "--out", str(tmp_path / "shrink-ray"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "shrink-ray" / "metrics.json").read_text())["steps"] == 20
+
+    evaluated = sae_env(env, "eval", str(out), "--model", str(tiny_llama_dir), "--tokens", "256",
+                        "--context-size", str(CONTEXT), "--corpus", "builtin:stdlib")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert report["out_hook"] == MLP_OUT and report["ce_loss_spliced"] != report["ce_loss_clean"]
+
+    # Without the plugin the folder is refused in one line, not misread as something else.
+    plain = {k: v for k, v in env.items() if k != "SAE_RAY_ARCHITECTURES"}
+    refused = sae_env(plain, "eval", str(out), "--model", str(tiny_llama_dir), "--tokens", "64")
+    assert refused.returncode == 2 and "unknown architecture 'shrink_transcoder'" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+def sae_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, env=env)

@@ -9,6 +9,7 @@ from tqdm import tqdm
 from workflows.activations import CollectConfig, collect
 from workflows.corpus import DEFAULT_CORPUS
 from workflows.models import DEFAULT_MODEL
+from workflows.options import add_context_size_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f".txt/.jsonl/.parquet file, folder or glob, hf:NAME[:CONFIG][:SPLIT] (default {DEFAULT_CORPUS})")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
     p.add_argument("--tokens", type=int, required=True, help="tokens to store (whole windows, at least this many)")
-    p.add_argument("--context-size", type=int, default=128, help="tokens per window, BOS included")
+    add_context_size_flag(p)
     p.add_argument("--out", required=True, help="store directory; an unfinished one is resumed")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float32", help="storage dtype")
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype the model runs in")

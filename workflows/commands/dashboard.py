@@ -6,6 +6,7 @@ import argparse
 
 from workflows.corpus import DEFAULT_CORPUS
 from workflows.dashboard import DashboardConfig, build_dashboard, parse_features
+from workflows.options import add_context_size_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--top-density", type=int, metavar="N", help="the N most often firing features")
     p.add_argument("--workers", type=int, default=1, help="model actors in the Ray Data pool")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--context-size", type=int, help="tokens per window (default: the SAE's metadata, else 128)")
+    add_context_size_flag(p, default=None)
     p.add_argument("--top-k", type=int, default=20, help="top-activating examples per feature")
     p.add_argument("--cache-dir", help="model cache folder")
     p.set_defaults(func=run)

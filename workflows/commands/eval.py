@@ -14,7 +14,7 @@ from workflows.corpus import DEFAULT_CORPUS
 from workflows.errors import UserError
 from workflows.evaluate import (
     EVAL_FILE,
-    evaluate_crosscoder,
+    evaluate_per_site,
     evaluate_sae,
     held_out_windows,
     load_any_sae,
@@ -22,9 +22,8 @@ from workflows.evaluate import (
     write_outputs,
 )
 from workflows.models import DEFAULT_MODEL, load_model
+from workflows.options import DEFAULT_CONTEXT_SIZE, add_context_size_flag, add_mlflow_uri_flag
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
-
-DEFAULT_CONTEXT = 128
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", help=f"corpus spec (default: the SAE's dataset_path, else {DEFAULT_CORPUS})")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
     p.add_argument("--tokens", type=int, default=8192, help="held-out tokens to evaluate on (default 8192)")
-    p.add_argument("--context-size", type=int,
-                   help=f"tokens per window, BOS included (default: the SAE's context_size, else {DEFAULT_CONTEXT})")
+    add_context_size_flag(p, default=None)
     p.add_argument("--skip-tokens", type=int,
                    help="corpus tokens to skip first (default: those our training run used, when known)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -47,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="model cache folder")
     track = p.add_argument_group("tracking")
     track.add_argument("--mlflow-run-id", help="log the metrics (eval/*) and outputs to this existing MLflow run")
-    track.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_mlflow_uri_flag(track)
     p.set_defaults(func=run)
 
 
@@ -63,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the SAE's metadata names no hook: pass --hook")
     model_spec = args.model or meta.get("model_name") or DEFAULT_MODEL
     corpus = args.corpus or (meta.get("dataset_path") if ours else None) or DEFAULT_CORPUS
-    context_size = args.context_size or meta.get("context_size") or DEFAULT_CONTEXT
+    context_size = args.context_size or meta.get("context_size") or DEFAULT_CONTEXT_SIZE
     skip = args.skip_tokens if args.skip_tokens is not None else (training_tokens(args.sae_dir, corpus) if ours else 0)
     loaded = load_model(model_spec, cache_dir=args.cache_dir)
     windows = held_out_windows(loaded.tokenizer, corpus=corpus, context_size=context_size, n_tokens=args.tokens,
@@ -71,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     out_hook = args.out_hook or meta.get("hook_name_out")
     info = {"sae": str(args.sae_dir), "model": model_spec, "hook": hook, "corpus": corpus,
             "context_size": context_size, "skip_tokens": skip, **({"out_hook": out_hook} if out_hook else {})}
-    if getattr(sae, "arch", "") == "crosscoder":
-        return _run_crosscoder(args, sae, meta, loaded, windows, out, info)
+    if not sae.wiring.splices:  # it rewrites several sites at once: measured per site
+        return run_per_site(args, sae, meta, loaded, windows, out, info)
     with tqdm(total=int(windows.keep.sum()), unit="tok", unit_scale=True, desc="eval") as bar:
         result = evaluate_sae(sae, loaded.model, hook, windows, batch_size=args.batch_size, progress=bar.update,
                               out_hook=out_hook)
@@ -84,14 +82,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_crosscoder(args: argparse.Namespace, cc, meta: dict, loaded, windows, out: Path, info: dict) -> int:
-    """Per-source FVU (no CE: a crosscoder rewrites several hooks at once); eval.json only."""
+def run_per_site(args: argparse.Namespace, sae, meta: dict, loaded, windows, out: Path, info: dict) -> int:
+    """Per-site FVU of a STACKED wiring (no CE: it rewrites several sites at once); eval.json only."""
     hooks = meta.get("hook_names") or []
-    if len(hooks) != cc.cfg.n_sources:
-        raise UserError(f"the crosscoder has {cc.cfg.n_sources} sources but its metadata names hooks {hooks}; "
+    if len(hooks) != sae.cfg.n_sources:
+        raise UserError(f"the SAE reads {sae.cfg.n_sources} sites but its metadata names hooks {hooks}; "
                         "it needs cfg.json metadata.hook_names listing them in order")
     with tqdm(total=int(windows.keep.sum()), unit="tok", unit_scale=True, desc="eval") as bar:
-        values = evaluate_crosscoder(cc, loaded.model, hooks, windows, batch_size=args.batch_size, progress=bar.update)
+        values = evaluate_per_site(sae, loaded.model, hooks, windows, batch_size=args.batch_size, progress=bar.update)
     out.mkdir(parents=True, exist_ok=True)
     path = out / EVAL_FILE
     path.write_text(json.dumps({**values, **info, "hooks": hooks}, indent=2))

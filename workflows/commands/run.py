@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from workflows.options import add_tracking_flags
 from workflows.pipeline import result_json, run_pipeline, summary
 from workflows.recipes import RECIPES, get_recipe, parse_overrides
 
@@ -16,8 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a recipe field, dotted for nested ones (sae.k=64, train.steps=2000)")
     p.add_argument("--sweep", action="store_true", help="a small Ray Tune sweep instead of one training run")
     p.add_argument("--out", help="run folder (default runs/<recipe>)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    p.add_argument("--experiment", help="MLflow experiment (default sae-run-<recipe>)")
+    add_tracking_flags(p, experiment=None, experiment_help="MLflow experiment (default: sae-run-<recipe>)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=run)
 

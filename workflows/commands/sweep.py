@@ -8,30 +8,28 @@ import os
 import time
 
 from workflows.errors import UserError
+from workflows.options import add_field_flags, add_tracking_flags, field_values
 from workflows.recipes import parse_overrides
+
+SPEC_FLAGS = ("samples", "scheduler", "asha_metric", "steps", "batch_size", "lr", "cpus_per_trial", "model")
+"""SweepSpec fields with a flag of their own: help and default come from the field."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from workflows.sweep import SweepSpec
+
     p = sub.add_parser("sweep", help="Ray Tune sweep over width / k / L0 with MLflow Pareto frontiers")
-    p.add_argument("--activations", required=True, help="activation store directory (shared by every trial)")
-    p.add_argument("--hook", required=True, help="hook column to train on")
+    p.add_argument("--activations", required=True, help="activation store (shared by every trial)")
+    p.add_argument("--hook", required=True, help="model site to train on")
     p.add_argument("--arch", action="append", required=True, help="architecture (repeatable: crossed with the grid)")
     p.add_argument("--grid", action="append", default=[], metavar="KNOB=V1,V2,...",
                    help="values of one knob: d_sae, k, l1, l0, target_l0 (k for TopK-family), any architecture "
                         "or training field (repeatable; the grid is the cross product)")
-    p.add_argument("--samples", type=int, default=1, help="repeats of the grid, each with its own seed")
-    p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo", help="asha stops trials behind their peers")
-    p.add_argument("--asha-metric", default="fvu", help="training metric ASHA minimises (default fvu)")
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps per trial")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=4e-4)
+    add_field_flags(p, SweepSpec, SPEC_FLAGS, required=["steps"], choices={"scheduler": ["fifo", "asha"]})
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="an architecture or training field for every trial, JSON-parsed (repeatable)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per trial")
-    p.add_argument("--model", help="base model, for CE loss recovered (when workflows.evaluate provides it)")
     p.add_argument("--out", help="folder for trial SAEs and Tune state (default runs/sweeps/<experiment>)")
-    p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_tracking_flags(p, experiment_required=True)
     p.set_defaults(func=run)
 
 
@@ -61,12 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.grid:
         raise UserError("give at least one --grid KNOB=V1,V2,...")
-    spec = SweepSpec(activations=os.path.abspath(args.activations), hook=args.hook, archs=args.arch,
-                     grid=parse_grid(args.grid), steps=args.steps, experiment=args.experiment,
-                     mlflow_uri=args.mlflow_uri, samples=args.samples, scheduler=args.scheduler,
-                     asha_metric=args.asha_metric, batch_size=args.batch_size, lr=args.lr, sets=parse_overrides(args.set),
+    store = args.activations if "://" in args.activations else os.path.abspath(args.activations)
+    spec = SweepSpec(activations=store, hook=args.hook, archs=args.arch, grid=parse_grid(args.grid),
+                     experiment=args.experiment, mlflow_uri=args.mlflow_uri, sets=parse_overrides(args.set),
                      out=os.path.abspath(args.out or os.path.join("runs", "sweeps", args.experiment)),
-                     model=args.model, cpus_per_trial=args.cpus_per_trial)
+                     **field_values(args, SPEC_FLAGS))
     started = time.time()
     result = run_sweep(spec)
     print(f"sweep {result.parent_run_id}: {result.trials} trials, {len(result.finished)} finished, "

@@ -9,12 +9,13 @@ import subprocess
 import sys
 
 from workflows.errors import UserError
+from workflows.options import add_mlflow_uri_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the tracking store")
     p.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_mlflow_uri_flag(p)
     p.set_defaults(func=run)
 
 
