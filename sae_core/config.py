@@ -45,8 +45,12 @@ def reject_unknown(cls: type, raw: dict[str, Any], what: str) -> None:
 
 
 def strict_from_dict(cls: type[T], raw: dict[str, Any], what: str) -> T:
-    """``cls(**raw)`` after :func:`reject_unknown`."""
+    """``cls(**raw)`` after :func:`reject_unknown`; a missing required field is a ConfigError too."""
     reject_unknown(cls, raw, what)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing {what} field(s) {missing}")
     return cls(**raw)
 
 

@@ -36,6 +36,7 @@ from sae_core.architectures.base import ConfigError, SparseAutoencoder
 from sae_core.io import (
     CFG_FILE,
     FOREIGN_ARCHITECTURES,
+    NATIVE_FILE,
     WEIGHTS_FILE,
     SAEFormatError,
     load_inference_tensors,
@@ -147,6 +148,8 @@ def saelens_metadata(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def from_saelens(src: Path) -> tuple[AnySAE, dict[str, Any]]:
     cfg = read_cfg(src)
+    if (src / NATIVE_FILE).is_file():  # ours: the native config names the registered architecture
+        return load_sae(src), saelens_metadata(cfg)
     arch = cfg.get("architecture", "standard")
     if arch not in FOREIGN_ARCHITECTURES:
         raise RegistryError(f"{src}/{CFG_FILE}: field 'architecture' is {arch!r}, not one of "

@@ -133,7 +133,7 @@ def data_widths(job: TrainJob, widths: dict[str, int]) -> dict[str, int]:
     """The config fields the data sets: d_in, and the wiring's derived field (d_out or n_sources)."""
     read = job.sources or [job.hook]
     if len({widths[h] for h in read}) > 1:
-        raise UserError(f"the sources of a multi-source SAE must have one width, got {({h: widths[h] for h in read})}; "
+        raise UserError(f"a multi-source SAE's sources must have one width, got {({h: widths[h] for h in read})}; "
                         "choose sites of the same kind (e.g. residual streams of several layers)")
     derived = {"d_in": widths[read[0]]}
     extra = job.wiring.derived_field

@@ -5,7 +5,6 @@ field's default and the docstring under it. Options several commands share are d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -126,5 +125,6 @@ def add_context_size_flag(parser: argparse.ArgumentParser | argparse._ArgumentGr
                         help=f"tokens per window, BOS included{note} ({shown})")
 
 
-def dataclass_fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+def add_model_workers_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--workers of the commands that run the model in a Ray Data actor pool (one model copy per actor)."""
+    parser.add_argument("--workers", type=int, default=1, help="model actors in the Ray Data pool (default: 1)")

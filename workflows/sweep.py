@@ -31,6 +31,7 @@ from workflows import frontier as fr
 from workflows.errors import UserError
 from workflows.job import TrainJob
 from workflows.options import resolve_knobs
+from workflows.sources import StoreSource
 from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
 from workflows.training import Run, end_failed, start_job_tracking, train_local
 
@@ -116,7 +117,12 @@ def check_spec(spec: SweepSpec) -> None:
         unknown = sorted(set(spec.sets) - config_fields - TRAIN_FIELDS)
         if unknown:
             raise UserError(f"--set {unknown} is neither a field of architecture {arch!r} nor a training field")
-    Run(job_for(spec, {"arch": spec.archs[0]}, out="unused"))  # the store, its hook and its size
+    probe_source(spec)
+
+
+def probe_source(spec: SweepSpec) -> StoreSource:
+    """The store every trial reads, checked (its hook, its size for the batch) before anything runs."""
+    return StoreSource(job_for(spec, {"arch": spec.archs[0]}, out="unused"))
 
 
 def job_for(spec: SweepSpec, config: Mapping[str, Any], out: str) -> TrainJob:
@@ -272,8 +278,7 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
     uri = resolve_tracking_uri(spec.mlflow_uri)
     ensure_ray()
     check_cpus(spec)
-    probe = Run(job_for(spec, {"arch": spec.archs[0]}, "unused"))
-    parent = start_parent(spec, uri, probe.source.facts().model_name)
+    parent = start_parent(spec, uri, probe_source(spec).facts().model_name)
     out = Path(spec.out).resolve() / f"sweep-{parent.run_id[:8]}"
     trial_spec = {**spec.to_dict(), "out": str(out)}
     trainable = tune.with_resources(

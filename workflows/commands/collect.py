@@ -9,7 +9,7 @@ from tqdm import tqdm
 from workflows.activations import CollectConfig, collect
 from workflows.corpus import DEFAULT_CORPUS
 from workflows.models import DEFAULT_MODEL
-from workflows.options import add_context_size_flag
+from workflows.options import add_context_size_flag, add_model_workers_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float32", help="storage dtype")
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype the model runs in")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--workers", type=int, default=1, help="model actors in the Ray Data pool")
+    add_model_workers_flag(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per actor")
     p.add_argument("--cache-dir", help="model cache folder (default $SAE_RAY_CACHE/models or ~/.cache/sae-ray/models)")
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ import argparse
 
 from workflows.corpus import DEFAULT_CORPUS
 from workflows.dashboard import DashboardConfig, build_dashboard, parse_features
-from workflows.options import add_context_size_flag
+from workflows.options import add_context_size_flag, add_model_workers_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--features", help="feature ids, e.g. 0-99 or 3,17,200-210 (default 0-99)")
     which.add_argument("--top-density", type=int, metavar="N", help="the N most often firing features")
-    p.add_argument("--workers", type=int, default=1, help="model actors in the Ray Data pool")
+    add_model_workers_flag(p)
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     add_context_size_flag(p, default=None)
     p.add_argument("--top-k", type=int, default=20, help="top-activating examples per feature")

@@ -7,13 +7,12 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from workflows.options import add_mlflow_uri_flag
+    from workflows.options import add_tracking_flags
 
     p = sub.add_parser("frontier", help="Pareto frontier (L0 vs FVU, and vs CE) over all sweep trials of an experiment")
-    p.add_argument("--experiment", required=True, help="MLflow experiment name")
     p.add_argument("--hook", help="only trials on this hook (required when the experiment spans several)")
     p.add_argument("--out", help="also write frontier.png, trials.csv and frontier_*.csv/.json here")
-    add_mlflow_uri_flag(p)
+    add_tracking_flags(p, experiment_required=True)
     p.set_defaults(func=run)
 
 
