@@ -100,8 +100,9 @@ class L0Pick:
     high: float
     """Upper end of that interval."""
     confidence: float
-    """In [0, 1]: how clearly the metric rises on both sides of the minimum (the smaller rise over the
-    metric's range); 0 when the minimum is at an end of the sweep."""
+    """In [0, 1]: the smaller of how far the metric rises on both sides of the minimum (as a fraction of its
+    range over the sweep) and four times how far it rises at the nearer neighbour (a U sampled at equal
+    steps rises a quarter of its range there); 0 when the minimum is at an end of the sweep."""
     at_edge: str | None
     """"low" or "high" when the minimum is the sweep's lowest or highest L0 (extend the sweep that way)."""
     metric: str
@@ -128,7 +129,10 @@ def pick_l0(points: Sequence[tuple[float, float]], metric: str = "decoder_cosine
         return L0Pick(l0=xs[best], low=min(xs[best], neighbour), high=max(xs[best], neighbour),
                       confidence=0.0, at_edge=edge, metric=metric)
     rise = min(max(ys[:best]), max(ys[best + 1 :])) - ys[best]
-    confidence = 0.0 if span <= 0 else min(1.0, rise / span)
+    # A parabola sampled at equal steps either side of a central minimum rises a quarter of its range at
+    # the minimum's neighbours: a flatter bottom means the neighbours are nearly as good a pick.
+    local = 4 * (min(ys[best - 1], ys[best + 1]) - ys[best])
+    confidence = 0.0 if span <= 0 else min(1.0, rise / span, local / span)
     return L0Pick(l0=refine(xs[best - 1 : best + 2], ys[best - 1 : best + 2]), low=xs[best - 1],
                   high=xs[best + 1], confidence=confidence, at_edge=None, metric=metric)
 

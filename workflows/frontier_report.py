@@ -133,8 +133,17 @@ def publish(trials: list[Trial], kinds: tuple[FrontierKind, ...], uri: str, expe
     with tempfile.TemporaryDirectory() as tmp:
         write_frontier_files(trials, Path(tmp), kinds)
         tracker.log_artifacts(tmp, artifact_path)
-    describe_run(uri, tracker.run_id, frontier_note(uri, experiment, tracker.run_id))
+    describe_frontier(uri, experiment, tracker.run_id)
     return tracker.run_id, artifact_path
+
+
+def describe_frontier(uri: str, experiment: str, run_id: str) -> str:
+    """Set run ``run_id``'s description to say where its frontier plot and tables are (every ``frontier*``
+    artifact folder) and link the experiment's runs table; returns the markdown. Call it after logging
+    the frontier files (``sae sweep``'s parent run, ``sae frontier``)."""
+    note = frontier_note(uri, experiment, run_id)
+    describe_run(uri, run_id, note)
+    return note
 
 
 def frontier_note(uri: str, experiment: str, run_id: str) -> str:
