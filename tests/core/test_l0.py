@@ -119,3 +119,39 @@ def test_jumprelu_target_loss_is_quadratic_in_the_relative_l0_error():
 def test_bad_targets_are_refused(bad):
     with pytest.raises(sae_core.ConfigError, match="target_l0"):
         make_cfg("relu", target_l0=bad)
+
+
+def test_data_parallel_ranks_hold_the_same_multiplier_as_one_process():
+    """Two ranks (threads with a summing all-reduce) each see half of every batch; their controllers must
+    agree with each other and with one controller that sees the whole batch."""
+    import threading
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(64, 32, generator=gen) < p).float() for p in torch.linspace(0.6, 0.1, 30)]
+    single = SparsityController(TARGET, gain=0.05)
+    for latents in batches:
+        single.update(latents, lambda t, op: t)
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def all_reduce_sum(rank: int):
+        def reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read before the next call overwrites the slots
+            return total
+        return reduce
+
+    ranks = [SparsityController(TARGET, gain=0.05) for _ in range(2)]
+
+    def run(rank: int) -> None:
+        for latents in batches:
+            ranks[rank].update(latents[rank * 32 : (rank + 1) * 32], all_reduce_sum(rank))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert ranks[0].log_multiplier == ranks[1].log_multiplier == pytest.approx(single.log_multiplier, abs=1e-12)
+    assert single.multiplier != 1.0
