@@ -117,8 +117,8 @@ def mark_picks(ax, kind: FrontierKind, picks: list[GroupPick], colour: dict[str,
 
 
 def publish(trials: list[Trial], kinds: tuple[FrontierKind, ...], uri: str, experiment: str) -> tuple[str, str]:
-    """Log the frontier files to MLflow: into the sweep's parent run when every trial shares one, else into a
-    new ``frontier`` run of the experiment; describe where they are in that run's description.
+    """Log the frontier files to MLflow: into the sweep's parent run when every trial shares one, else into the
+    experiment's ``frontier`` run (made once); describe where they are in that run's description.
     Returns (run id, artifact path)."""
     from workflows.tracking import MlflowTracker
 
@@ -127,9 +127,8 @@ def publish(trials: list[Trial], kinds: tuple[FrontierKind, ...], uri: str, expe
     artifact_path = f"frontier/{'_'.join(k.name for k in kinds)}" if custom else "frontier"
     if len(parents) == 1 and "" not in parents:
         tracker = MlflowTracker(uri, parents.pop())
-    else:
-        tracker = MlflowTracker.create(uri, experiment, "frontier", {"frontier": "true"})
-        tracker.end("FINISHED")
+    else:  # trials of several sweeps: one `frontier` run of the experiment holds the cross-sweep files
+        tracker = frontier_run(uri, experiment)
     with tempfile.TemporaryDirectory() as tmp:
         write_frontier_files(trials, Path(tmp), kinds)
         tracker.log_artifacts(tmp, artifact_path)
@@ -144,6 +143,22 @@ def describe_frontier(uri: str, experiment: str, run_id: str) -> str:
     note = frontier_note(uri, experiment, run_id)
     describe_run(uri, run_id, note)
     return note
+
+
+def frontier_run(uri: str, experiment: str):
+    """The experiment's run tagged ``frontier=true`` (created, FINISHED, the first time)."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows.tracking import MlflowTracker
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    existing = client.search_runs([found.experiment_id], "tags.frontier = 'true'", max_results=1) if found else []
+    if existing:
+        return MlflowTracker(uri, existing[0].info.run_id)
+    tracker = MlflowTracker.create(uri, experiment, "frontier", {"frontier": "true"})
+    tracker.end("FINISHED")
+    return tracker
 
 
 def frontier_note(uri: str, experiment: str, run_id: str) -> str:

@@ -124,3 +124,19 @@ def test_runs_view_url(store):
         f"http://127.0.0.1:8123/#/experiments/{experiment_id}/runs"
     with pytest.raises(UserError, match="no MLflow experiment 'missing'"):
         runs_view_url(uri, "missing")
+
+
+def test_trials_of_several_sweeps_share_one_frontier_run(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("two-sweeps")
+    for sweep in ("a", "b"):
+        parent = client.create_run(experiment_id, run_name=f"sweep-{sweep}").info.run_id
+        for l0 in (4.0, 8.0):
+            log_trial(client, experiment_id, parent, "topk", 64, {"l0": l0, "fvu": 1 / l0})
+    for _ in range(2):
+        assert main(["frontier", "--experiment", "two-sweeps", "--mlflow-uri", uri]) == 0
+    (run,) = client.search_runs([experiment_id], "tags.frontier = 'true'")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "frontier")} >= {"frontier/frontier.png",
+                                                                                     "frontier/trials.csv"}
+    assert "frontier.png" in run.data.tags[NOTE_TAG] and run.info.run_id in capsys.readouterr().out
