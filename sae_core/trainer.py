@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from sae_core import metrics
 from sae_core.architectures.base import Reducer, SAEOutput, SparseAutoencoder, no_reduce
 from sae_core.config import require, strict_from_dict
+from sae_core.l0 import sparsity_controller
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class Trainer:
         # The fused kernel exists on CPU too and beats foreach there (benchmarks/kernels.py times both).
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         self.tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_after_tokens, self.device)
+        self.l0_control = sparsity_controller(sae.cfg, cfg.lr)
+        """Scales the sparsity coefficient to hold the config's ``target_l0`` (multiplier 1 without one)."""
         self.step_count = 0
         self.scaling_factor = 1.0
         self.output_scaling_factor: float | None = None
@@ -175,9 +178,11 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------
     def sparsity_scale(self) -> float:
-        if not self.cfg.sparsity_warmup_steps:
-            return 1.0
-        return min(1.0, (self.step_count + 1) / self.cfg.sparsity_warmup_steps)
+        """The sparsity term's multiplier: the warm-up ramp times the L0 controller's multiplier."""
+        warmup = 1.0
+        if self.cfg.sparsity_warmup_steps:
+            warmup = min(1.0, (self.step_count + 1) / self.cfg.sparsity_warmup_steps)
+        return warmup * self.l0_control.multiplier
 
     def step(self, x_BD: Tensor | tuple[Tensor, Tensor]) -> dict[str, float]:
         """One optimizer step on a batch of raw activations, or on an (input, target) pair of batches
@@ -221,6 +226,7 @@ class Trainer:
         self.sae.set_decoder_norm_to_unit_norm()
         self.sae.update_running_stats(out, self.reduce)
         self.tracker.update(out.latents_BF.detach(), self.reduce)
+        self.l0_control.update(out.latents_BF.detach(), self.reduce)
         self._maybe_resample(x_BD.detach())
         self.step_count += 1
         return loss, out
@@ -258,6 +264,7 @@ class Trainer:
             "dead_fraction": self.tracker.dead_fraction(),
             "lr": self.optimizer.param_groups[0]["lr"],
             "tokens_per_s": x_BD.shape[0] * self.world_size / max(seconds, 1e-9),
+            **self.l0_control.metrics(),
         }
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -293,6 +300,7 @@ class Trainer:
             "sae_config": self.sae.cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
             "torch_rng": torch.get_rng_state(),
+            "l0_control": self.l0_control.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -304,6 +312,7 @@ class Trainer:
         self.initialized = bool(state["initialized"])
         self.tracker.tokens_since_fired_F.copy_(state["tokens_since_fired"])
         torch.set_rng_state(state["torch_rng"])
+        self.l0_control.load_state_dict(state.get("l0_control", {}))
 
 
 @torch.no_grad()

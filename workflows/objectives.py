@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from sae_core.architectures.base import Wiring
+from sae_core.l0_diagnostic import diagnostic_metrics
 from sae_core.trainer import Trainer, evaluate
 from workflows.job import TrainJob
 
@@ -57,8 +59,11 @@ class Reconstruction:
     def evaluate(self, job: TrainJob, trainer: Trainer, source: Any) -> Evaluation:
         held_out = source.held_out()
         x, targets = held_out if isinstance(held_out, tuple) else (held_out, None)
-        return Evaluation(evaluate(trainer.sae, x, scaling_factor=trainer.scaling_factor, targets_NO=targets,
-                                   output_scaling_factor=trainer.output_scaling_factor))
+        metrics = evaluate(trainer.sae, x, scaling_factor=trainer.scaling_factor, targets_NO=targets,
+                           output_scaling_factor=trainer.output_scaling_factor)
+        if job.wiring is not Wiring.STACKED:  # the correct-L0 diagnostic reads one [F, D] decoder
+            metrics.update(diagnostic_metrics(trainer.sae, x, scaling_factor=trainer.scaling_factor))
+        return Evaluation(metrics)
 
 
 def objective_for(job: TrainJob):

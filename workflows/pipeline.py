@@ -20,6 +20,7 @@ from sae_core.trainer import TrainConfig
 from workflows.activations import CollectConfig, collect, complete_manifest
 from workflows.errors import UserError
 from workflows.job import TrainJob
+from workflows.links import runs_view_url
 from workflows.recipes import Recipe
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
@@ -39,6 +40,10 @@ class PipelineResult:
     mlflow_run_id: str | None = None
     mlflow_uri: str = ""
     frontier_plot: Path | None = None
+    l0_picks: str = ""
+    """The correct-L0 diagnostic's picks over a sweep (one line per architecture and width)."""
+    runs_url: str = ""
+    """The experiment's runs table in the MLflow UI (`sae ui`)."""
 
 
 class Stopwatch:
@@ -93,10 +98,13 @@ def train_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: st
     return sae_dir, result["mlflow_run_id"]
 
 
-def sweep_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: str) -> tuple[Path, str, Path | None]:
-    """A small Tune sweep over ``recipe.sweep``; the lowest-FVU trial's SAE is fetched for the later stages."""
+def sweep_stage(recipe: Recipe, store: Path, out: Path, uri: str,
+                experiment: str) -> tuple[Path, str, Path | None, str]:
+    """A small Tune sweep over ``recipe.sweep``; the lowest-FVU trial's SAE is fetched for the later stages.
+    Also returns the correct-L0 diagnostic's picks (empty when the sweep varies no L0)."""
     from mlflow.tracking import MlflowClient
 
+    from workflows.frontier_report import format_picks, l0_picks
     from workflows.sweep import SweepSpec, run_sweep
 
     train = dict(recipe.train)
@@ -113,8 +121,8 @@ def sweep_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: st
     target = out / "best-sae"
     target.mkdir(parents=True, exist_ok=True)
     MlflowClient(uri).download_artifacts(best.run_id, "sae", str(target))
-    plots = sorted(result.out.glob("*.png"))
-    return target / "sae", best.run_id, plots[0] if plots else None
+    plots = sorted(result.out.glob("frontier/*.png"))
+    return target / "sae", best.run_id, plots[0] if plots else None, format_picks(l0_picks(result.finished))
 
 
 def eval_stage(recipe: Recipe, sae_dir: Path, store: Path, tracker: MlflowTracker) -> dict[str, float]:
@@ -155,9 +163,9 @@ def run_pipeline(recipe: Recipe, *, out: str | Path, sweep: bool = False, mlflow
     experiment = experiment or f"sae-run-{recipe.name}"
     clock = Stopwatch()
     store = clock.stage("collect", collect_stage, recipe, out)
-    plot = None
+    plot, picks = None, ""
     if sweep:
-        sae_dir, run_id, plot = clock.stage("sweep", sweep_stage, recipe, store, out, uri, experiment)
+        sae_dir, run_id, plot, picks = clock.stage("sweep", sweep_stage, recipe, store, out, uri, experiment)
     else:
         sae_dir, run_id = clock.stage("train", train_stage, recipe, store, out, uri, experiment)
     tracker = MlflowTracker(uri, run_id)
@@ -166,7 +174,8 @@ def run_pipeline(recipe: Recipe, *, out: str | Path, sweep: bool = False, mlflow
         if recipe.dashboard_features > 0 else None
     tracker.log_metrics({f"time/{k}": v for k, v in clock.timings.items()}, step=0)
     return PipelineResult(out=out, sae_dir=sae_dir, dashboard=site, metrics=metrics, timings=clock.timings,
-                          mlflow_run_id=run_id, mlflow_uri=uri, frontier_plot=plot)
+                          mlflow_run_id=run_id, mlflow_uri=uri, frontier_plot=plot, l0_picks=picks,
+                          runs_url=runs_view_url(uri, experiment))
 
 
 def summary(result: PipelineResult) -> str:
@@ -182,8 +191,10 @@ def summary(result: PipelineResult) -> str:
         lines.append(f"  dashboard:              {result.dashboard / 'index.html'}")
     if result.frontier_plot:
         lines.append(f"  Pareto frontier plot:   {result.frontier_plot}")
+    if result.l0_picks:
+        lines.append("  correct-L0 diagnostic:  " + result.l0_picks.replace("\n", "\n" + " " * 26))
     lines.append(f"  MLflow run:             {result.mlflow_run_id} in {result.mlflow_uri}")
-    lines.append(f"  browse runs:            sae ui --mlflow-uri {result.mlflow_uri}")
+    lines.append(f"  browse runs:            sae ui --mlflow-uri {result.mlflow_uri}, then {result.runs_url}")
     return "\n".join(lines)
 
 

@@ -9,8 +9,9 @@ are impossible (k > d_sae) or whose loss goes NaN fails alone: its MLflow run en
 Grid knobs and the architecture fields they set:
 - ``d_sae`` and any other architecture field: the field itself;
 - ``k`` -> k, ``l1`` -> l1_coefficient, ``l0`` -> l0_coefficient (``workflows.options.resolve_knobs``);
-- ``target_l0`` -> k, for the architectures with a ``k`` (topk, batchtopk, matryoshka), whose L0 is k
-  by construction; penalty-based architectures have no direct L0 setting, so it is an error there;
+- ``target_l0`` -> the architecture's ``target_l0`` field where it has one (jumprelu: a target loss;
+  relu, gated: the trainer's coefficient controller; kl_sparse: rho; transcoders and crosscoders through
+  their activation; see sae_core/l0.py), else k (topk, batchtopk, matryoshka: L0 is k by construction);
 - a TrainConfig field (lr, seed, ...): the training setting.
 """
 
@@ -29,6 +30,7 @@ import sae_core
 from sae_core.trainer import TrainConfig
 from workflows import frontier as fr
 from workflows.errors import UserError
+from workflows.frontier_report import describe_frontier
 from workflows.job import TrainJob
 from workflows.options import resolve_knobs
 from workflows.sources import StoreSource
@@ -98,11 +100,10 @@ def map_knobs(arch: str, knobs: Mapping[str, Any]) -> tuple[dict[str, Any], dict
     """(architecture fields, training fields) for one trial's knob values; unknown knobs are UserErrors."""
     train = {name: value for name, value in knobs.items() if name in TRAIN_FIELDS}
     sae = {name: value for name, value in knobs.items() if name not in TRAIN_FIELDS}
-    if "target_l0" in sae:
-        has_k = "k" in {f.name for f in dataclasses.fields(sae_core.get(arch).config_cls)}
-        if not has_k:
-            raise UserError(f"target_l0 sets k, which architecture {arch!r} does not have; sweep its penalty "
-                            "(l1 or l0) instead, or use a TopK-family architecture (topk, batchtopk, matryoshka)")
+    fields = {f.name for f in dataclasses.fields(sae_core.get(arch).config_cls)}
+    if "target_l0" in sae and "target_l0" not in fields:
+        if "k" not in fields:
+            raise UserError(f"architecture {arch!r} has neither a target_l0 nor a k setting; sweep its penalty instead")
         if "k" in sae:
             raise UserError("give k or target_l0, not both (target_l0 is k for TopK-family architectures)")
         sae["k"] = sae.pop("target_l0")
@@ -353,6 +354,7 @@ def finish_sweep(spec: SweepSpec, parent: MlflowTracker, grid, errors: Mapping[s
         MlflowTracker(parent.uri, trial.run_id).set_tags(tags)
     if trials:
         parent.log_artifacts(fr.write_frontier_files(trials, out / "frontier")[0].parent, "frontier")
+        describe_frontier(parent.uri, spec.experiment, parent.run_id)
     parent.log_metrics({"trials": len(grid), "finished": len(trials), "failed": failed, "stopped": stopped,
                         "pareto_size": len(on_front["l0_fvu"])}, step=0)
     parent.end("FINISHED" if trials else "FAILED")

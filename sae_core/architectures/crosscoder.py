@@ -29,17 +29,18 @@ from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder,
 from sae_core.architectures.common import require_choice
 from sae_core.architectures.relu import weighted_l1
 from sae_core.architectures.topk import topk_dense
+from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class CrosscoderConfig(SAEConfig):
+class CrosscoderConfig(TargetL0Fields, SAEConfig):
     n_sources: int = 1
     """Number of sources S; inputs are [B, S, d_in] ([B, d_in] accepted when S == 1)."""
     activation: str = "relu"
     """relu (summed-decoder-norm L1) or topk."""
     k: int = 32
-    """topk: latents active per token."""
+    """topk: latents active per token (set from ``target_l0`` when that is given)."""
     l1_coefficient: float = 1.0
     """relu: weight of the summed-decoder-norm L1 penalty."""
     normalize_decoder: bool = False
@@ -51,8 +52,13 @@ class CrosscoderConfig(SAEConfig):
         require_choice(self.activation, ("relu", "topk"), "activation")
         require(isinstance(self.k, int) and 1 <= self.k <= self.d_sae, f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
         require(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
+        if self.target_l0 is not None and self.activation == "topk":
+            self.k = self.target_as_k()
         if self.activation == "topk":
             self.normalize_decoder = True
+
+    def controlled_target(self) -> float | None:
+        return self.target_l0 if self.activation == "relu" else None
 
 
 class Crosscoder(SparseAutoencoder):

@@ -20,13 +20,15 @@ from torch import Tensor, nn
 
 from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, mse_loss, require
 from sae_core.architectures.relu import weighted_l1
+from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class GatedConfig(SAEConfig):
+class GatedConfig(TargetL0Fields, SAEConfig):
     l1_coefficient: float = 5.0
-    """Weight of the decoder-norm-weighted L1 penalty on relu(pi_gate) (scale as in relu.py)."""
+    """Weight of the decoder-norm-weighted L1 penalty on relu(pi_gate) (scale as in relu.py); with
+    ``target_l0`` set, the starting value the trainer's controller scales."""
     aux_coefficient: float = 1.0
     """Weight of the frozen-decoder reconstruction loss from relu(pi_gate) (the paper uses 1)."""
 

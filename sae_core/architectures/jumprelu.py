@@ -29,11 +29,12 @@ from torch import Tensor, nn
 
 from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, require
 from sae_core.architectures.common import JumpReLUFields, log_threshold_to_saved, saved_to_log_threshold
+from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class JumpReLUConfig(JumpReLUFields, SAEConfig):
+class JumpReLUConfig(TargetL0Fields, JumpReLUFields, SAEConfig):
     pre_act_loss_coefficient: float = 0.0
     """Weight of the pre-activation loss on dead latents (Anthropic Jan 2025); 0 disables."""
 
@@ -41,6 +42,9 @@ class JumpReLUConfig(JumpReLUFields, SAEConfig):
         super().__post_init__()
         require(self.pre_act_loss_coefficient >= 0,
                 f"pre_act_loss_coefficient must be >= 0, got {self.pre_act_loss_coefficient}")
+
+    def controlled_target(self) -> float | None:
+        return None  # the target loss holds it (target_l0_loss)
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -95,6 +99,21 @@ def l0_penalty(h_BF: Tensor, theta_F: Tensor, cfg: JumpReLUFields) -> Tensor:
     return cfg.l0_coefficient * step(h_BF, theta_F, cfg.bandwidth).sum(dim=-1).mean()
 
 
+def target_l0_loss(h_BF: Tensor, theta_F: Tensor, bandwidth: float, cfg: TargetL0Fields) -> Tensor:
+    """``target_l0_coefficient * (L0 / target_l0 - 1)^2`` with the batch's L0 differentiable in theta
+    (the step STE): it raises thresholds while the batch fires more than the target, lowers them while
+    it fires less, and is flat at the target, so the reconstruction's pull settles L0 just above it."""
+    l0 = step(h_BF, theta_F, bandwidth).sum(dim=-1).mean()
+    return cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
+
+
+def jumprelu_sparsity(h_BF: Tensor, theta_F: Tensor, cfg: JumpReLUFields) -> Tensor:
+    """The L0 penalty, or the target loss when the config sets ``target_l0``."""
+    if isinstance(cfg, TargetL0Fields) and cfg.target_l0 is not None:
+        return target_l0_loss(h_BF, theta_F, cfg.bandwidth, cfg)
+    return l0_penalty(h_BF, theta_F, cfg)
+
+
 class JumpReLUSAE(SparseAutoencoder):
     saelens_architecture = "jumprelu"
     homogeneous = True
@@ -111,7 +130,7 @@ class JumpReLUSAE(SparseAutoencoder):
         return jumprelu(h_BF, self.threshold(), self.cfg.bandwidth)
 
     def sparsity_loss(self, latents_BF: Tensor, h_BF: Tensor) -> Tensor:
-        return l0_penalty(h_BF, self.threshold(), self.cfg)
+        return jumprelu_sparsity(h_BF, self.threshold(), self.cfg)
 
     def aux_loss(self, x_BD: Tensor, out: SAEOutput, h_BF: Tensor, dead_mask_F: Tensor | None) -> Tensor:
         coef = self.cfg.pre_act_loss_coefficient

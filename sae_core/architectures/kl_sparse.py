@@ -10,6 +10,9 @@ error is a mean over elements: beta = 2 * beta_Ng (Ng uses beta_Ng = 3). Sigmoid
 homogeneous, so decoder norms are not folded at save, and the decoder is unconstrained by default
 (latents live in (0, 1), so the decoder rows must carry the magnitudes). Saved with SAELens
 architecture "kl_sparse", our documented extension (cfg.json adds ``"activation_fn": "sigmoid"``).
+
+``target_l0`` sets rho = target_l0 / d_sae. Sigmoid latents are never exactly zero, so the counted L0
+of this SAE is always d_sae; what the target holds is the summed mean activation, sum_i rho_hat_i.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ import torch
 from torch import Tensor
 
 from sae_core.architectures.base import SAEConfig, SparseAutoencoder, require
+from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class KLSparseConfig(SAEConfig):
+class KLSparseConfig(TargetL0Fields, SAEConfig):
     rho: float = 0.05
-    """Target mean activation of every latent (Ng's sparsity parameter)."""
+    """Target mean activation of every latent (Ng's sparsity parameter); set to target_l0 / d_sae when
+    ``target_l0`` is given (which then wins over rho)."""
     beta: float = 6.0
     """Weight of the KL penalty (= 2 x Ng's beta; see the module docstring)."""
     normalize_decoder: bool = False
@@ -35,8 +40,14 @@ class KLSparseConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target_l0 is not None:
+            # Sigmoid latents are never exactly 0: the L0 they can target is the summed mean activation.
+            self.rho = float(self.target_l0) / self.d_sae
         require(0 < self.rho < 1, f"rho must be in (0, 1), got {self.rho}")
         require(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+
+    def controlled_target(self) -> float | None:
+        return None  # rho carries it
 
 
 def kl_divergence(rho: float, rho_hat_F: Tensor) -> Tensor:

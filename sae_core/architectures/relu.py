@@ -15,13 +15,15 @@ import torch
 from torch import Tensor
 
 from sae_core.architectures.base import SAEConfig, SparseAutoencoder, require
+from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class ReLUConfig(SAEConfig):
+class ReLUConfig(TargetL0Fields, SAEConfig):
     l1_coefficient: float = 1.0
-    """Weight of the decoder-norm-weighted L1 penalty (Anthropic's lambda; the module docstring gives the scale)."""
+    """Weight of the decoder-norm-weighted L1 penalty (Anthropic's lambda; the module docstring gives the scale);
+    with ``target_l0`` set, the starting value the trainer's controller scales."""
     normalize_decoder: bool = False
     """Keep decoder rows at unit norm. Off by default: the norm-weighted L1 already removes the
     incentive to shrink latents by growing decoder rows (the April-2024 recipe)."""

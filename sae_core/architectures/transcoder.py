@@ -50,9 +50,10 @@ from sae_core.architectures.common import (
     saved_to_log_threshold,
     update_threshold_ema,
 )
-from sae_core.architectures.jumprelu import jumprelu, l0_penalty
+from sae_core.architectures.jumprelu import jumprelu, jumprelu_sparsity
 from sae_core.architectures.relu import weighted_l1
 from sae_core.architectures.topk import auxk_term, topk_dense
+from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
@@ -61,9 +62,10 @@ THRESHOLD_SAMPLE_ROWS = 256
 
 
 @dataclass(kw_only=True)
-class TranscoderConfig(KSparsityFields, ThresholdEMAFields, JumpReLUFields, SAEConfig):
+class TranscoderConfig(TargetL0Fields, KSparsityFields, ThresholdEMAFields, JumpReLUFields, SAEConfig):
     """k, aux_k, aux_coefficient and threshold_momentum serve topk/batchtopk; l0_coefficient, bandwidth
-    and init_threshold serve jumprelu; l1_coefficient serves relu."""
+    and init_threshold serve jumprelu; l1_coefficient serves relu. ``target_l0`` goes through the
+    activation: it sets k for topk/batchtopk, the target loss for jumprelu, the controller for relu."""
 
     d_out: int | None = None
     """Width of the target (the MLP output); None means d_in."""
@@ -82,6 +84,11 @@ class TranscoderConfig(KSparsityFields, ThresholdEMAFields, JumpReLUFields, SAEC
         require_choice(self.activation, ACTIVATIONS, "activation")
         require(not self.apply_b_dec_to_input, "apply_b_dec_to_input must be False for a transcoder (b_dec is [d_out])")
         require(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
+        if self.target_l0 is not None and self.activation in ("topk", "batchtopk"):
+            self.k = self.target_as_k()
+
+    def controlled_target(self) -> float | None:
+        return self.target_l0 if self.activation == "relu" else None
 
 
 class Transcoder(SparseAutoencoder):
@@ -141,7 +148,7 @@ class Transcoder(SparseAutoencoder):
         if self.cfg.activation == "relu":
             return self.cfg.l1_coefficient * weighted_l1(latents_BF, self.decoder_norms(), self.cfg.d_out)
         if self.cfg.activation == "jumprelu":
-            return l0_penalty(h_BF, self.log_threshold.exp(), self.cfg)
+            return jumprelu_sparsity(h_BF, self.log_threshold.exp(), self.cfg)
         return latents_BF.new_zeros(())
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None, target_BO: Tensor | None = None) -> SAEOutput:

@@ -145,8 +145,9 @@ def test_knobs_map_to_fields_and_bad_knobs_are_refused_before_anything_runs(stor
     assert map_knobs("topk", {"target_l0": 8, "d_sae": 64, "lr": 1e-3}) == ({"k": 8, "d_sae": 64}, {"lr": 1e-3})
     assert map_knobs("relu", {"l1": 0.1}) == ({"l1_coefficient": 0.1}, {})
     assert map_knobs("jumprelu", {"l0": 0.01}) == ({"l0_coefficient": 0.01}, {})
+    for arch in ("relu", "gated", "jumprelu", "kl_sparse", "transcoder", "crosscoder"):  # their own target_l0
+        assert map_knobs(arch, {"target_l0": 12}) == ({"target_l0": 12}, {})
     bad = [(["--arch", "topk", "--grid", "l1=0.1,0.2"], "has no 'l1' setting"),
-           (["--arch", "topk", "--arch", "relu", "--grid", "target_l0=4"], "target_l0 sets k"),
            (["--arch", "topk", "--grid", "k=2", "--grid", "target_l0=4"], "not both"),
            (["--arch", "nope", "--grid", "k=2"], "nope"),
            (["--arch", "topk", "--grid", "k"], "--grid expects KNOB=V1,V2"),

@@ -55,6 +55,8 @@ def parse_value(raw: str) -> object:
 
 def run(args: argparse.Namespace) -> int:
     from workflows.frontier import format_table
+    from workflows.frontier_report import format_picks, l0_picks
+    from workflows.links import runs_view_url
     from workflows.sweep import SweepSpec, run_sweep
 
     if not args.grid:
@@ -71,4 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if result.finished:
         print(format_table(result.finished))
         print(f"frontier files in {result.out / 'frontier'} (and the parent run's artifacts)")
+        picks = l0_picks(result.finished)
+        if picks:
+            print("the correct-L0 diagnostic picks:\n" + format_picks(picks))
+    print(f"runs table: {runs_view_url(args.mlflow_uri, args.experiment)}")
     return 0 if result.finished else 1

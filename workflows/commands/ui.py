@@ -1,4 +1,5 @@
-"""`sae ui`: the MLflow UI for the configured tracking store, bound to 127.0.0.1."""
+"""`sae ui`: the MLflow UI for the configured tracking store, bound to 127.0.0.1; with --experiment, the
+direct link to that experiment's runs table (MLflow 3 otherwise opens experiments on a GenAI overview)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from workflows.options import add_mlflow_uri_flag
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the tracking store")
     p.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
+    p.add_argument("--experiment", help="print the direct link to this experiment's runs table")
     add_mlflow_uri_flag(p)
     p.set_defaults(func=run)
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.mlflow_uri)
     if not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
         raise UserError(f"`sae ui` serves a database store; {uri!r} is not one (a remote server has its own UI)")
+    link = runs_link(uri, args.experiment, args.port)
     # The server runs uvicorn (and maybe job workers) as children: its own process group lets us stop all of them.
     # MLflow's job executor serves GenAI features an SAE store does not use; off unless asked for.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
@@ -49,12 +52,21 @@ def run(args: argparse.Namespace) -> int:
     # A plain SIGTERM would end this process and orphan the server: turn it into an orderly stop.
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}  (Ctrl-C to stop)", flush=True)
+    if link:
+        print(f"runs of experiment {args.experiment!r}: {link}", flush=True)
     try:
         return server.wait()
     except KeyboardInterrupt:
         return 0
     finally:
         stop_group(server)
+
+
+def runs_link(uri: str, experiment: str | None, port: int) -> str | None:
+    """The experiment's runs-table link on this UI (checked before the server starts); None without one."""
+    from workflows.links import runs_view_url
+
+    return runs_view_url(uri, experiment, local_ui=f"http://127.0.0.1:{port}") if experiment else None
 
 
 def stop_group(server: subprocess.Popen) -> None:
