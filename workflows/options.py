@@ -5,6 +5,7 @@ field's default and the docstring under it. Options several commands share are d
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -13,6 +14,7 @@ from typing import Any
 import sae_core
 from sae_core.architectures.base import Wiring
 from sae_core.config import field_default, field_docs
+from workflows.errors import UserError
 
 DEFAULT_CONTEXT_SIZE = 128
 """Tokens per window, BOS included, wherever the model is run over text (collect, stream, e2e, eval)."""
@@ -86,8 +88,6 @@ def knob_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_knobs(arch: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
     """Knob values (None = not given) -> the architecture's config fields; a knob it lacks is an error."""
-    from workflows.errors import UserError
-
     fields = set(sae_core.get(arch).fields)
     resolved: dict[str, Any] = {}
     for knob, value in knobs.items():
@@ -98,6 +98,28 @@ def resolve_knobs(arch: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
             raise UserError(f"architecture {arch!r} has no {knob!r} setting (its fields: {sorted(fields)})")
         resolved[field] = value
     return resolved
+
+
+def parse_grid(items: list[str]) -> dict[str, list[object]]:
+    """``--grid KNOB=V1,V2,...`` strings -> {knob: values}; values parsed as JSON when they are JSON."""
+    grid: dict[str, list[object]] = {}
+    for item in items:
+        knob, sep, raw = item.partition("=")
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not sep or not knob.strip() or not values:
+            raise UserError(f"--grid expects KNOB=V1,V2,..., got {item!r}")
+        if knob.strip() in grid:
+            raise UserError(f"--grid {knob.strip()} given twice; list all its values in one --grid")
+        grid[knob.strip()] = [parse_value(v) for v in values]
+    return grid
+
+
+def parse_value(raw: str) -> object:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
 
 
 # -- options several commands share -----------------------------------------------------------------------

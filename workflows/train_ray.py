@@ -21,12 +21,12 @@ import torch
 
 from sae_core.io import load_checkpoint, save_checkpoint
 from sae_core.store import atomic_write_bytes
-from sae_core.trainer import Trainer
 from workflows.errors import UserError
 from workflows.job import TrainJob, saved_job_differences
 from workflows.raysession import ensure_ray
 from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
 from workflows.training import (
+    Member,
     Run,
     build_trainer,
     end_failed,
@@ -98,35 +98,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    run: Run = config["run"]
+    runs: list[Run] = config["runs"]
     opts = DistributedOptions(**config["options"])
     if not opts.use_gpu:  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved
         torch.set_num_threads(max(1, int(opts.cpus_per_worker)))
-    trainer = build_trainer(run.job, run.widths, world=world, device=ray.train.torch.get_device(),
-                            reduce=make_reducer(world))
-    tracker = MlflowTracker(config["mlflow_uri"], config["run_id"]) if rank == 0 and config.get("run_id") else NullTracker()
+    device, reduce = ray.train.torch.get_device(), make_reducer(world)
+    members = [Member(run, build_trainer(run.job, run.widths, world=world, device=device, reduce=reduce),
+                      MlflowTracker(config["mlflow_uri"], run_id) if rank == 0 else NullTracker())
+               for run, run_id in zip(runs, config["run_ids"], strict=True)]
     checkpoint = ray.train.get_checkpoint()
-    state = None
+    states = None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder)
+            states = member_states(load_checkpoint(folder))
+    last = max(run.job.train.steps for run in runs)
 
     def on_step(step: int) -> None:
-        if step % opts.checkpoint_every == 0 or step == run.job.train.steps:
-            report_checkpoint(trainer, rank, {"step": step})
+        if step % opts.checkpoint_every == 0 or step == last:
+            report_checkpoint(members, rank, {"step": step})
 
-    run_loop(run, trainer, rank=rank, world=world, tracker=tracker, checkpoint=state, on_step=on_step)
+    run_loop(members, rank=rank, world=world, checkpoints=states, on_step=on_step)
 
 
-def report_checkpoint(trainer: Trainer, rank: int, metrics: dict[str, Any]) -> None:
+def member_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trainer states of a checkpoint: one trainer's state, or a group's ``{"members": [...]}``."""
+    return state["members"] if "members" in state else [state]
+
+
+def report_checkpoint(members: list[Member], rank: int, metrics: dict[str, Any]) -> None:
     """Every rank reports; rank 0 attaches the checkpoint (the state is identical on all ranks)."""
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    states = [m.trainer.state_dict() for m in members]
     with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(folder, trainer.state_dict())
+        save_checkpoint(folder, states[0] if len(states) == 1 else {"members": states})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -201,22 +209,33 @@ def torch_trainer(config: dict[str, Any], opts: DistributedOptions, run_dir: Pat
 def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool = False) -> dict[str, Any]:
     """Run ``job`` on Ray Train (connecting to RAY_ADDRESS or starting a local Ray)."""
     run = Run(job, data=opts.data)  # refuses bad input before Ray starts or anything is written
-    run.source.check_world(opts.workers)
     check_run_dir(job, resume)
+    return train_group_distributed([run], opts, resume=resume)[0]
+
+
+def train_group_distributed(runs: list[Run], opts: DistributedOptions, *, resume: bool = False,
+                            trackers: list[MlflowTracker] | None = None) -> list[dict[str, Any]]:
+    """Train ``runs`` (sharing one source) together on Ray Train: one pass over the data for all of them;
+    Ray's checkpoints and state live in the first run's folder."""
+    runs[0].source.check_world(opts.workers)
     ensure_ray()
-    datasets = run.source.datasets()
-    check_resources(opts, ray_data=datasets is not None, stream=not job.activations)
-    run_dir = prepare_run_dir(job, resume)
-    tracker = start_tracking(run, opts, run_dir)
-    config = {"run": run, "options": asdict(opts), "run_id": tracker.run_id, "mlflow_uri": tracker.uri}
+    datasets = runs[0].source.datasets()
+    check_resources(opts, ray_data=datasets is not None, stream=not runs[0].job.activations)
+    run_dir = prepare_run_dir(runs[0].job, resume)
+    for run in runs[1:]:
+        prepare_run_dir(run.job, resume)
+    trackers = trackers or [start_tracking(runs[0], opts, run_dir)]
+    config = {"runs": runs, "options": asdict(opts), "run_ids": [t.run_id for t in trackers],
+              "mlflow_uri": trackers[0].uri}
     try:
         result = torch_trainer(config, opts, run_dir, datasets).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training ended without a checkpoint: {result.error}")
         with result.checkpoint.as_directory() as folder:
-            metrics = finish_from_checkpoint(run, load_checkpoint(folder), tracker)
+            states = member_states(load_checkpoint(folder))
+        metrics = [finish_from_checkpoint(run, state, tracker) for run, state, tracker in zip(runs, states, trackers, strict=True)]
     except BaseException as exc:
-        end_failed(tracker, exc)
+        for tracker in trackers:
+            end_failed(tracker, exc)
         raise
-    return {**metrics, "mlflow_run_id": tracker.run_id}
-
+    return [{**m, "mlflow_run_id": t.run_id} for m, t in zip(metrics, trackers, strict=True)]

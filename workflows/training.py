@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 import sae_core
-from sae_core.io import load_checkpoint, save_sae
+from sae_core.io import save_sae
 from sae_core.trainer import Trainer
 from workflows.job import TrainJob, sae_config_for
 from workflows.objectives import json_bytes, objective_for
@@ -32,12 +33,13 @@ SAE_ARTIFACTS = ("cfg.json", "sae_weights.safetensors", "sae_ray.json", "sparsit
 
 
 class Run:
-    """A job's parts, built once on the driver: its source, its objective and the data's site widths."""
+    """A job's parts, built once on the driver: its source, its objective and the data's site widths.
+    Runs of one group share one ``source`` (one read of the store, one model pass)."""
 
-    def __init__(self, job: TrainJob, data: str = "direct"):
+    def __init__(self, job: TrainJob, data: str = "direct", source: Any = None):
         self.job = job
         self.objective = objective_for(job)
-        self.source = make_source(job, self.objective.needs, data)
+        self.source = source if source is not None else make_source(job, self.objective.needs, data)
         self.objective.prepare(job, self.source)
         self.widths = self.source.widths()
         sae_config_for(job, self.widths)  # refuse a bad config before anything starts
@@ -54,29 +56,59 @@ def build_trainer(job: TrainJob, widths: dict[str, int], *, world: int = 1, devi
     return Trainer(sae, job.train, forward_module=ddp, world_size=world, **kwargs)
 
 
-def run_loop(run: Run, trainer: Trainer, *, rank: int = 0, world: int = 1, tracker: NullTracker | None = None,
-             checkpoint: dict[str, Any] | None = None, on_step: Callable[[int], None] | None = None,
-             on_metrics: Callable[[dict[str, float]], None] | None = None) -> Trainer:
-    """Train ``trainer`` on rank ``rank`` of ``world`` until the job's last step: resume from ``checkpoint``
-    or initialise from the objective's sample, then the objective's updates over the source's batches.
-    Logged rows go to ``tracker`` and ``on_metrics``; ``on_step(step)`` runs after every update."""
-    tracker = tracker or NullTracker()
-    job, objective = run.job, run.objective
-    objective.bind(job, run.source, trainer.device)
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
-        logger.info("rank %d resumed at step %d", rank, trainer.step_count)
-        tracker.log_metrics({"resumed_from_step": trainer.step_count}, step=trainer.step_count)
-    else:
-        sample = objective.init_sample(run.source, job.train.init_sample_tokens)
+@dataclass
+class Member:
+    """One SAE being trained: its run, its trainer and its MLflow run. A group trains several members
+    on the same batches; most runs are a group of one."""
+
+    run: Run
+    trainer: Trainer
+    tracker: NullTracker = field(default_factory=NullTracker)
+
+
+def start_members(members: list[Member], rank: int, checkpoints: list[dict[str, Any]] | None) -> None:
+    """Bind each objective, then resume every member from its checkpoint or initialise it from the
+    objective's sample (the same sample on every rank, so the estimates match a single worker's)."""
+    for i, m in enumerate(members):
+        m.run.objective.bind(m.run.job, m.run.source, m.trainer.device)
+        if checkpoints is not None:
+            m.trainer.load_state_dict(checkpoints[i])
+            logger.info("rank %d resumed at step %d", rank, m.trainer.step_count)
+            m.tracker.log_metrics({"resumed_from_step": m.trainer.step_count}, step=m.trainer.step_count)
+            continue
+        sample = m.run.objective.init_sample(m.run.source, m.run.job.train.init_sample_tokens)
         if sample is not None:  # otherwise the trainer initialises from its first batch
-            trainer.initialize(sample)
-    batches = run.source.batches(rank, world, trainer.step_count)
-    for row in trainer.fit(batches, on_step=on_step, step=objective.step_fn(trainer)):
-        tracker.log_metrics(row, step=int(row["step"]))
-        if on_metrics is not None:
-            on_metrics(row)
-    return trainer
+            m.trainer.initialize(sample)
+
+
+def run_loop(members: list[Member], *, rank: int = 0, world: int = 1,
+             checkpoints: list[dict[str, Any]] | None = None, on_step: Callable[[int], None] | None = None,
+             on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> None:
+    """The training loop of every run: rank ``rank`` of ``world`` takes its slice of each global batch of
+    the members' shared source and every member not yet at its last step makes one update on it (its
+    objective's step). Logged rows go to the member's tracker and ``on_metrics(member_index, row)``;
+    ``on_step(step)`` runs after every batch (checkpointing)."""
+    start_members(members, rank, checkpoints)
+    steps = [m.run.objective.step_fn(m.trainer) for m in members]
+    done = min(m.trainer.step_count for m in members)  # members are checkpointed together
+    last = max(m.run.job.train.steps for m in members)
+    for batch in members[0].run.source.batches(rank, world, done):
+        if done >= last:
+            break
+        for i, (m, step) in enumerate(zip(members, steps, strict=True)):
+            if m.trainer.step_count >= m.run.job.train.steps:
+                continue
+            row = step(batch)
+            n, cfg = m.trainer.step_count, m.run.job.train
+            if row is not None and (n % cfg.log_every == 0 or n == cfg.steps):
+                m.tracker.log_metrics(row, step=n)
+                if on_metrics is not None:
+                    on_metrics(i, row)
+        done += 1
+        if on_step is not None:
+            on_step(done)
+    if done < last:
+        logger.warning("batches ran out at step %d of %d", done, last)
 
 
 def sae_metadata(job: TrainJob, facts: DataFacts) -> dict[str, Any]:
@@ -105,10 +137,10 @@ def finish(run: Run, trainer: Trainer, tracker: NullTracker) -> dict[str, Any]:
     return metrics
 
 
-def finish_from_checkpoint(run: Run, state: dict[str, Any] | str | Path, tracker: NullTracker) -> dict[str, Any]:
+def finish_from_checkpoint(run: Run, state: dict[str, Any], tracker: NullTracker) -> dict[str, Any]:
     """:func:`finish` for a run whose trainer lives in a checkpoint (what Ray Train leaves on the driver)."""
     trainer = build_trainer(run.job, run.widths)
-    trainer.load_state_dict(state if isinstance(state, dict) else load_checkpoint(state))
+    trainer.load_state_dict(state)
     return finish(run, trainer, tracker)
 
 
@@ -151,10 +183,17 @@ def train_local(job: TrainJob | Run, on_metrics: Callable[[dict[str, float]], No
                 tracker: NullTracker | None = None) -> dict[str, Any]:
     """Train in this process (the one loop with world = 1), evaluate on the held-out data, save."""
     run = job if isinstance(job, Run) else Run(job)
-    tracker = tracker or NullTracker()
+    member = Member(run, build_trainer(run.job, run.widths), tracker or NullTracker())
+    return train_group_local([member], on_metrics=None if on_metrics is None else lambda i, row: on_metrics(row))[0]
+
+
+def train_group_local(members: list[Member],
+                      on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
+    """Train a group in this process on one pass over its shared source; finish every member."""
     try:
-        trainer = run_loop(run, build_trainer(run.job, run.widths), tracker=tracker, on_metrics=on_metrics)
-        return finish(run, trainer, tracker)
+        run_loop(members, on_metrics=on_metrics)
+        return [finish(m.run, m.trainer, m.tracker) for m in members]
     except BaseException as exc:
-        end_failed(tracker, exc)
+        for m in members:
+            end_failed(m.tracker, exc)
         raise

@@ -69,3 +69,34 @@ def test_d_mismatch_and_nan_store(tmp_path):
     result = sae("train", "--activations", str(tmp_path / "nan"), "--hook", "h", "--d-sae", "8", "--k", "2",
                  "--batch-size", "64", "--steps", "3", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "NaN/Inf" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_grid_trains_every_sae_on_one_pass_like_separate_runs(store, tmp_path):
+    """--grid trains one SAE per combination on the same batches: each equals the SAE a separate run of its
+    settings trains (in process and on Ray Train), in its own folder and MLflow run under one parent."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    common = ["train", "--activations", str(store), "--hook", "synthetic", "--steps", "30", "--batch-size", "256",
+              "--lr", "5e-3", "--mlflow-uri", db, "--experiment", "grid"]
+    result = sae(*common, "--grid", "d_sae=64,128", "--grid", "k=2,3", "--out", str(tmp_path / "g"))
+    assert result.returncode == 0, result.stderr
+    members = sorted(p.name for p in (tmp_path / "g").iterdir())
+    assert members == ["topk-d_sae128-k2", "topk-d_sae128-k3", "topk-d_sae64-k2", "topk-d_sae64-k3"], members
+    alone = sae(*common, "--d-sae", "128", "--k", "3", "--out", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr
+    grouped, separate = load_sae(tmp_path / "g" / "topk-d_sae128-k3"), load_sae(tmp_path / "alone")
+    for name, value in separate.state_dict().items():
+        torch.testing.assert_close(grouped.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("group") == "true")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" and "final/fvu" in r.data.metrics for r in children)
+
+    ray_group = sae(*common, "--grid", "k=2,3", "--d-sae", "128", "--workers", "1", "--out", str(tmp_path / "r"))
+    assert ray_group.returncode == 0, ray_group.stderr[-2000:]
+    on_ray = load_sae(tmp_path / "r" / "topk-k3")
+    for name, value in separate.state_dict().items():
+        torch.testing.assert_close(on_ray.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 from workflows.errors import UserError
-from workflows.options import add_field_flags, add_tracking_flags, field_values
+from workflows.options import add_field_flags, add_tracking_flags, field_values, parse_grid
 from workflows.recipes import parse_overrides
 
 SPEC_FLAGS = ("samples", "scheduler", "asha_metric", "steps", "batch_size", "lr", "cpus_per_trial", "model")
@@ -31,26 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="folder for trial SAEs and Tune state (default runs/sweeps/<experiment>)")
     add_tracking_flags(p, experiment_required=True)
     p.set_defaults(func=run)
-
-
-def parse_grid(items: list[str]) -> dict[str, list[object]]:
-    grid: dict[str, list[object]] = {}
-    for item in items:
-        knob, sep, raw = item.partition("=")
-        values = [v.strip() for v in raw.split(",") if v.strip()]
-        if not sep or not knob.strip() or not values:
-            raise UserError(f"--grid expects KNOB=V1,V2,..., got {item!r}")
-        if knob.strip() in grid:
-            raise UserError(f"--grid {knob.strip()} given twice; list all its values in one --grid")
-        grid[knob.strip()] = [parse_value(v) for v in values]
-    return grid
-
-
-def parse_value(raw: str) -> object:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ the configs (help = the field's docstring, default = the field's default)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 
@@ -24,12 +26,14 @@ from workflows.options import (
     add_tracking_flags,
     field_values,
     knob_values,
+    parse_grid,
     resolve_knobs,
 )
 from workflows.recipes import parse_overrides
 from workflows.sources import default_stream
+from workflows.tracking import MlflowTracker
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
-from workflows.training import Run, start_job_tracking, train_local
+from workflows.training import Run, end_failed, start_job_tracking, train_local
 
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed")
 """TrainConfig fields with a flag of their own (every other one through --set)."""
@@ -54,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-hook", metavar="HOOK", help="transcoders: the site to reconstruct, e.g. "
                                                       "blocks.3.hook_mlp_out for --hook blocks.3.hook_mlp_in")
     add_sae_knob_flags(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KNOB=V1,V2,...",
+                   help="train one SAE per combination (d_sae, k, l1, l0, target_l0, any architecture field, lr) "
+                        "on the same batches: one read of the store or one model pass for all; each into "
+                        "OUT/<name> with its own MLflow run under one parent")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other architecture, training or job field, JSON-parsed (repeatable)")
     add_field_flags(p, TrainConfig, TRAIN_FLAGS)
@@ -96,8 +104,8 @@ def data_source(args: argparse.Namespace, stream_sets: dict) -> tuple[str, dict 
 
 
 def job_from_args(args: argparse.Namespace) -> TrainJob:
-    missing = [flag for flag, value in (("--hook", args.hook), ("--d-sae", args.knob_d_sae), ("--out", args.out))
-               if value is None]
+    d_sae = args.knob_d_sae if args.knob_d_sae is not None or not args.grid else "grid"
+    missing = [flag for flag, value in (("--hook", args.hook), ("--d-sae", d_sae), ("--out", args.out)) if value is None]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (required unless --resume is given)")
     if args.downstream_coefficient and args.loss != "e2e":
@@ -132,6 +140,8 @@ def resumed_job(args: argparse.Namespace) -> TrainJob:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.grid:
+        return run_group(args)
     job = resumed_job(args) if args.resume else job_from_args(args)
     if args.workers is None and not args.resume and job.activations and job.loss == "mse":
         return run_local(job, args)
@@ -154,4 +164,68 @@ def run_local(job: TrainJob, args: argparse.Namespace) -> int:
         result = train_local(run, on_metrics=show, tracker=tracker)
     print(json.dumps(result, indent=2))
     print(f"saved SAE to {job.out}")
+    return 0
+
+
+# -- several SAEs on one pass over the data (--grid) ------------------------------------------------------
+SHARED_TRAIN = ("batch_size", "seed", "init_sample_tokens", "normalize_activations", "b_dec_init")
+"""Training fields that decide the data or its initial estimates: the same for every SAE of a group."""
+
+
+def group_jobs(base: TrainJob, grid: dict[str, list]) -> list[TrainJob]:
+    """One job per grid combination, each in its own folder under ``base.out``."""
+    from workflows.sweep import map_knobs, run_name_for
+
+    jobs = []
+    for values in itertools.product(*grid.values()):
+        knobs = dict(zip(grid, values, strict=True))
+        sae_knobs, train_knobs = map_knobs(base.arch, knobs)
+        varied = sorted(set(train_knobs) & set(SHARED_TRAIN))
+        if varied:
+            raise UserError(f"--grid over {varied} changes the data each SAE sees; SAEs trained on one pass share "
+                            "it (run `sae sweep` to vary it)")
+        try:
+            train = TrainConfig.from_dict({**base.train.to_dict(), **train_knobs})
+        except ConfigError as exc:
+            raise UserError(str(exc)) from exc
+        name = run_name_for({"arch": base.arch, **knobs})
+        jobs.append(dataclasses.replace(base, sae={**base.sae, **sae_knobs}, train=train,
+                                        out=os.path.join(base.out, name)))
+    return jobs
+
+
+def run_group(args: argparse.Namespace) -> int:
+    from workflows.train_ray import train_group_distributed
+    from workflows.training import Member, build_trainer, train_group_local
+
+    if args.resume:
+        raise UserError("--resume continues one SAE's run; a --grid group is trained again instead")
+    from workflows.train_ray import check_run_dir
+
+    base = job_from_args(args)
+    jobs = group_jobs(base, parse_grid(args.grid))
+    for job in jobs:
+        check_run_dir(job, resume=False)
+    first = Run(jobs[0], data=args.data)  # refuses bad input before anything starts
+    runs = [first, *(Run(job, data=args.data, source=first.source) for job in jobs[1:])]
+    parent = MlflowTracker.create(args.mlflow_uri, args.experiment, os.path.basename(base.out),
+                                  {"group": "true", "hook": base.hook, "architecture": base.arch})
+    parent.log_params({"grid": {k: ",".join(map(str, v)) for k, v in parse_grid(args.grid).items()},
+                       "members": len(runs)})
+    trackers = [start_job_tracking(run, uri=args.mlflow_uri, experiment=args.experiment, run_name=os.path.basename(
+        run.job.out), parent_run_id=parent.run_id) for run in runs]
+    try:
+        if args.workers is None and base.activations and base.loss == "mse":
+            members = [Member(run, build_trainer(run.job, run.widths), tracker) for run, tracker in zip(runs, trackers, strict=True)]
+            results = train_group_local(members)
+        else:
+            opts = DistributedOptions(workers=args.workers or 1, mlflow_uri=args.mlflow_uri,
+                                      experiment=args.experiment, **field_values(args, RAY_FLAGS))
+            results = train_group_distributed(runs, opts, trackers=trackers)
+    except BaseException as exc:
+        end_failed(parent, exc)
+        raise
+    parent.end("FINISHED")
+    for job, result in zip(jobs, results, strict=True):
+        print(f"{job.out}: " + json.dumps({k: result[k] for k in ("l0", "fvu") if k in result}))
     return 0
