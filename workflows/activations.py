@@ -24,7 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae_core.store import DTYPES, Manifest, StoreWriter, make_table, read_manifest, write_manifest
+from sae_core.store import (
+    DTYPES,
+    Manifest,
+    StoreWriter,
+    decode_values,
+    encode_values,
+    has_manifest,
+    make_table,
+    read_manifest,
+    storage_numpy_dtype,
+    write_manifest,
+)
 from workflows.corpus import DEFAULT_CORPUS, EXCLUDED, Windows, iter_documents, pack_windows, special_ids
 from workflows.errors import UserError
 from workflows.hooks import parse_hook, run_with_hooks
@@ -60,9 +71,9 @@ class CollectConfig:
     context_size: int = 128
     """Tokens per window, BOS included."""
     out: str | None = None
-    """Store directory (for :func:`collect`; streaming needs none)."""
+    """Store directory or URI (``s3://bucket/prefix``, ``gs://...``; for :func:`collect`, streaming needs none)."""
     dtype: str = "float32"
-    """Storage dtype of the activations: float16 or float32."""
+    """Storage dtype of the activations: float16, float32 or bfloat16."""
     model_dtype: str = "float32"
     """Dtype the model runs in: float32 or bfloat16."""
     batch_size: int = 16
@@ -162,7 +173,6 @@ class ActivationMapper:
         loaded = load_model(self.cfg.model, dtype=self.cfg.model_dtype, device=self.cfg.device,
                             cache_dir=self.cfg.cache_dir)
         self.model = loaded.model
-        self.np_dtype = np.dtype(self.cfg.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         token_ids = torch.from_numpy(np.asarray(batch["token_ids"], dtype=np.int64)).to(self.cfg.device)
@@ -178,7 +188,7 @@ class ActivationMapper:
         }
         keep = torch.from_numpy(keep_BT).to(self.cfg.device)
         for hook in self.cfg.hooks:
-            out[hook] = run.activations[hook][keep].float().cpu().numpy().astype(self.np_dtype, copy=False)
+            out[hook] = encode_values(run.activations[hook][keep].float().cpu(), self.cfg.dtype)
         return out
 
 
@@ -207,16 +217,13 @@ def _manifest(cfg: CollectConfig, p: Plan) -> Manifest:
 
 
 def _open_writer(cfg: CollectConfig, p: Plan) -> StoreWriter:
-    root = Path(cfg.out)
     manifest = _manifest(cfg, p)
-    if (root / "manifest.json").exists():
-        old = read_manifest(root).extra.get("collect")
+    if has_manifest(cfg.out):
+        old = read_manifest(cfg.out).extra.get("collect")
         if old != manifest.extra["collect"]:
-            raise UserError(f"{root} holds a store collected with {old}, not {manifest.extra['collect']}; "
+            raise UserError(f"{cfg.out} holds a store collected with {old}, not {manifest.extra['collect']}; "
                             "resume with the same --tokens and settings, or choose another --out")
-    for stale in root.glob(".part-*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
-    return StoreWriter(root, manifest)
+    return StoreWriter(cfg.out, manifest)
 
 
 def _part_table(chunks: list[dict[str, np.ndarray]], hooks: list[str], dtype: str):
@@ -252,14 +259,14 @@ def collect(cfg: CollectConfig, progress: Callable[[int], None] = lambda n: None
                     writer.write_part(int(i), _part_table(buffers.pop(i), cfg.hooks, cfg.dtype))
             progress(len(batch["window_id"]))
     writer.manifest.extra["complete"] = True
-    write_manifest(writer.root, writer.manifest)
+    write_manifest(writer.location, writer.manifest)
     return CollectResult(path=str(writer.root), n_tokens=writer.manifest.n_tokens, parts_written=len(todo),
                          parts_skipped=n_parts - len(todo), seconds=time.perf_counter() - start)
 
 
 def complete_manifest(store: str | Path) -> Manifest | None:
-    """The manifest of a store `collect` finished writing; None for a missing or unfinished one."""
-    if not (Path(store) / "manifest.json").is_file():
+    """The manifest of a store `collect` finished writing (a path or URI); None for a missing or unfinished one."""
+    if not has_manifest(store):
         return None
     manifest = read_manifest(store)
     return manifest if manifest.extra.get("complete") else None
@@ -267,7 +274,7 @@ def complete_manifest(store: str | Path) -> Manifest | None:
 
 def _empty(cfg: CollectConfig, p: Plan) -> dict[str, np.ndarray]:
     out = {k: np.zeros(0, dtype=np.int64) for k in META}
-    out.update({h: np.zeros((0, p.d[h]), dtype=cfg.dtype) for h in cfg.hooks})
+    out.update({h: np.zeros((0, p.d[h]), dtype=storage_numpy_dtype(cfg.dtype)) for h in cfg.hooks})
     return out
 
 
@@ -280,7 +287,7 @@ def stream_activations(cfg: CollectConfig) -> Iterator[dict[str, torch.Tensor]]:
     ds = _activation_dataset(cfg, p.windows, np.arange(p.n_windows))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         out = {k: torch.from_numpy(np.array(batch[k])) for k in META}
-        out.update({h: torch.from_numpy(np.asarray(batch[h], dtype=np.float32)) for h in cfg.hooks})
+        out.update({h: decode_values(np.asarray(batch[h]), cfg.dtype) for h in cfg.hooks})
         yield out
 
 

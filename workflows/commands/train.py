@@ -9,6 +9,7 @@ import os
 from tqdm import tqdm
 
 from sae_core.architectures.base import ConfigError
+from sae_core.fs import is_uri
 from sae_core.trainer import TrainConfig
 from workflows.corpus import DEFAULT_CORPUS
 from workflows.e2e import E2EJob, saved_e2e_job, train_e2e
@@ -30,7 +31,7 @@ from workflows.training import (
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an SAE on an activation store")
-    p.add_argument("--activations", help="activation store directory")
+    p.add_argument("--activations", help="activation store directory or URI (s3://bucket/prefix, gs://...)")
     live = p.add_argument_group("training from the live model stream, without a store (runs on Ray Train)")
     live.add_argument("--from-model", nargs="?", const=DEFAULT_MODEL, metavar="M",
                       help="run this model and train on its activations as they stream (default model if no M)")
@@ -98,7 +99,9 @@ def job_from_args(args: argparse.Namespace) -> TrainJob:
         stream = {"model": args.from_model, "corpus": args.corpus or DEFAULT_CORPUS, "n_tokens": args.tokens,
                   "context_size": args.context_size}
     hooks = list(args.hook)
-    return TrainJob(activations=os.path.abspath(args.activations) if args.activations else "", hook=hooks[0],
+    activations = args.activations or ""
+    activations = activations if is_uri(activations) or not activations else os.path.abspath(activations)
+    return TrainJob(activations=activations, hook=hooks[0],
                     out_hook=args.out_hook or "", sources=hooks if args.arch in MULTI_SOURCE_ARCHS or len(hooks) > 1 else [],
                     arch=args.arch, sae=sae, train=train, out=os.path.abspath(args.out), stream=stream)
 
