@@ -425,26 +425,39 @@ class ActivationStore:
         reading their data.
 
         Memory is bounded by the buffer, not the store: each epoch visits the row groups in a seeded
-        order, cut into fills of ``shuffle_buffer`` rows (rounded down to whole batches); a fill's rows
-        are permuted and dealt into batches. A rank keeps only its share of a fill, in the storage
-        dtype, and a background thread reads the next fill (its row groups concurrently) while this
-        one is consumed: at most about 2 x shuffle_buffer / world rows are held. Each epoch yields
-        (stop - start) // batch_size batches. See sae_core/store_batches.py.
+        order (in a few passes, each over a share of every row group, so a fill spans more context
+        windows), cut into fills of ``shuffle_buffer`` rows (rounded down to whole batches); a fill's
+        rows are permuted and dealt into batches. A rank keeps only its share of a fill, in the
+        storage dtype, and a background thread reads the next fill (its row groups concurrently)
+        while this one is consumed: at most about 2 x shuffle_buffer / world rows are held. Each
+        epoch yields (stop - start) // batch_size batches. See sae_core/store_batches.py.
         """
-        from sae_core.store_batches import BatchPlan, stream_batches
+        from sae_core.store_batches import stream_batches
 
         single = isinstance(hook, str)
         hooks = [hook] if single else list(hook)
         for h in hooks:
             self.check_hook(h)
+        plan = self.batch_plan(batch_size, seed=seed, start=start, stop=stop, shuffle_buffer=shuffle_buffer,
+                               rank=rank, world=world)
+        batches = stream_batches(self, hooks, plan, loop=loop, skip_batches=skip_batches)
+        return (b[hook] for b in batches) if single else batches
+
+    def batch_plan(self, batch_size: int, *, seed: int = 0, start: int = 0, stop: int | None = None,
+                   shuffle_buffer: int = 1 << 18, rank: int = 0, world: int = 1, passes: int | None = None):
+        """The :class:`sae_core.store_batches.BatchPlan` behind :meth:`iter_batches` (same arguments;
+        ``passes`` overrides :func:`~sae_core.store_batches.choose_passes`, for measurements)."""
+        from sae_core.store_batches import BatchPlan, choose_passes
+
         stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
         if stop - start < batch_size:
             raise StoreError(f"store {self.location.display} has {stop - start} usable rows, fewer than one batch "
                              f"of {batch_size}", reason="too_few_rows")
-        plan = BatchPlan(groups=self.row_groups(), start=start, stop=stop, batch_size=batch_size, seed=seed,
-                         fill_rows=shuffle_buffer, rank=rank, world=world)
-        batches = stream_batches(self, hooks, plan, loop=loop, skip_batches=skip_batches)
-        return (b[hook] for b in batches) if single else batches
+        if passes is None:
+            passes = choose_passes(context_size=self.manifest.context_size, batch_size=batch_size,
+                                   fill_rows=shuffle_buffer, rows=stop - start)
+        return BatchPlan(groups=self.row_groups(), start=start, stop=stop, batch_size=batch_size, seed=seed,
+                         fill_rows=shuffle_buffer, passes=passes, rank=rank, world=world)
 
     def verify(self) -> list[StoreProblem]:
         """Check every listed file exists, has the manifest's row count and sha256, and the schema."""

@@ -3,13 +3,23 @@
 The order is planned on row indices alone, so it is cheap to skip, identical for every world size,
 and needs no data to compute:
 
-- epoch ``e`` visits the store's row groups (clipped to [start, stop)) in a permutation seeded by
-  (seed, e), and cuts that row sequence into *fills* of ``fill_rows`` rows rounded down to whole
-  batches (the last fill of an epoch takes the rest);
-- fill ``f`` permutes its rows with a generator seeded by (seed, e, f) and deals them into global
-  batches; the remainder of an epoch (fewer rows than a batch) is left out, so an epoch is exactly
-  ``(stop - start) // batch_size`` batches;
+- epoch ``e`` makes ``passes`` passes over the store's row groups (clipped to [start, stop)); pass
+  ``j`` visits them in a permutation seeded by (seed, e, j) and takes every ``passes``-th row of each
+  (a seeded offset per group and epoch decides which), so each pass holds a disjoint share of every
+  row group and the passes together hold every row once;
+- that row sequence is cut into *fills* of ``fill_rows`` rows rounded down to whole batches (the last
+  fill of an epoch takes the rest); fill ``f`` permutes its rows with a generator seeded by (seed, e,
+  f) and deals them into global batches; the remainder of an epoch (fewer rows than a batch) is left
+  out, so an epoch is exactly ``(stop - start) // batch_size`` batches;
 - rank ``r`` of ``world`` takes positions [r * b, (r + 1) * b) of each global batch, b = batch_size // world.
+
+Why passes: tokens of one context window are strongly correlated, and a fill of R whole row groups
+holds only R / context_size windows, so a batch of B rows drawn from it repeats windows (with
+x = context_size * B / R, a batch holds about (1 - e^-x) / x of the distinct windows a full shuffle
+would give). Taking 1/passes of each row group lets a fill span ``passes`` times as many windows in
+the same memory, at the price of reading each row group ``passes`` times per epoch.
+:func:`choose_passes` picks the smallest number that brings x to :data:`TARGET_X` (at most
+:data:`MAX_PASSES`); sae_core/shuffle_quality.py measures the result.
 
 Reading: a rank reads the row groups of a fill (several at once, on a thread pool) but keeps only
 the rows its slices need, in the storage dtype; a background thread reads fill f + 1 while fill f is
@@ -20,6 +30,7 @@ rank's slice would come from 1/world of the fill's windows, which biases per-ran
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -35,6 +46,20 @@ if TYPE_CHECKING:
 
 READERS = 4
 """Row groups of one fill read at once (pyarrow releases the GIL; object storage likes parallel GETs)."""
+TARGET_X = 0.25
+"""context_size * batch_size / (passes * fill rows) aimed at: a batch then holds about 88% of the
+distinct windows of a full shuffle."""
+MAX_PASSES = 8
+"""At most this many reads of each row group per epoch."""
+
+
+def choose_passes(*, context_size: int, batch_size: int, fill_rows: int, rows: int) -> int:
+    """Passes per epoch for :data:`TARGET_X`; 1 when the fill holds every row (a full shuffle already)
+    or the window length is unknown (``context_size`` 0)."""
+    if fill_rows >= rows or context_size <= 0:
+        return 1
+    wanted = math.ceil(context_size * batch_size / (TARGET_X * fill_rows))
+    return max(1, min(wanted, MAX_PASSES, math.ceil(rows / fill_rows)))
 
 
 class Fill(NamedTuple):
@@ -45,8 +70,8 @@ class Fill(NamedTuple):
     """Its index inside the epoch (part of its permutation's seed)."""
     first_batch: int
     """Global index of its first batch, counted from the first epoch."""
-    pieces: list[tuple[RowGroup, int, int]]
-    """(row group, lo, hi): rows [lo, hi) of that group, concatenated in this order."""
+    pieces: list[tuple[RowGroup, range]]
+    """(row group, rows of that group), concatenated in this order."""
     rows: int
 
 
@@ -66,6 +91,8 @@ class BatchPlan:
     """Seed of the whole order."""
     fill_rows: int
     """Rows shuffled together (rounded down to whole batches, at least one)."""
+    passes: int = 1
+    """Passes per epoch, each over a 1/passes share of every row group (see the module docstring)."""
     rank: int = 0
     """This reader's data-parallel rank."""
     world: int = 1
@@ -80,19 +107,27 @@ class BatchPlan:
         """Rows of each global batch this rank takes."""
         return self.batch_size // self.world
 
+    def pieces(self, epoch: int) -> Iterator[tuple[RowGroup, range]]:
+        """The epoch's row sequence: (row group, its rows in this pass), pass after pass."""
+        clipped = [(g, max(self.start - g.start, 0), min(self.stop - g.start, g.rows)) for g in self.groups]
+        clipped = [c for c in clipped if c[1] < c[2]]
+        offsets = np.random.default_rng([self.seed, epoch, 2]).integers(0, self.passes, len(clipped))
+        for j in range(self.passes):
+            for k in np.random.default_rng([self.seed, epoch, 0, j]).permutation(len(clipped)):
+                group, lo, hi = clipped[k]
+                rows = range(lo + (int(offsets[k]) + j) % self.passes, hi, self.passes)
+                if len(rows):
+                    yield group, rows
+
     def fills(self, epoch: int) -> Iterator[Fill]:
-        pieces = [(g, max(self.start - g.start, 0), min(self.stop - g.start, g.rows)) for g in self.groups]
-        pieces = [p for p in pieces if p[1] < p[2]]
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
         size = max(1, self.fill_rows // self.batch_size) * self.batch_size
-        current: list[tuple[RowGroup, int, int]] = []
+        current: list[tuple[RowGroup, range]] = []
         have, index, first = 0, 0, epoch * self.batches_per_epoch
-        for k in order:
-            group, lo, hi = pieces[k]
-            while lo < hi:
-                take = min(hi - lo, size - have)
-                current.append((group, lo, lo + take))
-                have, lo = have + take, lo + take
+        for group, rows in self.pieces(epoch):
+            while len(rows):
+                take = min(len(rows), size - have)
+                current.append((group, rows[:take]))
+                have, rows = have + take, rows[take:]
                 if have == size:
                     yield Fill(epoch, index, first, current, have)
                     current, have, index, first = [], 0, index + 1, first + size // self.batch_size
@@ -101,7 +136,7 @@ class BatchPlan:
 
     def rank_positions(self, fill: Fill) -> np.ndarray:
         """[n_batches, local] positions in the fill's pool of the rows this rank takes, batch by batch."""
-        perm = np.random.default_rng([self.seed, fill.epoch, fill.index]).permutation(fill.rows)
+        perm = np.random.default_rng([self.seed, fill.epoch, 1, fill.index]).permutation(fill.rows)
         n_batches = fill.rows // self.batch_size
         batches = perm[: n_batches * self.batch_size].reshape(n_batches, self.batch_size)
         return batches[:, self.rank * self.local : (self.rank + 1) * self.local]
@@ -139,11 +174,11 @@ def _read_rows(store: ActivationStore, hooks: list[str], fill: Fill, positions_B
             out[h][i0 : i0 + len(rows)] = store.stored_values(table, h)[rows]
 
     jobs, offset = [], 0
-    for group, lo, hi in fill.pieces:
-        i0, i1 = np.searchsorted(sorted_pos, [offset, offset + hi - lo])
+    for group, rows in fill.pieces:
+        i0, i1 = np.searchsorted(sorted_pos, [offset, offset + len(rows)])
         if i0 < i1:
-            jobs.append(pool.submit(read, group, sorted_pos[i0:i1] - offset + lo, int(i0)))
-        offset += hi - lo
+            jobs.append(pool.submit(read, group, rows.start + (sorted_pos[i0:i1] - offset) * rows.step, int(i0)))
+        offset += len(rows)
     for job in jobs:
         job.result()
     return out, slot.reshape(positions_BL.shape)

@@ -24,7 +24,7 @@ D = 4
 def write_indexed_store(root, n_rows: int, *, rows_per_part: int, dtype: str = "float32", d: int = D):
     """A store whose hook column's first value is the row's global index (so batches name their rows),
     and a second hook holding minus that, to check that several hooks stay row-aligned."""
-    writer = StoreWriter(root, Manifest(model="m", hooks={"a": {"d": d}, "b": {"d": 2}}, dtype=dtype))
+    writer = StoreWriter(root, Manifest(model="m", hooks={"a": {"d": d}, "b": {"d": 2}}, dtype=dtype, context_size=16))
     for part, lo in enumerate(range(0, n_rows, rows_per_part)):
         rows = np.arange(lo, min(lo + rows_per_part, n_rows))
         a = np.zeros((len(rows), d), dtype=np.float32)
@@ -126,7 +126,7 @@ next(store.iter_batches("a", 512, seed=1, shuffle_buffer=512))  # imports and ca
 base = tracemalloc.get_traced_memory()[0]
 tracemalloc.reset_peak()
 seen = 0
-for batch in store.iter_batches("a", 512, seed=0, shuffle_buffer=int(sys.argv[2]), loop=False):
+for batch in store.iter_batches("a", 256, seed=0, shuffle_buffer=int(sys.argv[2]), loop=False):
     seen += len(batch)
 print(json.dumps({"rows": seen, "numpy_peak": tracemalloc.get_traced_memory()[1] - base,
                   "arrow_peak": pa.default_memory_pool().max_memory()}))
@@ -145,7 +145,26 @@ def test_reader_memory_is_bounded_by_the_buffer_not_the_store(tmp_path, monkeypa
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(PEAK_SCRIPT), str(store.root), "4096"],
                          capture_output=True, text=True, env=env, check=True)
     report = json.loads(out.stdout)
-    assert report["rows"] == n_rows // 512 * 512
+    assert report["rows"] == n_rows // 256 * 256
     peak = report["numpy_peak"] + report["arrow_peak"]
     buffer_bytes = 4096 * (d + 2) * 4
     assert peak < 6 * buffer_bytes < store_bytes / 4, report
+
+
+def test_buffer_shuffle_is_within_15_percent_of_a_full_shuffle_on_a_document_ordered_store(tmp_path):
+    """Windows of 32 tokens, documents of ~150 tokens, written in order; batches of 256 from a 4096-row
+    buffer (1/32 of the store). Whole row groups alone give under half the distinct windows of a full
+    shuffle; the reader's passes over shares of each row group bring it within 15%."""
+    from sae_core.shuffle_quality import expected_distinct, shuffle_quality
+    from sae_core.synthetic import write_document_ordered_store
+
+    store = ActivationStore(write_document_ordered_store(tmp_path, 131_072, context_size=32, mean_doc=150,
+                                                         rows_per_file=32_768))
+    reader = shuffle_quality(store, 256, shuffle_buffer=4096, max_batches=64)
+    whole_groups = shuffle_quality(store, 256, shuffle_buffer=4096, max_batches=64, passes=1)
+    assert reader.passes == 8 and reader.batches == 64
+    assert reader.window_ratio >= 0.85 and whole_groups.window_ratio < 0.5, (reader, whole_groups)
+    assert reader.doc_ratio > 2 * whole_groups.doc_ratio
+    # the full-shuffle expectation itself, against sampling: 4096 windows of 32 rows, batches of 256
+    draws = [len(np.unique(np.random.default_rng(i).choice(131_072, 256, replace=False) // 32)) for i in range(200)]
+    assert expected_distinct(np.full(4096, 32), 131_072, 256) == pytest.approx(np.mean(draws), rel=0.01)
