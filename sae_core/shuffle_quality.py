@@ -58,7 +58,7 @@ def expected_distinct(sizes: np.ndarray, n_rows: int, batch_size: int) -> float:
         # P(no row of a group of `size` rows is drawn) = prod_i (N - B - i) / (N - i)
         none = np.prod(np.clip((n_rows - batch_size - i) / (n_rows - i), 0.0, None))
         total += count * (1.0 - none)
-    return total
+    return float(total)
 
 
 def _group_sizes(store: ActivationStore, start: int, stop: int) -> dict[str, np.ndarray]:

@@ -241,7 +241,8 @@ class StoreWriter:
             raise StoreError(f"part {name} lacks hook column(s) {missing}")
         tmp = self.location.scratch_file(name)
         try:
-            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+            # Dictionary pages suit the id columns, not activations (pyarrow would try one and fall back).
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, use_dictionary=list(META_COLUMNS))
             digest = sha256_file(Path(tmp))
             groups = [min(ROW_GROUP_ROWS, table.num_rows - s) for s in range(0, table.num_rows, ROW_GROUP_ROWS)]
             self.location.publish_file(tmp, name)
@@ -367,8 +368,9 @@ class ActivationStore:
     def to_float32(self, stored_ND: np.ndarray, hook: str) -> torch.Tensor:
         """Stored values as float32, refusing NaN/Inf."""
         tensor = decode_values(stored_ND, self.manifest.dtype)
-        if not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
+        finite_ND = np.isfinite(tensor.numpy())  # numpy's check is ~10x faster than torch's on one thread
+        if not finite_ND.all():
+            bad = int((~finite_ND).any(axis=1).sum())
             raise StoreError(f"hook {hook!r} in {self.location.display} has {bad} row(s) with NaN/Inf activations")
         return tensor
 

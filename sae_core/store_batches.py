@@ -49,8 +49,9 @@ READERS = 4
 TARGET_X = 0.25
 """context_size * batch_size / (passes * fill rows) aimed at: a batch then holds about 88% of the
 distinct windows of a full shuffle."""
-MAX_PASSES = 8
-"""At most this many reads of each row group per epoch."""
+MAX_PASSES = 4
+"""At most this many reads of each row group per epoch: the reader's rows/s is about a plain scan's
+divided by the passes, so more would starve a fast (GPU) trainer."""
 
 
 def choose_passes(*, context_size: int, batch_size: int, fill_rows: int, rows: int) -> int:
