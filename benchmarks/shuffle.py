@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--mean-doc", type=int, default=600, help="mean document length in tokens")
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--buffers", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20])
+    p.add_argument("--buffers", type=int, nargs="+", default=[1 << 17, 1 << 19, 1 << 21])
     p.add_argument("--batches", type=int, default=100, help="batches measured per buffer")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as folder:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sae_core.store import ActivationStore
+from sae_core.store import SHUFFLE_BUFFER, ActivationStore
 
 
 @dataclass(kw_only=True)
@@ -90,7 +90,7 @@ def _pool_meta(store: ActivationStore, pieces) -> dict[str, np.ndarray]:
     return {column: np.concatenate(found) for column, found in parts.items()}
 
 
-def shuffle_quality(store: ActivationStore, batch_size: int, *, shuffle_buffer: int = 1 << 18, seed: int = 0,
+def shuffle_quality(store: ActivationStore, batch_size: int, *, shuffle_buffer: int = SHUFFLE_BUFFER, seed: int = 0,
                     start: int = 0, stop: int | None = None, max_batches: int = 200,
                     passes: int | None = None) -> ShuffleQuality:
     """Distinct windows/documents per batch of ``store.iter_batches(..., batch_size, seed=seed,

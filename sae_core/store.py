@@ -36,6 +36,9 @@ META_COLUMNS = {"token_id": "int32", "window_id": "int64", "position": "int32", 
 DTYPES = ("float16", "float32", "bfloat16")
 ROW_GROUP_ROWS = 8192
 """Rows per Parquet row group written by :class:`StoreWriter`: the unit of reading and shuffling."""
+SHUFFLE_BUFFER = 1 << 19
+"""Default rows held by the batch reader (two fills of half): at context 128 and batches of 4096 its
+batches hold about 82% of the distinct windows of a full shuffle (benchmarks/shuffle.py, README)."""
 FOOTER_READERS = 8
 """Threads reading Parquet footers of a store whose manifest does not list its row groups."""
 
@@ -410,7 +413,7 @@ class ActivationStore:
         seed: int = 0,
         start: int = 0,
         stop: int | None = None,
-        shuffle_buffer: int = 1 << 18,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
         loop: bool = True,
         rank: int = 0,
         world: int = 1,
@@ -428,11 +431,11 @@ class ActivationStore:
 
         Memory is bounded by the buffer, not the store: each epoch visits the row groups in a seeded
         order (in a few passes, each over a share of every row group, so a fill spans more context
-        windows), cut into fills of ``shuffle_buffer`` rows (rounded down to whole batches); a fill's
-        rows are permuted and dealt into batches. A rank keeps only its share of a fill, in the
+        windows), cut into fills of ``shuffle_buffer / 2`` rows (rounded down to whole batches); a
+        fill's rows are permuted and dealt into batches. A rank keeps only its share of a fill, in the
         storage dtype, and a background thread reads the next fill (its row groups concurrently)
-        while this one is consumed: at most about 2 x shuffle_buffer / world rows are held. Each
-        epoch yields (stop - start) // batch_size batches. See sae_core/store_batches.py.
+        while this one is consumed: at most about shuffle_buffer / world rows are held. Each epoch
+        yields (stop - start) // batch_size batches. See sae_core/store_batches.py.
         """
         from sae_core.store_batches import stream_batches
 
@@ -446,7 +449,7 @@ class ActivationStore:
         return (b[hook] for b in batches) if single else batches
 
     def batch_plan(self, batch_size: int, *, seed: int = 0, start: int = 0, stop: int | None = None,
-                   shuffle_buffer: int = 1 << 18, rank: int = 0, world: int = 1, passes: int | None = None):
+                   shuffle_buffer: int = SHUFFLE_BUFFER, rank: int = 0, world: int = 1, passes: int | None = None):
         """The :class:`sae_core.store_batches.BatchPlan` behind :meth:`iter_batches` (same arguments;
         ``passes`` overrides :func:`~sae_core.store_batches.choose_passes`, for measurements)."""
         from sae_core.store_batches import BatchPlan, choose_passes
@@ -455,11 +458,12 @@ class ActivationStore:
         if stop - start < batch_size:
             raise StoreError(f"store {self.location.display} has {stop - start} usable rows, fewer than one batch "
                              f"of {batch_size}", reason="too_few_rows")
+        fill_rows = shuffle_buffer // 2  # the fill being consumed and the next one, read ahead
         if passes is None:
             passes = choose_passes(context_size=self.manifest.context_size, batch_size=batch_size,
-                                   fill_rows=shuffle_buffer, rows=stop - start)
+                                   fill_rows=fill_rows, rows=stop - start)
         return BatchPlan(groups=self.row_groups(), start=start, stop=stop, batch_size=batch_size, seed=seed,
-                         fill_rows=shuffle_buffer, passes=passes, rank=rank, world=world)
+                         fill_rows=fill_rows, passes=passes, rank=rank, world=world)
 
     def verify(self) -> list[StoreProblem]:
         """Check every listed file exists, has the manifest's row count and sha256, and the schema."""

@@ -51,7 +51,7 @@ def take(iterator, n: int) -> list:
 def test_order_is_one_per_seed_and_shared_by_every_world_size(tmp_path, small_groups):
     store = write_indexed_store(tmp_path, 2000, rows_per_part=300)
     assert len(store.row_groups()) == 6 * 6 + 4  # six 300-row parts in 50-row groups, then 200 rows
-    kwargs = dict(seed=3, shuffle_buffer=256, stop=1900)
+    kwargs = dict(seed=3, shuffle_buffer=512, stop=1900)
     one = take(store.iter_batches("a", 64, **kwargs), 60)  # 29 batches an epoch: two epochs and more
     assert [row_ids(b) for b in take(store.iter_batches("a", 64, **kwargs), 60)] == [row_ids(b) for b in one]
     assert row_ids(take(store.iter_batches("a", 64, **{**kwargs, "seed": 4}), 1)[0]) != row_ids(one[0])
@@ -69,15 +69,15 @@ def test_order_is_one_per_seed_and_shared_by_every_world_size(tmp_path, small_gr
 
 def test_skip_batches_resumes_the_same_sequence_without_reading_skipped_data(tmp_path, small_groups):
     store = write_indexed_store(tmp_path, 1000, rows_per_part=250)
-    full = take(store.iter_batches("a", 40, seed=1, shuffle_buffer=200), 70)  # 25 batches an epoch
+    full = take(store.iter_batches("a", 40, seed=1, shuffle_buffer=400), 70)  # 25 batches an epoch
     for skip in (0, 7, 25, 33, 61):
-        resumed = take(store.iter_batches("a", 40, seed=1, shuffle_buffer=200, skip_batches=skip), 70 - skip)
+        resumed = take(store.iter_batches("a", 40, seed=1, shuffle_buffer=400, skip_batches=skip), 70 - skip)
         assert [row_ids(b) for b in resumed] == [row_ids(b) for b in full[skip:]]
     assert len(list(store.iter_batches("a", 40, seed=1, loop=False, skip_batches=20))) == 5
     # Skipping a whole epoch reads none of it: with every part gone, the skip itself still succeeds.
     for entry in store.manifest.files:
         os.remove(tmp_path / entry["path"])
-    reader = store.iter_batches("a", 40, seed=1, shuffle_buffer=200, loop=False, skip_batches=25)
+    reader = store.iter_batches("a", 40, seed=1, shuffle_buffer=400, loop=False, skip_batches=25)
     assert list(reader) == []
 
 
@@ -134,7 +134,7 @@ print(json.dumps({"rows": seen, "numpy_peak": tracemalloc.get_traced_memory()[1]
 
 
 def test_reader_memory_is_bounded_by_the_buffer_not_the_store(tmp_path, monkeypatch):
-    """One epoch over a 32 MB store (float32, d=64) with a 4096-row buffer (1 MB): numpy's and Arrow's
+    """One epoch over a 32 MB store (float32, d=64) with an 8192-row buffer (2 MB): numpy's and Arrow's
     peak allocations stay a small multiple of the buffer, far below the store (the old reader held the
     whole column as float32, more than the store itself)."""
     monkeypatch.setattr(store_module, "ROW_GROUP_ROWS", 1024)
@@ -142,26 +142,27 @@ def test_reader_memory_is_bounded_by_the_buffer_not_the_store(tmp_path, monkeypa
     store = write_indexed_store(tmp_path, n_rows, rows_per_part=25_000, d=d)
     store_bytes = n_rows * d * 4
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(PEAK_SCRIPT), str(store.root), "4096"],
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(PEAK_SCRIPT), str(store.root), "8192"],
                          capture_output=True, text=True, env=env, check=True)
     report = json.loads(out.stdout)
     assert report["rows"] == n_rows // 256 * 256
     peak = report["numpy_peak"] + report["arrow_peak"]
-    buffer_bytes = 4096 * (d + 2) * 4
-    assert peak < 6 * buffer_bytes < store_bytes / 4, report
+    buffer_bytes = 8192 * (d + 2) * 4
+    assert peak < 3 * buffer_bytes < store_bytes / 4, report
 
 
 def test_buffer_shuffle_is_within_15_percent_of_a_full_shuffle_on_a_document_ordered_store(tmp_path):
-    """Windows of 32 tokens, documents of ~150 tokens, written in order; batches of 256 from an 8192-row
-    buffer (1/16 of the store). Whole row groups alone give about 63% of the distinct windows of a full
-    shuffle; the reader's passes over shares of each row group bring it within 15%."""
+    """Windows of 32 tokens, documents of ~150 tokens, written in order; batches of 256 from a 16384-row
+    buffer (fills of 8192 rows, 1/16 of the store). Whole row groups alone give about 63% of the
+    distinct windows of a full shuffle; the reader's passes over shares of each row group bring it
+    within 15%."""
     from sae_core.shuffle_quality import expected_distinct, shuffle_quality
     from sae_core.synthetic import write_document_ordered_store
 
     store = ActivationStore(write_document_ordered_store(tmp_path, 131_072, context_size=32, mean_doc=150,
                                                          rows_per_file=32_768))
-    reader = shuffle_quality(store, 256, shuffle_buffer=8192, max_batches=64)
-    whole_groups = shuffle_quality(store, 256, shuffle_buffer=8192, max_batches=64, passes=1)
+    reader = shuffle_quality(store, 256, shuffle_buffer=16384, max_batches=64)
+    whole_groups = shuffle_quality(store, 256, shuffle_buffer=16384, max_batches=64, passes=1)
     assert reader.passes == 4 and reader.batches == 64
     assert reader.window_ratio >= 0.85 and whole_groups.window_ratio < 0.7, (reader, whole_groups)
     assert reader.doc_ratio > 1.5 * whole_groups.doc_ratio
