@@ -88,9 +88,12 @@ def encode_values(values_ND: np.ndarray | torch.Tensor, dtype: str) -> np.ndarra
 
 def decode_values(stored_ND: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored values (see :func:`encode_values`) as a float32 tensor."""
+    values = np.ascontiguousarray(stored_ND, dtype=np.uint16 if dtype == "bfloat16" else np.float32)
+    if not values.flags.writeable:  # e.g. a Ray batch; torch wants memory it may write
+        values = values.copy()
     if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(stored_ND).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(stored_ND, dtype=np.float32))
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(values)
 
 
 @dataclass(kw_only=True)
@@ -232,6 +235,12 @@ class StoreWriter:
     @staticmethod
     def part_name(index: int) -> str:
         return f"part-{index:05d}.parquet"
+
+    def forget_part(self, index: int) -> None:
+        """Drop part ``index`` from the manifest (its file stays until rewritten), e.g. to rewrite it longer."""
+        self.manifest.files = [f for f in self.manifest.files if f["path"] != self.part_name(index)]
+        self.manifest.n_tokens = sum(f["rows"] for f in self.manifest.files)
+        write_manifest(self.location, self.manifest)
 
     def write_part(self, index: int, table) -> None:
         import pyarrow.parquet as pq
