@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                                  # 0.5 GB vs 4 GB stores (float32, d=576)
     python benchmarks/memory.py --sizes-gb 0.25 1 --repeats 2    # quicker
+    python benchmarks/memory.py --collect-model M --collect-tokens 100000 1000000   # sae collect's driver
 
 For each size it writes a store of random float32 activations (same settings, only the row count
 differs), runs ``sae train`` in process on it (TopK, d_sae 1024, batch 4096, --steps) as a child
@@ -54,6 +55,17 @@ def train_peak_rss_mb(store: Path, out: Path, steps: int) -> float:
     return usage.ru_maxrss / 1024
 
 
+def collect_peak_rss_mb(model: str, tokens: int, out: Path) -> float:
+    """Peak RSS (MB) of the `sae collect` driver process (Ray's own processes are not its children)."""
+    cmd = [sys.executable, "-m", "workflows.cli", "collect", "--model", model, "--hook", "blocks.0.hook_resid_post",
+           "--tokens", str(tokens), "--out", str(out), "--batch-size", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"sae collect failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024
+
+
 def reader_rows_per_s(store: ActivationStore, n_batches: int) -> float:
     batches = store.iter_batches(HOOK, 4096, seed=0)
     start = time.perf_counter()
@@ -89,7 +101,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batches", type=int, default=60, help="batches timed per rows/s measurement")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--collect-model", help="measure `sae collect` with this (small) model instead of training")
+    p.add_argument("--collect-tokens", type=int, nargs=2, default=[100_000, 1_000_000])
     args = p.parse_args()
+    if args.collect_model:
+        with tempfile.TemporaryDirectory() as folder:
+            peaks = {n: [collect_peak_rss_mb(args.collect_model, n, Path(folder) / f"c{n}-{i}")
+                         for i in range(args.repeats)] for n in args.collect_tokens}
+        for n, values in peaks.items():
+            print(f"sae collect {n} tokens: driver peak RSS {summary(values)} MB")
+        small, large = (statistics.median(peaks[n]) for n in args.collect_tokens)
+        print(f"driver peak RSS ratio large/small: {large / small:.2f} (target <= 1.15)")
+        return
     peaks: dict[float, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes_gb:
