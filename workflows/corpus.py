@@ -205,8 +205,10 @@ def special_ids(tokenizer: Any) -> tuple[int, int, int]:
     return int(bos), int(sep), int(pad)
 
 
-def pack_windows(docs: Iterator[str], tokenizer: Any, *, context_size: int, n_tokens: int) -> Windows:
-    """Pack documents into windows until at least ``n_tokens`` stored (kept) positions.
+def iter_window_chunks(docs: Iterator[str], tokenizer: Any, *, context_size: int, n_tokens: int,
+                       chunk_windows: int = 512) -> Iterator[Windows]:
+    """Pack documents into windows as a stream, ``chunk_windows`` windows at a time, until at least
+    ``n_tokens`` stored (kept) positions: memory holds one chunk, not the corpus.
 
     If the corpus runs out first, the last window is padded and a warning says how many tokens there
     were; an empty corpus is a UserError.
@@ -219,15 +221,34 @@ def pack_windows(docs: Iterator[str], tokenizer: Any, *, context_size: int, n_to
     tokens: list[int] = []
     docs_of: list[int] = []
     kept = 0
-    for ids, doc_id in _token_stream(iter(docs), tokenizer, sep):
-        tokens.extend(ids)
-        docs_of.extend([doc_id] * len(ids))
-        kept += sum(1 for t in ids if t not in specials)
-        if kept >= n_tokens + body:  # comfortably enough; the exact cut is made below
+    stream = _token_stream(iter(docs), tokenizer, sep)
+    exhausted = False
+    while kept < n_tokens and not exhausted:
+        while len(tokens) < chunk_windows * body:
+            item = next(stream, None)
+            if item is None:
+                exhausted = True
+                break
+            tokens.extend(item[0])
+            docs_of.extend([item[1]] * len(item[0]))
+        if not tokens:
+            if kept == 0:
+                raise UserError("the corpus holds no text (empty files or all records empty)")
             break
-    if not tokens:
-        raise UserError("the corpus holds no text (empty files or all records empty)")
-    n_windows = -(-len(tokens) // body)
+        n_windows = len(tokens) // body if not exhausted else -(-len(tokens) // body)
+        chunk = _windows(tokens[: n_windows * body], docs_of[: n_windows * body], n_windows, body, bos, pad, specials)
+        del tokens[: n_windows * body], docs_of[: n_windows * body]
+        cumulative = kept + np.cumsum(chunk.keep.sum(axis=1))
+        n_used = int(np.searchsorted(cumulative, n_tokens) + 1) if cumulative[-1] >= n_tokens else n_windows
+        kept = int(cumulative[n_used - 1])
+        yield Windows(*(a[:n_used] for a in chunk))
+    if kept < n_tokens:
+        logger.warning("the corpus holds only %d tokens, fewer than the %d asked for", kept, n_tokens)
+
+
+def _windows(tokens: list[int], docs_of: list[int], n_windows: int, body: int, bos: int, pad: int,
+             specials: np.ndarray) -> Windows:
+    """``n_windows`` windows of BOS + ``body`` tokens (the last padded if the tokens run short)."""
     stream = np.full(n_windows * body, pad, dtype=np.int64)
     stream[: len(tokens)] = tokens
     stream_docs = np.full(n_windows * body, docs_of[-1], dtype=np.int64)
@@ -237,11 +258,10 @@ def pack_windows(docs: Iterator[str], tokenizer: Any, *, context_size: int, n_to
     doc_ids = np.concatenate([doc_ids[:, :1], doc_ids], axis=1)
     real = (np.arange(n_windows * body) < len(tokens)).reshape(n_windows, body)
     keep = np.concatenate([np.zeros((n_windows, 1), dtype=bool), real], axis=1) & ~np.isin(token_ids, specials)
-    cumulative = np.cumsum(keep.sum(axis=1))
-    if cumulative[-1] < n_tokens:
-        logger.warning("the corpus holds only %d tokens, fewer than the %d asked for", cumulative[-1], n_tokens)
-        n_used = n_windows
-    else:
-        n_used = int(np.searchsorted(cumulative, n_tokens) + 1)
-    return Windows(token_ids[:n_used].astype(np.int32), doc_ids[:n_used], keep[:n_used])
+    return Windows(token_ids.astype(np.int32), doc_ids, keep)
 
+
+def pack_windows(docs: Iterator[str], tokenizer: Any, *, context_size: int, n_tokens: int) -> Windows:
+    """All windows of :func:`iter_window_chunks` in memory at once."""
+    chunks = list(iter_window_chunks(docs, tokenizer, context_size=context_size, n_tokens=n_tokens))
+    return Windows(*(np.concatenate(parts) for parts in zip(*chunks, strict=True)))

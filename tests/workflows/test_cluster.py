@@ -175,9 +175,10 @@ def free_port_block(size: int) -> int:
 
 @pytest.fixture
 def local_cluster(tmp_path):
-    base = free_port_block(8)  # GCS P, agents P+1.., client P+2, dashboard, MLflow
+    base = free_port_block(23)  # GCS P, agents P+1.., client P+2, dashboard, MLflow, SeaweedFS P+8..P+22
     env = {**os.environ, "SAE_RAY_LOCAL_DIR": str(tmp_path / "state"), "SAE_RAY_GCS_PORT": str(base),
-           "SAE_RAY_DASHBOARD_PORT": str(base + 6), "SAE_RAY_MLFLOW_PORT": str(base + 7)}
+           "SAE_RAY_DASHBOARD_PORT": str(base + 6), "SAE_RAY_MLFLOW_PORT": str(base + 7),
+           "SAE_RAY_S3_PORT": str(base + 8)}
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         env.pop(key, None)
     try:

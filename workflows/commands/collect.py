@@ -6,6 +6,7 @@ import argparse
 
 from tqdm import tqdm
 
+from sae_core.store import DTYPES
 from workflows.activations import CollectConfig, collect
 from workflows.corpus import DEFAULT_CORPUS
 from workflows.models import DEFAULT_MODEL
@@ -21,8 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column with the text")
     p.add_argument("--tokens", type=int, required=True, help="tokens to store (whole windows, at least this many)")
     add_context_size_flag(p)
-    p.add_argument("--out", required=True, help="store directory; an unfinished one is resumed")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float32", help="storage dtype")
+    p.add_argument("--out", required=True,
+                   help="store directory or URI (s3://bucket/prefix, gs://...); an unfinished one is resumed")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="storage dtype (bfloat16: raw bits in uint16 lists, see README)")
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype the model runs in")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     add_model_workers_flag(p)

@@ -6,6 +6,7 @@ import argparse
 import os
 import time
 
+from sae_core.fs import is_uri
 from workflows.errors import UserError
 from workflows.options import add_field_flags, add_tracking_flags, field_values, parse_grid
 from workflows.recipes import parse_overrides
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.grid:
         raise UserError("give at least one --grid KNOB=V1,V2,...")
-    store = args.activations if "://" in args.activations else os.path.abspath(args.activations)
+    store = args.activations if is_uri(args.activations) else os.path.abspath(args.activations)
     spec = SweepSpec(activations=store, hook=args.hook, archs=args.arch, grid=parse_grid(args.grid),
                      experiment=args.experiment, mlflow_uri=args.mlflow_uri, sets=parse_overrides(args.set),
                      out=os.path.abspath(args.out or os.path.join("runs", "sweeps", args.experiment)),

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from sae_core.architectures.base import ConfigError
+from sae_core.store import DTYPES
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
 from workflows.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic activation store with known features")
-    p.add_argument("--out", required=True, help="store directory to write")
+    p.add_argument("--out", required=True, help="store directory or URI (s3://bucket/prefix, gs://...) to write")
     p.add_argument("--d", type=int, default=128, help="activation dimension")
     p.add_argument("--n-features", type=int, default=512, help="ground-truth features")
     p.add_argument("--mean-active", type=float, default=8.0, help="expected active features per token")
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std")
     p.add_argument("--tokens", type=int, default=200_000, help="rows to write")
     p.add_argument("--hook", default="synthetic", help="hook column name")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="storage dtype")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 import sae_core
 from sae_core.architectures.base import Wiring
 from sae_core.config import ConfigError
+from sae_core.fs import is_uri
 from sae_core.trainer import TrainConfig
 from workflows.errors import UserError
 from workflows.job import LOSSES, TrainJob
@@ -89,7 +90,7 @@ def split_sets(args: argparse.Namespace) -> tuple[dict, dict, dict, dict]:
 
 def data_source(args: argparse.Namespace, stream_sets: dict) -> tuple[str, dict | None]:
     """(store, stream) of the job: the store given, or the model run over text (always, for --loss e2e)."""
-    store = args.activations if args.activations is None or "://" in args.activations else os.path.abspath(args.activations)
+    store = args.activations if args.activations is None or is_uri(args.activations) else os.path.abspath(args.activations)
     if args.from_model is None and args.loss != "e2e":
         if store is None:
             raise UserError("missing --activations (required unless --from-model or --resume is given)")

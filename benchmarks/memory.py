@@ -1,0 +1,135 @@
+"""Peak memory of `sae train` on a small and a large store, and the reader's rows/s against a plain scan.
+
+    python benchmarks/memory.py                                  # 0.5 GB vs 4 GB stores (float32, d=576)
+    python benchmarks/memory.py --sizes-gb 0.25 1 --repeats 2    # quicker
+    python benchmarks/memory.py --collect-model M --collect-tokens 100000 1000000   # sae collect's driver
+
+For each size it writes a store of random float32 activations (same settings, only the row count
+differs), runs ``sae train`` in process on it (TopK, d_sae 1024, batch 4096, --steps) as a child
+process and reads the child's peak RSS; then it times ``iter_batches`` (the trainer's reader,
+default shuffle buffer, after its first batch) against a plain pyarrow scan of the same files
+delivering the same number of float32 rows. Every number is the median of --repeats runs, with their min-max spread. To time the
+code before a change, run this file with PYTHONPATH pointing at the older checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae_core.store import ActivationStore, Manifest, StoreWriter, make_table
+
+HOOK = "h"
+ROWS_PER_PART = 65536
+
+
+def write_store(root: Path, rows: int, d: int) -> ActivationStore:
+    writer = StoreWriter(root, Manifest(model="bench", hooks={HOOK: {"d": d}}, dtype="float32", context_size=128))
+    rng = np.random.default_rng(0)
+    for part, lo in enumerate(range(0, rows, ROWS_PER_PART)):
+        r = np.arange(lo, min(lo + ROWS_PER_PART, rows))
+        meta = {"token_id": np.zeros(len(r)), "window_id": r // 128, "position": r % 128, "doc_id": r // 512}
+        values = rng.standard_normal((len(r), d), dtype=np.float32)
+        writer.write_part(part, make_table(meta, {HOOK: values}, "float32"))
+    return ActivationStore(root)
+
+
+def train_peak_rss_mb(store: Path, out: Path, steps: int) -> float:
+    """Peak RSS (MB) of an in-process `sae train` child."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "workflows.cli", "train", "--activations", str(store), "--hook", HOOK, "--arch",
+           "topk", "--d-sae", "1024", "--k", "32", "--steps", str(steps), "--batch-size", "4096", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"sae train failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024
+
+
+def collect_peak_rss_mb(model: str, tokens: int, out: Path) -> float:
+    """Peak RSS (MB) of the `sae collect` driver process (Ray's own processes are not its children)."""
+    cmd = [sys.executable, "-m", "workflows.cli", "collect", "--model", model, "--hook", "blocks.0.hook_resid_post",
+           "--tokens", str(tokens), "--out", str(out), "--batch-size", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"sae collect failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024
+
+
+def reader_rows_per_s(store: ActivationStore, n_batches: int) -> float:
+    batches = store.iter_batches(HOOK, 4096, seed=0)
+    next(batches)  # the first fill is read before the first step; what counts is keeping up after it
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        next(batches)
+    return n_batches * 4096 / (time.perf_counter() - start)
+
+
+def scan_rows_per_s(store: ActivationStore, n_batches: int) -> float:
+    """A plain sequential pyarrow scan delivering float32 tensors of 4096 rows (no shuffle)."""
+    import pyarrow.parquet as pq
+
+    fs, paths = store.part_paths()
+    d, seen = store.d(HOOK), 0
+    start = time.perf_counter()
+    for path in paths:
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=4096, columns=[HOOK]):
+            torch.from_numpy(batch.column(0).flatten().to_numpy().reshape(-1, d).astype(np.float32, copy=False))
+            seen += 1
+            if seen == n_batches:
+                return n_batches * 4096 / (time.perf_counter() - start)
+    return seen * 4096 / (time.perf_counter() - start)
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} (spread {min(values):.0f}-{max(values):.0f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes-gb", type=float, nargs=2, default=[0.5, 4.0])
+    p.add_argument("--d", type=int, default=576)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batches", type=int, default=60, help="batches timed per rows/s measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--collect-model", help="measure `sae collect` with this (small) model instead of training")
+    p.add_argument("--collect-tokens", type=int, nargs=2, default=[100_000, 1_000_000])
+    args = p.parse_args()
+    if args.collect_model:
+        with tempfile.TemporaryDirectory() as folder:
+            peaks = {n: [collect_peak_rss_mb(args.collect_model, n, Path(folder) / f"c{n}-{i}")
+                         for i in range(args.repeats)] for n in args.collect_tokens}
+        for n, values in peaks.items():
+            print(f"sae collect {n} tokens: driver peak RSS {summary(values)} MB")
+        small, large = (statistics.median(peaks[n]) for n in args.collect_tokens)
+        print(f"driver peak RSS ratio large/small: {large / small:.2f} (target <= 1.15)")
+        return
+    peaks: dict[float, list[float]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.sizes_gb:
+            rows = int(size * 1e9 / (args.d * 4))
+            root = Path(folder) / f"store-{size}"
+            store = write_store(root, rows, args.d)
+            peaks[size] = [train_peak_rss_mb(root, Path(folder) / f"sae-{size}-{i}", args.steps)
+                           for i in range(args.repeats)]
+            print(f"store {size:g} GB ({rows} rows, d={args.d}): sae train peak RSS {summary(peaks[size])} MB")
+            ours = [reader_rows_per_s(store, args.batches) for _ in range(args.repeats)]
+            scan = [scan_rows_per_s(store, args.batches) for _ in range(args.repeats)]
+            print(f"  rows/s: iter_batches {summary(ours)}, plain pyarrow scan {summary(scan)}, "
+                  f"ratio {statistics.median(ours) / statistics.median(scan):.2f}")
+    small, large = (statistics.median(peaks[s]) for s in args.sizes_gb)
+    print(f"peak RSS ratio large/small: {large / small:.2f} (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
