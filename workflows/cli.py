@@ -10,13 +10,14 @@ import sys
 
 from sae_core.architectures.base import ConfigError
 from sae_core.io import SAEFormatError
+from sae_core.lock import LockError
 from sae_core.registry import RegistryError
 from sae_core.store import StoreError
 from workflows import commands
 from workflows.errors import UserError
 
 # Errors that are the user's input, not our bug: one line, exit 2, no traceback.
-USER_ERRORS = (UserError, StoreError, RegistryError, ConfigError, FileNotFoundError, SAEFormatError)
+USER_ERRORS = (UserError, StoreError, RegistryError, ConfigError, FileNotFoundError, SAEFormatError, LockError)
 
 # What to do about a library error, in this front-end's terms (the library names no flag or command).
 ADVICE = {
@@ -25,6 +26,8 @@ ADVICE = {
     "missing_part": "run `sae store verify`",
     "too_few_rows": "collect more tokens or lower --batch-size",
     "foreign_normalization": "use `sae import` to convert it",
+    "sae_exists": "pass --overwrite to replace it",
+    "locked": "wait for that process to finish, or delete the lock file if it is gone",
 }
 
 
