@@ -24,6 +24,7 @@ Nothing here executes pickle. Errors name the file and the tensor or field at fa
 from __future__ import annotations
 
 import math
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -302,13 +303,22 @@ def _openai_k(state: dict[str, Any], k: int | None, source: str) -> int | None:
     return k
 
 
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch.load's long message that says what was refused (not its advice to unpickle)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    reason = (named or lines or [type(exc).__name__])[0]
+    return re.sub(r"\x1b\[[0-9;]*m", "", reason.split(" Please use")[0])
+
+
 def from_openai(src: Path, *, k: int | None = None) -> tuple[AnySAE, dict[str, Any]]:
     path = _openai_file(src)
     source = str(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle.UnpicklingError and friends: the file wants more than weights
-        raise SAEFormatError(f"{source}: not a plain state dict loadable with weights_only=True ({exc})") from exc
+        raise SAEFormatError(f"{source}: not a plain state dict loadable with weights_only=True "
+                             f"({_unpickling_reason(exc)})") from exc
     if not isinstance(state, dict):
         raise SAEFormatError(f"{source}: expected a state dict, got {type(state).__name__}")
     d_sae, d_in = (_shape_of(state, "encoder.weight", 0, source), _shape_of(state, "encoder.weight", 1, source))

@@ -16,7 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -90,6 +90,7 @@ class Manifest:
         for name, info in self.hooks.items():
             if not isinstance(info, dict) or not isinstance(info.get("d"), int) or info["d"] <= 0:
                 raise StoreError(f"manifest hook {name!r} needs a positive integer 'd', got {info!r}")
+        check_file_entries(self.files)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -120,15 +121,37 @@ class Manifest:
         return cls(**kwargs, extra=extra)
 
 
+def check_file_entries(files: Any) -> None:
+    """Each entry names a part inside the store (a relative path without '..') with an integer row count
+    and a sha256: a manifest must never make a reader open a file outside its store."""
+    if not isinstance(files, list):
+        raise StoreError(f"manifest 'files' must be a list, got {type(files).__name__}")
+    for i, entry in enumerate(files):
+        path = entry.get("path") if isinstance(entry, dict) else None
+        rows = entry.get("rows") if isinstance(entry, dict) else None
+        if not isinstance(path, str) or not path or PurePosixPath(path).is_absolute() or "\\" in path \
+                or ".." in PurePosixPath(path).parts:
+            raise StoreError(f"manifest files[{i}]: path {path!r} is not a file inside the store")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0 or not isinstance(entry.get("sha256"), str):
+            raise StoreError(f"manifest files[{i}] ({path}): needs an integer 'rows' >= 0 and a 'sha256' string")
+
+
 def read_manifest(root: str | Path) -> Manifest:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise StoreError(f"{root} is not an activation store: no {MANIFEST}", reason="not_a_store")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path} is not valid JSON: {exc}") from exc
-    return Manifest.from_dict(raw)
+    if not isinstance(raw, dict):
+        raise StoreError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        return Manifest.from_dict(raw)
+    except StoreError as exc:
+        raise StoreError(f"{path}: {exc}", reason=exc.reason) from exc
+    except TypeError as exc:  # a field of the wrong type for the dataclass
+        raise StoreError(f"{path}: {exc}") from exc
 
 
 def write_manifest(root: str | Path, manifest: Manifest) -> None:
@@ -243,13 +266,20 @@ class ActivationStore:
             )
 
     def read_columns(self, columns: list[str], file_index: int):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         entry = self.manifest.files[file_index]
         path = self.root / entry["path"]
         if not path.is_file():
             raise StoreError(f"store file {path} listed in the manifest is missing", reason="missing_part")
-        table = pq.read_table(path, columns=columns)
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (pa.ArrowException, OSError) as exc:  # truncated or not Parquet
+            raise StoreError(f"store file {path} is unreadable: {exc}", reason="missing_part") from exc
+        if table.num_rows != entry["rows"]:
+            raise StoreError(f"store file {path} has {table.num_rows} rows, the manifest says {entry['rows']}",
+                             reason="missing_part")
         return table
 
     def read_hook(self, hook: str, start: int = 0, stop: int | None = None) -> torch.Tensor:

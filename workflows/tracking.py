@@ -20,6 +20,8 @@ DEFAULT_DB = "mlflow.db"
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else sqlite:///<cwd>/mlflow.db."""
+    # MLflow announces each new sqlite database on stderr, where the CLI keeps its one-line messages.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
