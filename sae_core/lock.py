@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from pathlib import Path
 from sae_core.config import ReasonedError
 
 POLL_SECONDS = 0.2
-# A lock file still empty after this long lost its writer between create and write.
+# A lock file still empty after this long lost its writer between create and write (only possible
+# where the file system has no hard links).
 UNWRITTEN_STALE_SECONDS = 5.0
 
 
@@ -116,16 +118,37 @@ class FileLock:
         return LockHolder(host=socket.gethostname(), pid=pid, start=_process_start(pid), purpose=self.purpose)
 
     def _try_create(self) -> bool:
+        """Create the lock file with its content in one step: written under a temp name, then hard-linked
+        to the lock's name (fails if it exists), so no reader ever sees an empty lock. Where the file
+        system has no hard links, O_EXCL create then write."""
+        me = self._me()
+        record = json.dumps({"host": me.host, "pid": me.pid, "start": me.start, "purpose": me.purpose,
+                             "since": time.time()}).encode()
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.name}.", suffix=".tmp")
+        try:
+            os.write(fd, record)
+            os.fsync(fd)
+            os.close(fd)
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here
+                return self._try_create_exclusive(record)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _try_create_exclusive(self, record: bytes) -> bool:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        me = self._me()
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"host": me.host, "pid": me.pid, "start": me.start, "purpose": me.purpose,
-                       "since": time.time()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            os.write(fd, record)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return True
 
     def _take_over_stale(self) -> LockHolder | None:
