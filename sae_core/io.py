@@ -11,6 +11,7 @@ saved SAE reads raw activations and has unit-norm decoder rows, as SAELens expec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -158,7 +159,7 @@ def sae_files(sae: SparseAutoencoder, *, scaling_factor: float = 1.0, metadata: 
 
 def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float = 1.0,
              metadata: dict[str, Any] | None = None, output_scaling_factor: float | None = None,
-             extra_files: dict[str, bytes] | None = None, overwrite: bool = False) -> Path:
+             extra_files: dict[str, bytes] | None = None, overwrite: bool = False, lock: bool = True) -> Path:
     """Publish ``sae`` as a SAELens inference folder at ``path``, atomically and never destroying an SAE
     unless asked. ``output_scaling_factor`` is a transcoder's target scale when it differs from the
     input's (None: the same). ``extra_files`` (name -> bytes, e.g. metrics.json, job.json) are published
@@ -180,14 +181,17 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float 
     A crash leaves either the old state, an unfinished folder (no cfg.json; the next save completes it
     without ``overwrite``), or the new SAE; never files of two SAEs side by side. Stale temp folders
     of earlier crashed saves are removed. One writer at a time: the folder's lock (sae_core.lock) is
-    held throughout. Published files and the folder get the umask's mode, like any new file.
+    held throughout; it is re-entrant, so a job that holds ``locked(path)`` for its whole run may call
+    this inside; ``lock=False`` when another process of the same job holds it (a Ray Train worker
+    saving for the driver that locked the output). Published files and the folder get the umask's
+    mode, like any new file.
     """
     path = Path(path).absolute()
     files = {**sae_files(sae, scaling_factor=scaling_factor, metadata=metadata,
                          output_scaling_factor=output_scaling_factor), **(extra_files or {})}
     if path.exists() and not path.is_dir():
         raise SAEFormatError(f"{path} exists and is not a folder")
-    with locked(path, purpose="saving an SAE"):
+    with locked(path, purpose="saving an SAE") if lock else contextlib.nullcontext():
         if is_finished_sae(path) and not overwrite:
             raise SAEFormatError(f"{path} already holds an SAE", reason="sae_exists")
         publish_folder(path, files, replaced=(*SAE_FILES, *DERIVED_FILES), commit=CFG_FILE)

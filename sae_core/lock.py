@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ from pathlib import Path
 from sae_core.config import ReasonedError
 
 POLL_SECONDS = 0.2
+# Lock files this process holds -> how many FileLock objects hold each (the lock is re-entrant).
+_HELD: dict[str, int] = {}
+_HELD_GUARD = threading.Lock()
 # A lock file still empty after this long lost its writer between create and write (only possible
 # where the file system has no hard links).
 UNWRITTEN_STALE_SECONDS = 5.0
@@ -167,12 +171,17 @@ class FileLock:
             os.close(fd)
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            if self._try_create():
+        """Take the lock, waiting up to ``timeout`` for a live holder; re-entrant within this process
+        (a job holding its output folder's lock may call save_sae, which locks the folder again)."""
+        key = str(self.path.absolute())
+        with _HELD_GUARD:
+            if key in _HELD:
+                _HELD[key] += 1
                 self.held = True
                 return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.timeout
+        while not self._try_create():
             holder = self._take_over_stale()
             if holder is None:
                 continue
@@ -180,12 +189,22 @@ class FileLock:
                 raise LockError(f"{self.target} is being written by {holder.describe()} (lock file {self.path})",
                                 reason="locked")
             time.sleep(POLL_SECONDS)
+        with _HELD_GUARD:
+            _HELD[key] = 1
+        self.held = True
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        if not self.held:
+            return
+        self.held = False
+        key = str(self.path.absolute())
+        with _HELD_GUARD:
+            _HELD[key] -= 1
+            if _HELD[key]:
+                return
+            del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
     def __enter__(self) -> FileLock:
         self.acquire()

@@ -203,6 +203,21 @@ def test_live_holder_is_named_and_blocks_save(tmp_path):
         holder.wait()
 
 
+def test_the_lock_is_reentrant_in_its_process_and_lock_false_is_the_callers_promise(tmp_path):
+    with FileLock(tmp_path / "s", purpose="training") as outer:
+        save_sae(sae(), tmp_path / "s")  # the job holds its output's lock and saves inside
+        assert read_holder(outer.path).purpose == "training"  # still the outer holder's lock
+    assert not lock_path(tmp_path / "s").exists()
+    holder = subprocess.Popen(["sleep", "30"])  # another process of the job (the driver) holds it
+    try:
+        write_lock(tmp_path / "t", holder.pid, _process_start(holder.pid))
+        save_sae(sae(), tmp_path / "t", lock=False)
+        assert lock_path(tmp_path / "t").exists()  # the driver's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_stale_locks_are_taken_over(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
