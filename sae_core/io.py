@@ -167,16 +167,21 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float 
 
     What is published: the SAE files (cfg.json, sae_weights.safetensors, sae_ray.json) and
     ``extra_files``. Every file is first written and fsynced in a temp sibling folder ``.<name>.tmp-*``.
+    What goes: an earlier SAE, whole. A folder holding any SAE file is an SAE folder (finished, or left
+    by a crashed save), and its SAE files and DERIVED_FILES (its sparsity, metrics, job, evaluation)
+    all go; in any other folder only a sparsity.safetensors goes (it describes an SAE, never this one),
+    and files of the caller's or the user's (metrics.json included) stay unless ``extra_files`` replaces
+    them.
 
     - ``path`` absent: the temp folder is renamed to ``path`` (one atomic rename).
     - ``path`` holds a finished SAE (:func:`is_finished_sae`) and ``overwrite`` is False: SAEFormatError
       with reason "sae_exists"; nothing is touched.
-    - ``path`` holds only SAE files and DERIVED_FILES (an earlier SAE, its metrics, job, evaluation) or
-      nothing: the folders are swapped (the old renamed aside, the new renamed in, the old removed).
+    - ``path`` holds nothing but what goes and what is published: the folders are swapped in one
+      atomic step (renameat2 RENAME_EXCHANGE; elsewhere two renames), the old one then removed.
     - ``path`` also holds other entries (the caller's: Ray Train's ``ray-train/``, ``run.json``...): the
-      folder stays and those entries are never moved or changed. Its SAE files and DERIVED_FILES are
-      removed first (cfg.json first, so from then on the folder is not a finished SAE), then the new
-      files are renamed in with cfg.json last: the folder turns into a finished SAE in one rename.
+      folder stays and those entries are never moved or changed. cfg.json goes first (from then on the
+      folder is not a finished SAE), then the derived files, then the new files are renamed in, cfg.json
+      last: the folder turns into a finished SAE in one rename.
 
     A crash leaves either the old state, an unfinished folder (no cfg.json; the next save completes it
     without ``overwrite``), or the new SAE; never files of two SAEs side by side. Stale temp folders
@@ -194,7 +199,11 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float 
     with locked(path, purpose="saving an SAE") if lock else contextlib.nullcontext():
         if is_finished_sae(path) and not overwrite:
             raise SAEFormatError(f"{path} already holds an SAE", reason="sae_exists")
-        publish_folder(path, files, replaced=(*SAE_FILES, *DERIVED_FILES), commit=CFG_FILE)
+        # Derived files go before the weights: a crash in between still leaves an SAE file, so the
+        # next save knows the derived files it finds there are an SAE's.
+        sae_folder = any((path / name).exists() for name in SAE_FILES)
+        gone = (CFG_FILE, *DERIVED_FILES, WEIGHTS_FILE, NATIVE_FILE) if sae_folder else (SPARSITY_FILE,)
+        publish_folder(path, files, replaced=gone, commit=CFG_FILE)
     return path
 
 

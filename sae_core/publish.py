@@ -82,7 +82,7 @@ def publish_folder(path: str | Path, files: dict[str, bytes], *, replaced: Itera
 
     ``commit`` names the file whose presence marks the folder complete: it is removed first and
     published last. ``replaced`` names files of an earlier publication that must not survive beside the
-    new files. If ``path`` holds nothing else, old and new folders are swapped atomically (the old one
+    new files, removed in that order. If ``path`` holds nothing else, old and new folders are swapped atomically (the old one
     is then removed); otherwise the folder's other entries stay where they are and only the files are
     replaced, ``commit`` last. Temp folders of earlier crashed publications are removed first.
     """
@@ -125,8 +125,8 @@ def _replace_in_place(tmp: Path, path: Path, files: dict[str, bytes], *, replace
                       commit: str) -> None:
     (path / commit).unlink(missing_ok=True)
     fsync_dir(path)
-    for name in {*replaced, *files} - {commit}:
-        if (path / name).is_file() or (path / name).is_symlink():
+    for name in replaced:  # in the caller's order; the new files themselves are renamed over the old
+        if name != commit and name not in files and ((path / name).is_file() or (path / name).is_symlink()):
             (path / name).unlink()
     for name in files:
         if name != commit:

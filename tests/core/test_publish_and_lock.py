@@ -98,6 +98,18 @@ def test_callers_entries_survive_and_stale_files_go(tmp_path, overwrite):
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
 
 
+def test_a_folder_without_sae_files_keeps_the_users_files_but_never_a_sparsity(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"mine": 1}')
+    (out / "notes.txt").write_text("keep")
+    (out / SPARSITY_FILE).write_bytes(b"some other SAE's sparsity")
+    save_sae(sae(), out)
+    assert (out / "metrics.json").read_text() == '{"mine": 1}' and (out / "notes.txt").read_text() == "keep"
+    assert not (out / SPARSITY_FILE).exists()
+    load_sae(out)
+
+
 def test_leftovers_of_a_crashed_save_are_cleaned_and_unfinished_folder_needs_no_overwrite(tmp_path):
     out = tmp_path / "s"
     (tmp_path / ".s.tmp-dead1").mkdir()
