@@ -10,14 +10,18 @@ inside the publish sequence, whatever the machine's speed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -118,3 +122,70 @@ def test_sigkill_while_publishing_leaves_old_new_or_nothing_and_a_rerun_finishes
         assert tree(out) == expected, kill_at
         assert not lock_path(out).exists()
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [], kill_at
+
+
+def collect_argv(model: Path, corpus: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "workflows.cli", "collect", "--model", str(model), "--hook", "blocks.1.hook_resid_post",
+            "--corpus", str(corpus), "--tokens", "3000", "--context-size", "16", "--batch-size", "8", "--out", str(out)]
+
+
+def run_collect(argv: list[str], kill_after: float | None = None) -> int:
+    """Run `sae collect` in its own session (its Ray processes with it); SIGKILL the whole session after
+    ``kill_after`` seconds."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        proc.wait(timeout=kill_after if kill_after is not None else 300)
+    except subprocess.TimeoutExpired:
+        if kill_after is None:
+            raise
+        # The run and every process it started (its session: Ray's workers sit in process groups of
+        # their own), by pid, as a machine failure would take them.
+        session = [p for p in psutil.process_iter() if _session(p) == proc.pid]
+        for p in session:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        proc.wait()
+        psutil.wait_procs(session, timeout=30)
+    return proc.returncode
+
+
+def _session(process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def store_rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from sae_core.store import ActivationStore
+
+    store = ActivationStore(path)
+    assert store.verify() == []
+    return store.read_meta()["token_id"], store.read_hook("blocks.1.hook_resid_post").numpy()
+
+
+@pytest.mark.slow
+def test_sigkill_of_collect_leaves_a_store_that_verifies_and_a_rerun_finishes_it(tmp_path, tiny_llama_dir):
+    import time
+
+    from workflows.activations import complete_manifest
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i}: " + "the quick brown fox jumps over the lazy dog " * 12
+                                  for i in range(40)))
+    start = time.monotonic()
+    assert run_collect(collect_argv(tiny_llama_dir, corpus, tmp_path / "reference")) == 0
+    took = time.monotonic() - start
+    want_ids, want_acts = store_rows(tmp_path / "reference")
+    rng = random.Random(SEED)
+    for fraction in [rng.uniform(0.5, 0.95)]:  # one point: each run starts its own Ray (tens of seconds)
+        out = tmp_path / f"killed-{fraction:.2f}"
+        code = run_collect(collect_argv(tiny_llama_dir, corpus, out), kill_after=fraction * took)
+        if (out / "manifest.json").exists():
+            store_rows(out) if complete_manifest(out) is not None else None  # what is listed verifies
+        assert code in (0, -signal.SIGKILL)
+        assert run_collect(collect_argv(tiny_llama_dir, corpus, out)) == 0, fraction  # resumes, no lock blocks
+        ids, acts = store_rows(out)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(acts, want_acts, atol=1e-6, rtol=1e-5)
