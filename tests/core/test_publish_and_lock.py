@@ -20,7 +20,17 @@ import torch
 
 import sae_core
 from sae_core.interop import import_sae
-from sae_core.io import CFG_FILE, NATIVE_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAEFormatError, load_sae, save_sae
+from sae_core.io import (
+    CFG_FILE,
+    NATIVE_FILE,
+    SPARSITY_FILE,
+    WEIGHTS_FILE,
+    SAEFormatError,
+    load_checkpoint,
+    load_sae,
+    save_checkpoint,
+    save_sae,
+)
 from sae_core.lock import FileLock, LockError, _process_start, lock_path, read_holder
 
 D, F = 8, 24
@@ -53,6 +63,18 @@ def test_first_save_is_one_rename_with_umask_modes(tmp_path):
     for name in os.listdir(out):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name
     assert same_weights(load_sae(out), load_sae(out))
+
+
+def test_checkpoints_are_readable_by_others_and_a_truncated_one_is_one_error(tmp_path):
+    old = os.umask(0o022)
+    try:
+        file = save_checkpoint(tmp_path / "ck", {"step": 3, "w": torch.ones(4)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(file.stat().st_mode) == 0o644 and load_checkpoint(tmp_path / "ck")["step"] == 3
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(SAEFormatError, match="checkpoint.pt: unreadable checkpoint"):
+        load_checkpoint(tmp_path / "ck")
 
 
 def test_existing_sae_is_refused_unchanged_and_replaced_only_with_overwrite(tmp_path):

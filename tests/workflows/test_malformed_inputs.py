@@ -231,6 +231,8 @@ CASES: dict[str, Case] = {
                                                                "--out", str(r / "run")], "nope"),
     "recipe --set without =": (lambda r: None, lambda r: ["run", "--recipe", "tiny", "--set", "steps",
                                                            "--out", str(r / "run")], "steps"),
+    "train over a finished SAE": (lambda r: None, lambda r: [*train(r)[:-2], "--out", str(r / "saelens")],
+                                  "already holds an SAE"),
     # one writer at a time
     "import into a locked folder": (lambda r: None, lambda r: import_(r, "sparsify"), "lock"),
 }
