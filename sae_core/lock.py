@@ -1,8 +1,9 @@
 """One writer at a time: a lock file beside what is being written, naming its holder.
 
-``.<name>.lock`` next to the target (a folder or file) is created with O_EXCL and holds the holder's
-host, pid, the pid's start time and what it is doing. Creation with O_EXCL works across hosts on a
-shared volume. A lock whose holder is on this host and no longer runs (the pid is gone, or was reused
+``.<name>.lock`` next to the target (a folder or file) holds the holder's host, pid, the pid's start
+time and what it is doing. It is written under a temp name and hard-linked to its name, which fails
+when the lock exists, so it appears with its content in one step; this works across hosts on a shared
+volume (where there are no hard links: O_EXCL create, then write). A lock whose holder is on this host and no longer runs (the pid is gone, or was reused
 by a process started later) is stale and taken over; a lock held from another host is never taken
 over (this host cannot see that process), the refusal names the holder and the file to delete.
 
@@ -101,6 +102,8 @@ def read_holder(path: str | Path) -> LockHolder | None:
                           purpose=str(raw.get("purpose", "")))
     except FileNotFoundError:
         return None
+    except PermissionError:
+        return LockHolder(host="another user's process", pid=0, purpose="lock file not readable")
     except (ValueError, KeyError, TypeError):
         return LockHolder(host=socket.gethostname(), pid=0, purpose="lock file not written yet")
 
@@ -128,8 +131,10 @@ class FileLock:
         me = self._me()
         record = json.dumps({"host": me.host, "pid": me.pid, "start": me.start, "purpose": me.purpose,
                              "since": time.time()}).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.name}.", suffix=".tmp")
+        # The pid in the temp name lets a later writer remove what a killed one left (_remove_dead_temps).
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.name}.{me.pid}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o644)  # others may read who holds it (mkstemp's 0600 would hide that)
             os.write(fd, record)
             os.fsync(fd)
             os.close(fd)
@@ -192,6 +197,14 @@ class FileLock:
         with _HELD_GUARD:
             _HELD[key] = 1
         self.held = True
+        self._remove_dead_temps()
+
+    def _remove_dead_temps(self) -> None:
+        """Temp files of lock attempts whose process is gone (killed between its two steps)."""
+        for tmp in self.path.parent.glob(f"{self.path.name}.*.tmp"):
+            pid = tmp.name[len(self.path.name) + 1 :].split(".")[0]
+            if pid.isdigit() and not _alive(LockHolder(host="", pid=int(pid)), tmp):
+                tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         if not self.held:

@@ -256,7 +256,12 @@ def test_stale_locks_are_taken_over(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     write_lock(tmp_path / "a", dead.pid, None)
+    debris = tmp_path / f".a.lock.{dead.pid}.x1.tmp"  # killed between writing its lock and linking it
+    debris.write_text("{}")
+    in_flight = tmp_path / f".a.lock.{os.getppid()}.x2.tmp"  # a live process's attempt
+    in_flight.write_text("{}")
     save_sae(sae(), tmp_path / "a")  # the holder is gone
+    assert not debris.exists() and in_flight.exists()
     write_lock(tmp_path / "b", os.getppid(), "1")  # a live pid that started at another time: reused
     save_sae(sae(), tmp_path / "b")
     lock_path(tmp_path / "c").write_text("")  # a writer that died between create and write ...
