@@ -191,7 +191,7 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float 
     saving for the driver that locked the output). Published files and the folder get the umask's
     mode, like any new file.
     """
-    path = Path(path).absolute()
+    path = Path(path).resolve()  # a symlinked folder: publish beside its target (same file system)
     files = {**sae_files(sae, scaling_factor=scaling_factor, metadata=metadata,
                          output_scaling_factor=output_scaling_factor), **(extra_files or {})}
     if path.exists() and not path.is_dir():

@@ -60,7 +60,7 @@ class LockHolder:
 def lock_path(target: str | Path) -> Path:
     """The lock file of ``target``: ``.<name>.lock`` in the same folder (outside the target, so a folder
     that is renamed into place keeps its lock)."""
-    target = Path(target).absolute()
+    target = Path(target).resolve()
     return target.parent / f".{target.name}.lock"
 
 

@@ -86,7 +86,7 @@ def publish_folder(path: str | Path, files: dict[str, bytes], *, replaced: Itera
     is then removed); otherwise the folder's other entries stay where they are and only the files are
     replaced, ``commit`` last. Temp folders of earlier crashed publications are removed first.
     """
-    path = Path(path).absolute()
+    path = Path(path).resolve()
     bad = [name for name in files if not name or "/" in name or name in (".", "..")]
     if bad or commit not in files:
         raise ValueError(f"publish_folder: bad file names {bad} or commit {commit!r} not among {sorted(files)}")

@@ -143,6 +143,14 @@ def test_leftovers_of_a_crashed_save_are_cleaned_and_unfinished_folder_needs_no_
     load_sae(out)
 
 
+def test_a_symlinked_folder_is_published_at_its_target(tmp_path):
+    real = save_sae(sae(0), tmp_path / "real")
+    (tmp_path / "link").symlink_to(real)
+    save_sae(sae(1), tmp_path / "link", overwrite=True)
+    assert (tmp_path / "link").is_symlink() and same_weights(load_sae(real), load_sae_of(sae(1), tmp_path / "r1"))
+    assert sorted(os.listdir(tmp_path)) == ["link", "r1", "real"]
+
+
 def test_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("keep")
     with pytest.raises(SAEFormatError, match="not a folder"):
