@@ -24,6 +24,7 @@ Nothing here executes pickle. Errors name the file and the tensor or field at fa
 from __future__ import annotations
 
 import math
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -316,7 +317,7 @@ def from_openai(src: Path, *, k: int | None = None) -> tuple[AnySAE, dict[str, A
     source = str(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError and friends: the file wants more than weights
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:  # refused or truncated
         raise SAEFormatError(f"{source}: not a plain state dict loadable with weights_only=True "
                              f"({_unpickling_reason(exc)})") from exc
     if not isinstance(state, dict):

@@ -192,6 +192,10 @@ CASES: dict[str, Case] = {
     "openai truncated": (lambda r: truncate(r / "openai.pt"), lambda r: import_(r, "openai.pt"), "openai.pt"),
     "openai pickled module": (lambda r: saved_state(r / "openai.pt"), lambda r: import_(r, "openai.pt"),
                               "weights_only"),
+    "openai garbage bytes": (lambda r: (r / "openai.pt").write_bytes(b"\x80\x05garbage"),
+                             lambda r: import_(r, "openai.pt"), "openai.pt"),
+    "openai a bare tensor": (lambda r: torch.save(torch.zeros(3), r / "openai.pt"), lambda r: import_(r, "openai.pt"),
+                             "expected a state dict"),
     "openai missing decoder": (
         lambda r: torch.save({k: v for k, v in torch.load(r / "openai.pt").items() if k != "decoder.weight"},
                              r / "openai.pt"),
