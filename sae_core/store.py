@@ -123,7 +123,7 @@ class Manifest:
 
 def check_file_entries(files: Any) -> None:
     """Each entry names a part inside the store (a relative path without '..') with an integer row count
-    and a sha256: a manifest must never make a reader open a file outside its store."""
+    (and a sha256 string, when given): a manifest must never make a reader open a file outside its store."""
     if not isinstance(files, list):
         raise StoreError(f"manifest 'files' must be a list, got {type(files).__name__}")
     for i, entry in enumerate(files):
@@ -132,8 +132,8 @@ def check_file_entries(files: Any) -> None:
         if not isinstance(path, str) or not path or PurePosixPath(path).is_absolute() or "\\" in path \
                 or ".." in PurePosixPath(path).parts:
             raise StoreError(f"manifest files[{i}]: path {path!r} is not a file inside the store")
-        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0 or not isinstance(entry.get("sha256"), str):
-            raise StoreError(f"manifest files[{i}] ({path}): needs an integer 'rows' >= 0 and a 'sha256' string")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0 or not isinstance(entry.get("sha256", ""), str):
+            raise StoreError(f"manifest files[{i}] ({path}): needs an integer 'rows' >= 0 (and 'sha256' a string)")
 
 
 def read_manifest(root: str | Path) -> Manifest:
