@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sae_core.lock import locked
-from sae_core.publish import fsync_dir
+from sae_core.publish import fsync_dir, umask
 from workflows.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # a shared cache: readable like any folder, not mkdtemp's 0700
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
