@@ -207,12 +207,12 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, *, scaling_factor: float 
     return path
 
 
-def read_json(path: Path, what: str = "JSON") -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; SAEFormatError naming the file when it is not one."""
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SAEFormatError(f"{path}: not valid {what} ({exc})") from exc
+        raise SAEFormatError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise SAEFormatError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
