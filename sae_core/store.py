@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from sae_core.fs import atomic_write_local, is_uri
+from sae_core.fs import is_uri
 from sae_core.store_format import (
     DTYPES,
     FORMAT,
@@ -43,7 +43,7 @@ from sae_core.store_format import (
 
 __all__ = [  # the store's public names, whichever module defines them
     "DTYPES", "FORMAT", "MANIFEST", "META_COLUMNS", "ROW_GROUP_ROWS", "SHUFFLE_BUFFER", "ActivationStore", "Manifest",
-    "RowGroup", "StoreError", "StoreProblem", "StoreWriter", "atomic_write_bytes", "decode_values", "encode_values",
+    "RowGroup", "StoreError", "StoreProblem", "StoreWriter", "decode_values", "encode_values",
     "has_manifest", "locate", "make_table", "read_manifest", "sha256_file", "storage_numpy_dtype", "write_manifest",
 ]
 
@@ -57,8 +57,6 @@ batches hold about 82% of the distinct windows of a full shuffle (benchmarks/shu
 FOOTER_READERS = 8
 """Threads reading Parquet footers of a store whose manifest does not list its row groups."""
 
-# Kept under its old name: sae_core.io and the Ray trainer publish files with it.
-atomic_write_bytes = atomic_write_local
 
 
 def sha256_file(path: Path) -> str:
@@ -190,12 +188,22 @@ class ActivationStore:
         import pyarrow.parquet as pq
 
         name = self.manifest.files[file_index]["path"]
+        import pyarrow as pa
+
+        path = self.location.join(name)
         try:
-            source = self.location.fs.open_input_file(self.location.join(name))
+            source = self.location.fs.open_input_file(path)
         except FileNotFoundError as exc:
-            raise StoreError(f"store file {self.location.join(name)} listed in the manifest is missing",
-                             reason="missing_part") from exc
-        return pq.ParquetFile(source, pre_buffer=not self.location.local)
+            raise StoreError(f"store file {path} listed in the manifest is missing", reason="missing_part") from exc
+        try:
+            parquet = pq.ParquetFile(source, pre_buffer=not self.location.local)
+        except (pa.ArrowException, OSError) as exc:  # truncated or not Parquet
+            raise StoreError(f"store file {path} is unreadable: {exc}", reason="missing_part") from exc
+        rows = self.manifest.files[file_index]["rows"]
+        if parquet.metadata.num_rows != rows:
+            raise StoreError(f"store file {path} has {parquet.metadata.num_rows} rows, the manifest says {rows}",
+                             reason="missing_part")
+        return parquet
 
     def row_groups(self) -> list[RowGroup]:
         """Every row group in store order; from the manifest's ``row_groups`` where listed, else the footers."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,7 @@ class Manifest:
         for name, info in self.hooks.items():
             if not isinstance(info, dict) or not isinstance(info.get("d"), int) or info["d"] <= 0:
                 raise StoreError(f"manifest hook {name!r} needs a positive integer 'd', got {info!r}")
+        check_file_entries(self.files)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -132,15 +133,38 @@ def has_manifest(root: str | Path | Location) -> bool:
     return loc.exists(MANIFEST)
 
 
+def check_file_entries(files: Any) -> None:
+    """Each entry names a part inside the store (a relative path without '..') with an integer row count
+    (and a sha256 string, when given): a manifest must never make a reader open a file outside its store."""
+    if not isinstance(files, list):
+        raise StoreError(f"manifest 'files' must be a list, got {type(files).__name__}")
+    for i, entry in enumerate(files):
+        path = entry.get("path") if isinstance(entry, dict) else None
+        rows = entry.get("rows") if isinstance(entry, dict) else None
+        if not isinstance(path, str) or not path or PurePosixPath(path).is_absolute() or "\\" in path \
+                or ".." in PurePosixPath(path).parts:
+            raise StoreError(f"manifest files[{i}]: path {path!r} is not a file inside the store")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0 or not isinstance(entry.get("sha256", ""), str):
+            raise StoreError(f"manifest files[{i}] ({path}): needs an integer 'rows' >= 0 (and 'sha256' a string)")
+
+
 def read_manifest(root: str | Path | Location) -> Manifest:
     loc = root if isinstance(root, Location) else locate(root)
     if not loc.exists(MANIFEST):
         raise StoreError(f"{loc.display} is not an activation store: no {MANIFEST}", reason="not_a_store")
+    path = loc.join(MANIFEST)
     try:
         raw = json.loads(loc.read_bytes(MANIFEST))
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{loc.join(MANIFEST)} is not valid JSON: {exc}") from exc
-    return Manifest.from_dict(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise StoreError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        return Manifest.from_dict(raw)
+    except StoreError as exc:
+        raise StoreError(f"{path}: {exc}", reason=exc.reason) from exc
+    except TypeError as exc:  # a field of the wrong type for the dataclass
+        raise StoreError(f"{path}: {exc}") from exc
 
 
 def write_manifest(root: str | Path | Location, manifest: Manifest) -> None:

@@ -10,13 +10,16 @@ import sys
 
 from sae_core.architectures.base import ConfigError
 from sae_core.io import SAEFormatError
+from sae_core.lock import LockError
 from sae_core.registry import RegistryError
 from sae_core.store import StoreError
 from workflows import commands
 from workflows.errors import UserError
 
-# Errors that are the user's input, not our bug: one line, exit 2, no traceback.
-USER_ERRORS = (UserError, StoreError, RegistryError, ConfigError, FileNotFoundError, SAEFormatError)
+# Errors that are the user's input, not our bug: one line, exit 2, no traceback. FloatingPointError is
+# what the trainer raises when the loss diverges (a learning rate or data problem, named in the message).
+USER_ERRORS = (UserError, StoreError, RegistryError, ConfigError, FileNotFoundError, SAEFormatError, LockError,
+               FloatingPointError)
 
 # What to do about a library error, in this front-end's terms (the library names no flag or command).
 ADVICE = {
@@ -25,13 +28,16 @@ ADVICE = {
     "missing_part": "run `sae store verify`",
     "too_few_rows": "collect more tokens or lower --batch-size",
     "foreign_normalization": "use `sae import` to convert it",
+    "sae_exists": "pass --overwrite to replace it",
+    "locked": "wait for that process to finish, or delete the lock file if it is gone",
 }
 
 
 def user_message(exc: BaseException) -> str:
     """The one line shown for a user error: its message, plus this front-end's advice for its reason."""
     advice = ADVICE.get(getattr(exc, "reason", None) or "")
-    return f"{exc}; {advice}" if advice else str(exc)
+    message = " ".join(str(exc).split())  # a message quoting a file or another library may span lines
+    return f"{message}; {advice}" if advice else message
 
 
 def build_parser() -> argparse.ArgumentParser:

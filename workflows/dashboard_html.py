@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sae_core.lock import locked
+from sae_core.publish import publish_folder
 from workflows.corpus import Windows
 from workflows.dashboard import HIST_EDGES, DashboardConfig, FeatureStates
 from workflows.errors import UserError
@@ -200,8 +202,10 @@ def index_page(rows: list[dict[str, Any]], meta: str) -> str:
 
 def write_site(out: Path, cfg: DashboardConfig, state: FeatureStates, chosen: list[int], windows: Windows,
                loaded: Any, sae: nn.Module) -> list[dict[str, Any]]:
-    """Write index.html, one feature-NNNNN.html per chosen row and features.json; returns the index rows."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write index.html, one feature-NNNNN.html per chosen row and features.json; returns the index rows.
+    The site is published as a whole (sae_core.publish): a reader sees the previous site or this one,
+    never pages of both; a previous site's pages that this one lacks are removed, other files kept."""
+    files: dict[str, bytes] = {}
     text = TokenText(loaded.tokenizer)
     ids = torch.as_tensor(state.features[chosen])
     logit_FV = logit_weights(loaded.model, sae.W_dec.detach()[ids])
@@ -220,10 +224,12 @@ def write_site(out: Path, cfg: DashboardConfig, state: FeatureStates, chosen: li
         logits = {"top_ids": top_i[j].tolist(), "top_vals": top_v[j].tolist(),
                   "bottom_ids": bot_i[j].tolist(), "bottom_vals": bot_v[j].tolist()}
         bands = quantile_bands(state, row, windows, cfg.left, text)
-        (out / info["page"]).write_text(feature_page(feature, info, top, bands, logits, state.hist[row], text, meta),
-                                        encoding="utf-8")
+        files[info["page"]] = feature_page(feature, info, top, bands, logits, state.hist[row], text, meta).encode()
         rows.append({**info, "top": [[ex.act, ex.window, ex.position] for ex in top],
                      "promoted": [text(i) for i in logits["top_ids"]], "suppressed": [text(i) for i in logits["bottom_ids"]]})
-    (out / "index.html").write_text(index_page(rows, meta), encoding="utf-8")
-    (out / "features.json").write_text(json.dumps({"meta": meta, "features": rows}, indent=1), encoding="utf-8")
+    files["index.html"] = index_page(rows, meta).encode()
+    files["features.json"] = json.dumps({"meta": meta, "features": rows}, indent=1).encode()
+    with locked(out, purpose="writing a dashboard"):
+        old_pages = [p.name for p in out.glob("feature-*.html")] if out.is_dir() else []
+        publish_folder(out, files, replaced=[*old_pages, "index.html", "features.json"], commit="index.html")
     return rows

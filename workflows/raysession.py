@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import os
 
+# Ray's switch for "this machine forms no multi-node cluster": its node IP becomes 127.0.0.1, and then
+# (Ray 2.60) the GCS, raylet, workers, dashboard agent and Prometheus metrics export all listen on
+# loopback only. Without it Ray turns even an explicit 127.0.0.1 into the machine's LAN address and
+# its servers listen on every interface.
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_only() -> None:
+    """Make a Ray started by this process listen on 127.0.0.1 only (unless the user set the switch)."""
+    os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
+    if os.environ[LOOPBACK_ONLY_ENV] == "0":
+        from ray._private import ray_constants
+
+        # Read once when Ray is imported, which may have happened before this call.
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
 
 def ensure_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; a no-op when already connected.
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray of this process's own, bound to 127.0.0.1
+    (node IP, gRPC servers, dashboard, metrics export) with Ray's token auth as configured (on by
+    default); a no-op when already connected.
 
     Worker logs stay in Ray's log folder (``log_to_driver=False``) so the front-ends' own progress
     output stays readable; progress bars of Ray Data are off for the same reason.
@@ -14,6 +32,12 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS")
+        options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if address:
+            ray.init(address=address, **options)
+        else:
+            _loopback_only()
+            # "local": never attach to another Ray found on this machine (another user's, another job's).
+            ray.init(address="local", dashboard_host="127.0.0.1", **options)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -35,7 +35,7 @@ from workflows.job import TrainJob
 from workflows.options import resolve_knobs
 from workflows.sources import StoreSource
 from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
-from workflows.training import Run, end_failed, start_job_tracking, train_local
+from workflows.training import Run, start_job_tracking, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run_trial(config: dict[str, Any], *, spec: dict[str, Any], parent_run_id: st
     except Exception as exc:  # impossible values (k > d_sae, ...): still an MLflow run, FAILED with the reason
         tracker = MlflowTracker.create(uri, sweep.experiment, name, {**tags, "hook": sweep.hook}, parent_run_id)
         tracker.log_params({"arch": config["arch"], "sweep": config})
-        end_failed(tracker, exc)
+        tracker.fail(exc)
         raise
     job = run.job
     tracker = start_job_tracking(run, uri=uri, experiment=sweep.experiment, run_name=name,
@@ -194,7 +194,7 @@ def run_trial(config: dict[str, Any], *, spec: dict[str, Any], parent_run_id: st
         tracker.end("KILLED")
         raise
     except BaseException as exc:
-        end_failed(tracker, exc)
+        tracker.fail(exc)
         raise
     tune.report({**final, "step": job.train.steps, "held_out": 1, "mlflow_run_id": tracker.run_id})
 
@@ -332,7 +332,7 @@ def settle_runs(spec: SweepSpec, parent: MlflowTracker, errors: Mapping[str, str
         status, trial_id = run.info.status, run.data.tags.get("trial_id", "")
         child = MlflowTracker(parent.uri, run.info.run_id)
         if status == "RUNNING" and trial_id in errors:
-            end_failed(child, RuntimeError(errors[trial_id]))
+            child.fail(RuntimeError(errors[trial_id]))
             status = "FAILED"
         elif status == "RUNNING":
             child.set_tags({"stopped_early": spec.scheduler})

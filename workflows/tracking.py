@@ -6,10 +6,11 @@ file store); on a cluster, point ``--mlflow-uri``/``MLFLOW_TRACKING_URI`` at the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ DEFAULT_DB = "mlflow.db"
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else sqlite:///<cwd>/mlflow.db."""
+    # MLflow announces each new sqlite database on stderr, where the CLI keeps its one-line messages.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
@@ -42,10 +45,45 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+# Longest error text kept in the run's ``error`` tag (MLflow refuses tag values over 8000 characters).
+MAX_ERROR_TAG = 5000
+
+
 class NullTracker:
     """Accepts every call and does nothing: what non-zero ranks and tracking-off runs get."""
 
     run_id: str | None = None
+    ended: bool = False
+    """Whether :meth:`end` was called (so :meth:`closing` does not end the run twice)."""
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[NullTracker]:
+        """``with tracker.closing():`` the run never stays RUNNING after the block. Ending normally ends
+        it FINISHED (unless the block already ended it); an exception ends it FAILED with tags ``error``
+        (type and message) and ``error_type``; Ctrl-C (KeyboardInterrupt) ends it KILLED. The exception
+        propagates unchanged; a failure to reach the tracking server while ending is logged, never
+        raised in its place."""
+        try:
+            yield self
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        if not self.ended:
+            self.end("FINISHED")
+
+    def fail(self, exc: BaseException) -> None:
+        """End the run for ``exc``: KILLED on Ctrl-C and on SystemExit (how Ray Tune stops a trial its
+        scheduler gave up on), FAILED with tags ``error`` and ``error_type`` otherwise. A failure to reach
+        the tracking server here is logged, never raised in the place of ``exc``."""
+        stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        status = "KILLED" if stopped else "FAILED"
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        try:
+            if not stopped:
+                self.set_tags({"error": text[:MAX_ERROR_TAG], "error_type": type(exc).__name__})
+            self.end(status)
+        except Exception as secondary:  # the tracking server itself may be what failed
+            logger.warning("could not mark MLflow run %s %s: %s", self.run_id, status, secondary)
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
@@ -57,7 +95,8 @@ class NullTracker:
 
     def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None: ...
 
-    def end(self, status: str = "FINISHED") -> None: ...
+    def end(self, status: str = "FINISHED") -> None:
+        self.ended = True
 
 
 class MlflowTracker(NullTracker):
@@ -113,3 +152,13 @@ class MlflowTracker(NullTracker):
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+        self.ended = True
+
+    def reopen(self) -> None:
+        """Mark a run ended earlier (e.g. KILLED by Ctrl-C) RUNNING again, without its error tags: for a
+        resumed run that logs into the same MLflow run."""
+        for key in ("error", "error_type"):
+            if key in self.client.get_run(self.run_id).data.tags:
+                self.client.delete_tag(self.run_id, key)
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.ended = False

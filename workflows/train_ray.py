@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from sae_core.io import load_checkpoint, save_checkpoint
-from sae_core.store import atomic_write_bytes
+from sae_core.publish import atomic_write_bytes
 from workflows.errors import UserError
 from workflows.job import TrainJob, saved_job_differences
 from workflows.raysession import ensure_ray
@@ -29,10 +29,10 @@ from workflows.training import (
     Member,
     Run,
     build_trainer,
-    end_failed,
     finish_from_checkpoint,
     run_loop,
     start_job_tracking,
+    writing,
 )
 
 logger = logging.getLogger(__name__)
@@ -206,9 +206,10 @@ def torch_trainer(config: dict[str, Any], opts: DistributedOptions, run_dir: Pat
     )
 
 
-def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool = False) -> dict[str, Any]:
+def train_distributed(job: TrainJob, opts: DistributedOptions, *, resume: bool = False,
+                      overwrite: bool = False) -> dict[str, Any]:
     """Run ``job`` on Ray Train (connecting to RAY_ADDRESS or starting a local Ray)."""
-    run = Run(job, data=opts.data)  # refuses bad input before Ray starts or anything is written
+    run = Run(job, data=opts.data, overwrite=overwrite)  # refuses bad input before Ray starts or anything is written
     check_run_dir(job, resume)
     return train_group_distributed([run], opts, resume=resume)[0]
 
@@ -217,6 +218,12 @@ def train_group_distributed(runs: list[Run], opts: DistributedOptions, *, resume
                             trackers: list[MlflowTracker] | None = None) -> list[dict[str, Any]]:
     """Train ``runs`` (sharing one source) together on Ray Train: one pass over the data for all of them;
     Ray's checkpoints and state live in the first run's folder."""
+    with writing(runs):
+        return _train_group_distributed(runs, opts, resume, trackers)
+
+
+def _train_group_distributed(runs: list[Run], opts: DistributedOptions, resume: bool,
+                             trackers: list[MlflowTracker] | None) -> list[dict[str, Any]]:
     runs[0].source.check_world(opts.workers)
     ensure_ray()
     datasets = runs[0].source.datasets()
@@ -236,6 +243,6 @@ def train_group_distributed(runs: list[Run], opts: DistributedOptions, *, resume
         metrics = [finish_from_checkpoint(run, state, tracker) for run, state, tracker in zip(runs, states, trackers, strict=True)]
     except BaseException as exc:
         for tracker in trackers:
-            end_failed(tracker, exc)
+            tracker.fail(exc)
         raise
     return [{**m, "mlflow_run_id": t.run_id} for m, t in zip(metrics, trackers, strict=True)]

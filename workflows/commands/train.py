@@ -34,7 +34,7 @@ from workflows.recipes import parse_overrides
 from workflows.sources import default_stream
 from workflows.tracking import MlflowTracker
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
-from workflows.training import Run, end_failed, start_job_tracking, train_local
+from workflows.training import Run, start_job_tracking, train_local
 
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed")
 """TrainConfig fields with a flag of their own (every other one through --set)."""
@@ -74,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ray_group.add_argument("--workers", type=int, help="DDP workers; omit to train in this process without Ray")
     add_field_flags(ray_group, DistributedOptions, RAY_FLAGS, choices={"data": ["direct", "ray"]})
     ray_group.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run to its final step")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished SAE already in --out")
     add_tracking_flags(p)
     p.set_defaults(func=run)
 
@@ -148,14 +149,14 @@ def run(args: argparse.Namespace) -> int:
         return run_local(job, args)
     opts = DistributedOptions(workers=1 if args.workers is None else args.workers, mlflow_uri=args.mlflow_uri,
                               experiment=args.experiment, **field_values(args, RAY_FLAGS))
-    result = train_distributed(job, opts, resume=bool(args.resume))
+    result = train_distributed(job, opts, resume=bool(args.resume), overwrite=args.overwrite)
     print(json.dumps(result, indent=2))
     print(f"saved SAE to {job.out}")
     return 0
 
 
 def run_local(job: TrainJob, args: argparse.Namespace) -> int:
-    run = Run(job)  # refuses a bad config before the progress bar starts
+    run = Run(job, overwrite=args.overwrite)  # refuses a bad config before the progress bar starts
     tracker = start_job_tracking(run, uri=args.mlflow_uri, experiment=args.experiment)
     with tqdm(total=job.train.steps, desc="train", unit="step") as bar:
         def show(row: dict[str, float]) -> None:
@@ -207,8 +208,8 @@ def run_group(args: argparse.Namespace) -> int:
     jobs = group_jobs(base, parse_grid(args.grid))
     for job in jobs:
         check_run_dir(job, resume=False)
-    first = Run(jobs[0], data=args.data)  # refuses bad input before anything starts
-    runs = [first, *(Run(job, data=args.data, source=first.source) for job in jobs[1:])]
+    first = Run(jobs[0], data=args.data, overwrite=args.overwrite)  # refuses bad input before anything starts
+    runs = [first, *(Run(job, data=args.data, source=first.source, overwrite=args.overwrite) for job in jobs[1:])]
     parent = MlflowTracker.create(args.mlflow_uri, args.experiment, os.path.basename(base.out),
                                   {"group": "true", "hook": base.hook, "architecture": base.arch})
     parent.log_params({"grid": {k: ",".join(map(str, v)) for k, v in parse_grid(args.grid).items()},
@@ -224,7 +225,7 @@ def run_group(args: argparse.Namespace) -> int:
                                       experiment=args.experiment, **field_values(args, RAY_FLAGS))
             results = train_group_distributed(runs, opts, trackers=trackers)
     except BaseException as exc:
-        end_failed(parent, exc)
+        parent.fail(exc)
         raise
     parent.end("FINISHED")
     for job, result in zip(jobs, results, strict=True):
