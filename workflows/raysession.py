@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 # Ray's switch for "this machine forms no multi-node cluster": its node IP becomes 127.0.0.1, and then
 # (Ray 2.60) the GCS, raylet, workers, dashboard agent and Prometheus metrics export all listen on
@@ -11,14 +13,25 @@ import os
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _loopback_only() -> None:
-    """Make a Ray started by this process listen on 127.0.0.1 only (unless the user set the switch)."""
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While Ray starts, make it listen on 127.0.0.1 only (unless the user set the switch); restored
+    afterwards, so a later multi-node Ray in this process (a test's cluster, a second job) is unaffected:
+    the started Ray's processes keep the environment they were started with."""
+    from ray._private import ray_constants
+
+    before_env, before_flag = os.environ.get(LOOPBACK_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
     os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
     if os.environ[LOOPBACK_ONLY_ENV] == "0":
-        from ray._private import ray_constants
-
-        # Read once when Ray is imported, which may have happened before this call.
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read once when Ray is imported, maybe before this call
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(LOOPBACK_ONLY_ENV, None)
+        else:
+            os.environ[LOOPBACK_ONLY_ENV] = before_env
 
 
 def ensure_ray() -> None:
@@ -37,7 +50,7 @@ def ensure_ray() -> None:
         if address:
             ray.init(address=address, **options)
         else:
-            _loopback_only()
             # "local": never attach to another Ray found on this machine (another user's, another job's).
-            ray.init(address="local", dashboard_host="127.0.0.1", **options)
+            with _loopback_only():
+                ray.init(address="local", dashboard_host="127.0.0.1", **options)
     ray.data.DataContext.get_current().enable_progress_bars = False

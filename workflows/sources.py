@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sae_core.architectures.base import Wiring
-from sae_core.store import ActivationStore
+from sae_core.store import ActivationStore, decode_values
 from workflows.corpus import DEFAULT_CORPUS, Windows, iter_documents, pack_windows
 from workflows.errors import UserError
 from workflows.job import TrainJob
@@ -57,8 +57,9 @@ def check_rows_split(job: TrainJob, world: int) -> None:
         raise UserError(f"--batch-size {job.train.batch_size} is not divisible by --workers {world}")
 
 
-def shard_batches(job: TrainJob, world: int) -> Iterator[Any]:
-    """This worker's Ray Data shard, in seeded local-shuffle epochs (Ray Train hands out the shards)."""
+def shard_batches(job: TrainJob, world: int, dtype: str = "float32") -> Iterator[Any]:
+    """This worker's Ray Data shard, in seeded local-shuffle epochs (Ray Train hands out the shards);
+    columns stored as ``dtype`` (a store's bfloat16 bits) are decoded to float32."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
@@ -66,7 +67,7 @@ def shard_batches(job: TrainJob, world: int) -> Iterator[Any]:
     while True:
         for batch in shard.iter_torch_batches(batch_size=local, drop_last=True, local_shuffle_buffer_size=16 * local,
                                               local_shuffle_seed=job.train.seed + epoch):
-            yield examples(job, batch)
+            yield examples(job, {h: decode_values(batch[h].cpu().numpy(), dtype) for h in job.sites()})
         epoch += 1
 
 
@@ -108,7 +109,7 @@ class StoreSource:
 
     def batches(self, rank: int, world: int, skip: int) -> Iterator[Any]:
         if self.data == "ray":
-            return shard_batches(self.job, world)
+            return shard_batches(self.job, world, self.store.manifest.dtype)
         cfg = self.job.train
         rows = self.store.iter_batches(self.job.sites(), cfg.batch_size, seed=cfg.seed, stop=self.train_rows,
                                        rank=rank, world=world, skip_batches=skip)
@@ -155,7 +156,7 @@ class StreamSource:
         return {"train": activation_dataset(self.cfg, self.plan.windows, self.train_ids)}
 
     def batches(self, rank: int, world: int, skip: int) -> Iterator[Any]:
-        return shard_batches(self.job, world)
+        return shard_batches(self.job, world, self.cfg.dtype)
 
     def init_sample(self, n_tokens: int):
         return None  # the trainer initialises from its first batch
@@ -165,7 +166,7 @@ class StreamSource:
 
         ds = activation_dataset(self.cfg, self.plan.windows, self.eval_ids)
         batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-        return examples(self.job, {h: torch.cat([torch.from_numpy(np.asarray(b[h], dtype=np.float32)) for b in batches])
+        return examples(self.job, {h: torch.cat([decode_values(np.asarray(b[h]), self.cfg.dtype) for b in batches])
                                    for h in self.job.sites()})
 
 

@@ -75,11 +75,10 @@ class NullTracker:
         """End the run for ``exc``: KILLED on Ctrl-C and on SystemExit (how Ray Tune stops a trial its
         scheduler gave up on), FAILED with tags ``error`` and ``error_type`` otherwise. A failure to reach
         the tracking server here is logged, never raised in the place of ``exc``."""
-        stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
-        status = "KILLED" if stopped else "FAILED"
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         try:
-            if not stopped:
+            if not isinstance(exc, SystemExit):  # a stopped trial is not an error
                 self.set_tags({"error": text[:MAX_ERROR_TAG], "error_type": type(exc).__name__})
             self.end(status)
         except Exception as secondary:  # the tracking server itself may be what failed

@@ -41,7 +41,7 @@ class Run:
     def __init__(self, job: TrainJob, data: str = "direct", source: Any = None, overwrite: bool = False):
         self.job, self.overwrite = job, overwrite
         if is_finished_sae(job.out) and not overwrite:  # refused before any training, not after it
-            raise SAEFormatError(f"{job.out} already holds a finished SAE", reason="sae_exists")
+            raise SAEFormatError(f"{job.out} already holds an SAE", reason="sae_exists")
         self.objective = objective_for(job)
         self.source = source if source is not None else make_source(job, self.objective.needs, data)
         self.objective.prepare(job, self.source)
