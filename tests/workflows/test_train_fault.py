@@ -63,9 +63,12 @@ def test_killing_the_workers_node_resumes_from_checkpoint(cluster, tmp_path):
     thread = threading.Thread(target=train)
     thread.start()
     checkpoints = tmp_path / "run" / "ray-train"
-    deadline = time.time() + 300
-    while len(checkpoint_dirs(checkpoints)) < 2 and time.time() < deadline and thread.is_alive():
-        time.sleep(0.2)
+    # Wait until Ray Train has registered checkpoints, not only written them: it deletes the oldest of
+    # num_to_keep=2 once it registers a third (a small job writes them faster than they are registered).
+    deadline, seen = time.time() + 300, set()
+    while not seen - set(checkpoint_dirs(checkpoints)) and time.time() < deadline and thread.is_alive():
+        seen |= set(checkpoint_dirs(checkpoints))
+        time.sleep(0.05)
     assert thread.is_alive(), f"training ended before the node could be killed: {outcome}"
     cluster.add_node(num_cpus=1)  # somewhere for the restarted worker to go
     cluster.remove_node(victim)
