@@ -112,17 +112,60 @@ class DeadLatentTracker:
         self.tokens_since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.dead_after_tokens = dead_after_tokens
 
-    def update(self, latents_BF: Tensor, reduce: Reducer) -> None:
-        fired_F = reduce((latents_BF != 0).any(dim=0).float(), "max") > 0
-        n_tokens = int(reduce(torch.tensor(float(latents_BF.shape[0]), device=latents_BF.device), "sum"))
-        self.tokens_since_fired_F += n_tokens
-        self.tokens_since_fired_F[fired_F] = 0
+    def update(self, fire_counts_F: Tensor, n_rows: int, reduce: Reducer) -> None:
+        """Count a batch of ``n_rows`` rows in which latent f fired on ``fire_counts_F[f]`` rows (this rank's
+        share); on the device, no host sync."""
+        fired_F = reduce((fire_counts_F > 0).float(), "max") > 0
+        n_tokens = reduce(torch.tensor(float(n_rows), device=fire_counts_F.device), "sum").long()
+        self.tokens_since_fired_F.add_(n_tokens).masked_fill_(fired_F, 0)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired_F >= self.dead_after_tokens
 
     def dead_fraction(self) -> float:
         return float(self.dead_mask().float().mean())
+
+
+class RunningMetrics:
+    """Sums of a logging window's metrics, kept on the device and read (one reduce, one host sync) only
+    when a row is logged: the loss terms averaged over steps and ranks, l0 and fvu over every row seen.
+    fvu is the window's squared error over the targets' variance around the window's mean."""
+
+    TERMS = ("loss", "mse", "sparsity", "aux", "fired", "rows", "sq_err", "sq_sum")
+
+    def __init__(self) -> None:
+        self.sums: Tensor | None = None
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def begin_step(self) -> None:
+        """Start the window's clock at its first step (not when the previous row was logged)."""
+        if self.steps == 0:
+            self.started = time.perf_counter()
+
+    @torch.no_grad()
+    def add(self, loss: Tensor, out: SAEOutput, target: Tensor) -> None:
+        y = target.detach().float()
+        scalars = torch.stack([loss.detach().float(), out.mse.detach().float(), out.sparsity.detach().float(),
+                               out.aux.detach().float(), out.fire_counts().sum().float(), y.new_tensor(float(len(y))),
+                               (out.x_hat_BD.detach().float() - y).pow(2).sum(), y.pow(2).sum()])
+        # The per-feature sums give the window's mean, for the variance in fvu.
+        step_sums = torch.cat([scalars, y.sum(dim=0).flatten()]).double()
+        self.sums = step_sums if self.sums is None else self.sums.add_(step_sums)
+        self.steps += 1
+
+    def row(self, reduce: Reducer, world_size: int) -> dict[str, float]:
+        """The window's metrics (every rank must call this: it reduces), then start a new window."""
+        totals = reduce(self.sums, "sum").tolist()
+        named = dict(zip(self.TERMS, totals, strict=False))
+        feature_sums = torch.tensor(totals[len(self.TERMS):], dtype=torch.float64)
+        rows, n = named["rows"], self.steps * world_size
+        variance = named["sq_sum"] - float(feature_sums.pow(2).sum()) / max(rows, 1.0)
+        row = {name: named[name] / n for name in ("loss", "mse", "sparsity", "aux")}
+        row.update(l0=named["fired"] / max(rows, 1.0), fvu=named["sq_err"] / max(variance, 1e-12),
+                   tokens_per_s=rows / max(time.perf_counter() - self.started, 1e-9))
+        self.sums, self.steps = None, 0
+        return row
 
 
 class Trainer:
@@ -137,6 +180,7 @@ class Trainer:
         # The fused kernel exists on CPU too and beats foreach there (benchmarks/kernels.py times both).
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         self.tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_after_tokens, self.device)
+        self.window = RunningMetrics()
         self.step_count = 0
         self.scaling_factor = 1.0
         self.output_scaling_factor: float | None = None
@@ -179,12 +223,13 @@ class Trainer:
             return 1.0
         return min(1.0, (self.step_count + 1) / self.cfg.sparsity_warmup_steps)
 
-    def step(self, x_BD: Tensor | tuple[Tensor, Tensor]) -> dict[str, float]:
+    def step(self, x_BD: Tensor | tuple[Tensor, Tensor]) -> dict[str, float] | None:
         """One optimizer step on a batch of raw activations, or on an (input, target) pair of batches
-        for a transcoder; returns this step's metrics."""
+        for a transcoder. Returns the metrics of the steps since the last logged row on a logging step
+        (every ``log_every`` steps and the last), None otherwise: between logs nothing waits for the device."""
         if not self.initialized:
             self.initialize(x_BD)
-        start = time.perf_counter()
+        self.window.begin_step()
         x_BD, target = x_BD if isinstance(x_BD, (tuple, list)) else (x_BD, None)
         x_BD = x_BD.to(self.device, torch.float32) * self.scaling_factor
         targets = {}
@@ -197,21 +242,33 @@ class Trainer:
             return out.loss(self.sparsity_scale()), out, x_BD
 
         loss, out = self.update(compute)
-        return self._step_metrics(targets.get("target_BO", x_BD), out, loss, time.perf_counter() - start)
+        self.window.add(loss, out, targets.get("target_BO", x_BD))
+        return self.log_row() if self.is_log_step() else None
+
+    def is_log_step(self) -> bool:
+        return self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps
+
+    def log_row(self) -> dict[str, float]:
+        """The metrics row of the steps since the last one (every rank must call it: it reduces)."""
+        first = self.step_count - self.window.steps + 1
+        row = {"step": self.step_count, **self.window.row(self.reduce, self.world_size),
+               "dead_fraction": self.tracker.dead_fraction(), "lr": self.optimizer.param_groups[0]["lr"]}
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"loss is {row['loss']} in steps {first}..{self.step_count}; lower the learning rate")
+        return row
 
     def update(self, compute: Callable[[], tuple[Tensor, SAEOutput, Tensor]]) -> tuple[Tensor, SAEOutput]:
         """One optimizer step on the loss ``compute()`` returns with the SAE's output it came from and the
         SAE's (normalised) inputs: the LR schedule, gradient projection and clipping, decoder
         renormalisation, running statistics, dead-latent tracking and resampling (which draws from the
         inputs). ``step`` uses it with the reconstruction loss; other losses (workflows/e2e.py) bring
-        their own ``compute``."""
+        their own ``compute``. Nothing here waits for the device (a non-finite loss is reported by the
+        next logged row)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.step_count, self.cfg)
         self.sae.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             loss, out, x_BD = compute()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss.detach())} at step {self.step_count}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_gradient_parallel_to_decoder_directions()
@@ -220,7 +277,7 @@ class Trainer:
         self.optimizer.step()
         self.sae.set_decoder_norm_to_unit_norm()
         self.sae.update_running_stats(out, self.reduce)
-        self.tracker.update(out.latents_BF.detach(), self.reduce)
+        self.tracker.update(out.fire_counts(), x_BD.shape[0], self.reduce)
         self._maybe_resample(x_BD.detach())
         self.step_count += 1
         return loss, out
@@ -245,29 +302,15 @@ class Trainer:
                 elif param.dim() == 2 and param.shape[1] == dead_F.shape[0]:
                     state[key][:, dead_F] = 0
 
-    @torch.no_grad()
-    def _step_metrics(self, x_BD: Tensor, out, loss: Tensor, seconds: float) -> dict[str, float]:
-        return {
-            "step": self.step_count,
-            "loss": float(loss),
-            "mse": float(out.mse),
-            "sparsity": float(out.sparsity),
-            "aux": float(out.aux),
-            "l0": float(metrics.l0(out.latents_BF)),
-            "fvu": float(metrics.fvu(out.x_hat_BD, x_BD)),
-            "dead_fraction": self.tracker.dead_fraction(),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens_per_s": x_BD.shape[0] * self.world_size / max(seconds, 1e-9),
-        }
-
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, batches: Iterator[Any], on_step: Callable[[int], None] | None = None,
             step: Callable[[Any], dict[str, float]] | None = None) -> Iterator[dict[str, float]]:
         """Train until ``cfg.steps``; yield a metrics dict every ``log_every`` steps and at the end.
 
-        ``step`` turns one batch into one optimizer update and its metrics: :meth:`step` (reconstruction)
-        by default; other objectives pass their own, built on :meth:`update`. ``on_step(step_count)``
-        runs after every update (checkpointing)."""
+        ``step`` turns one batch into one optimizer update and returns its metrics row (at least on
+        logging steps; None elsewhere is fine): :meth:`step` (reconstruction) by default; other
+        objectives pass their own, built on :meth:`update`. ``on_step(step_count)`` runs after every
+        update (checkpointing)."""
         step = step or self.step
         for batch in batches:
             if self.step_count >= self.cfg.steps:
@@ -275,7 +318,7 @@ class Trainer:
             row = step(batch)
             if on_step is not None:
                 on_step(self.step_count)
-            if self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps:
+            if self.is_log_step() and row is not None:
                 yield row
         if self.step_count < self.cfg.steps:
             logger.warning("batches ran out at step %d of %d", self.step_count, self.cfg.steps)
@@ -329,9 +372,9 @@ def evaluate(sae: SparseAutoencoder, acts_ND: Tensor, *, scaling_factor: float =
         extra = {} if targets_NO is None else {"target_BO": y * out_scale}
         out = sae(x * scaling_factor, **extra)
         sq_err += (out.x_hat_BD / out_scale - y).double().pow(2).sum(dim=0).cpu()
-        fired = out.latents_BF != 0
-        l0_sum += float(fired.sum())
-        counts_F += fired.sum(dim=0).cpu()
+        fired_F = out.fire_counts().cpu()
+        l0_sum += float(fired_F.sum())
+        counts_F += fired_F
         n += len(x)
     sae.train(was_training)
     ys = targets.double()

@@ -81,15 +81,14 @@ def update_threshold_ema(threshold_F: Tensor, estimate: Tensor | None, momentum:
 
     Every rank calls ``reduce`` even without an estimate (it passes +inf), so collectives stay matched.
     A non-positive or non-finite result leaves the threshold as it is; the first usable one sets it.
+    Decided on the device (no host sync): this runs every training step.
     """
     value = estimate.float() if estimate is not None else torch.tensor(float("inf"), device=threshold_F.device)
     value = reduce(value.to(threshold_F.device), "min")
-    if not bool(torch.isfinite(value)) or not bool(value > 0):
-        return
-    if bool((threshold_F == 0).all()):
-        threshold_F.fill_(float(value))
-    else:
-        threshold_F.mul_(momentum).add_((1 - momentum) * value)
+    usable = torch.isfinite(value) & (value > 0)
+    first = (threshold_F == 0).all()
+    updated_F = torch.where(first, value, threshold_F * momentum + (1 - momentum) * value)
+    threshold_F.copy_(torch.where(usable, updated_F, threshold_F))
 
 
 def log_threshold_to_saved(tensors: dict[str, Tensor]) -> dict[str, Tensor]:

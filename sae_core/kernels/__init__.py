@@ -3,8 +3,9 @@
 Public operations (autograd-aware; the implementation is chosen per call from the device and
 the environment variable ``SAE_KERNELS``):
 
-- ``topk_encode(x_BD, W_enc_DF, b_enc_F, k) -> (vals_BK, idx_BK)``: relu of the k largest
-  pre-activations of each row; its backward sends gradient only to the selected columns.
+- ``topk_encode(x_BD, W_enc_DF, b_enc_F, k, input_bias_D=None) -> (vals_BK, idx_BK)``: relu of the k
+  largest pre-activations (x - input_bias) @ W_enc + b_enc of each row; its backward sends gradient only
+  to the selected columns.
 - ``sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D) -> x_hat_BD``: sum_j vals[b,j] * W_dec[idx[b,j]] + b_dec.
   Index -1 marks padding (rows with fewer than K non-zeros).
 - ``topk_encode_dense(...) -> (vals_BK, idx_BK, latents_BF)``: the same plus the dense latents, built
@@ -70,11 +71,12 @@ def sparse_decode(idx_BK: Tensor, vals_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Te
     return SparseDecode.apply(idx_BK, vals_BK, W_dec_FD, b_dec_D, backend)
 
 
-def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
+                input_bias_D: Tensor | None = None) -> tuple[Tensor, Tensor]:
     backend = backend_for(W_enc_DF.device)
     if backend is None:
-        return topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k)
-    vals_BK, idx_BK, _ = TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, k, False, backend)
+        return topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k, input_bias_D)
+    vals_BK, idx_BK, _ = TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, k, False, backend)
     return vals_BK, idx_BK
 
 
@@ -85,7 +87,7 @@ def topk_encode_dense(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int) -
         vals_BK, idx_BK = topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k)
         latents_BF = torch.zeros(x_BD.shape[0], W_enc_DF.shape[1], dtype=vals_BK.dtype, device=vals_BK.device)
         return vals_BK, idx_BK, latents_BF.scatter_(1, idx_BK, vals_BK)
-    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, k, True, backend)
+    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, None, k, True, backend)
 
 
 __all__ = [

@@ -116,6 +116,22 @@ def test_topk_encode_matches_reference(mode, B, D, F, k, dtype):
     assert_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
 
 
+def test_topk_encode_input_bias_matches_reference(mode):
+    x_BD, W_enc_DF, b_enc_F = encode_inputs(23, 7, 40, torch.float32)
+    x_BD.requires_grad_(False)  # as in training: only the input bias (b_dec) carries gradient into x - b
+    bias_D = torch.randn(7, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    results = []
+    for encode in (kernels.topk_encode, kernels.topk_encode_reference):
+        vals_BK, idx_BK = encode(x_BD, W_enc_DF, b_enc_F, 5, bias_D)
+        weight_F = torch.randn(40, generator=torch.Generator().manual_seed(7))  # by latent: orders differ
+        (vals_BK * weight_F[idx_BK]).sum().backward()
+        results.append([*sorted_by_index(vals_BK.detach(), idx_BK), W_enc_DF.grad, b_enc_F.grad, bias_D.grad])
+        for t in (W_enc_DF, b_enc_F, bias_D):
+            t.grad = None
+    assert results[0][2].abs().sum() > 0 and results[0][4].abs().sum() > 0
+    assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
 def test_topk_encode_dense_latents(mode):
     inputs = encode_inputs(11, 6, 30, torch.float32)
     weight_BF = torch.randn(11, 30, generator=torch.Generator().manual_seed(4))
