@@ -11,12 +11,21 @@ Like TopK, an AuxK loss on dead latents keeps them learning (``auxk_loss`` from 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from sae_core import kernels
-from sae_core.architectures.base import Reducer, SAEConfig, SAEOutput, SparseAutoencoder, mse_loss, no_reduce
+from sae_core.architectures.base import (
+    ActiveLatents,
+    Reducer,
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    mse_loss,
+    no_reduce,
+)
 from sae_core.architectures.common import KSparsityFields, ThresholdEMAFields, update_threshold_ema
 from sae_core.architectures.topk import auxk_term
 from sae_core.registry import register
@@ -32,6 +41,15 @@ def batch_topk(h_BF: Tensor, k: int) -> Tensor:
     flat = torch.relu(h_BF).flatten()
     vals_N, idx_N = flat.topk(min(k * h_BF.shape[0], flat.numel()), sorted=False)
     return torch.zeros_like(flat).scatter(0, idx_N, vals_N).view_as(h_BF)
+
+
+def batch_topk_entries(h_BF: Tensor, k: int) -> Tensor:
+    """idx_BK (padded, -1) of the k*B largest pre-activations of the whole batch. Which of the non-positive
+    ones fill the k*B when too few are positive does not matter: relu makes them 0."""
+    B, F = h_BF.shape
+    _, flat_N = h_BF.flatten().topk(min(k * B, h_BF.numel()), sorted=False)
+    flat_N = flat_N.sort().values  # row-major order: rows ascending, as padded_entries needs
+    return kernels.padded_entries(flat_N // F, flat_N % F, B)
 
 
 def padded_sparse_decode(latents_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor) -> Tensor:
@@ -57,20 +75,30 @@ class BatchTopKSAE(SparseAutoencoder):
     def decode(self, latents_BF: Tensor) -> Tensor:
         return padded_sparse_decode(latents_BF, self.W_dec, self.b_dec)
 
+    def active(self, x_BD: Tensor) -> ActiveLatents:
+        """The active latents of x: in training the batch-wise top k*B, selected on the pre-activations
+        with a sparse encoder backward; at inference the thresholded ones."""
+        if not self.training:
+            return ActiveLatents(*kernels.to_padded(self.encode(x_BD)), self.cfg.d_sae)
+        input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        h_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
+                                                    partial(batch_topk_entries, k=self.cfg.k), input_bias_D)
+        return ActiveLatents(idx_BK, torch.relu(h_BK), self.cfg.d_sae)
+
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
-        latents_BF = self.encode(x_BD)
-        x_hat_BD = self.decode(latents_BF)
+        active = self.active(x_BD)
+        x_hat_BD = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
         zero = x_BD.new_zeros(())
         aux = auxk_term(self, x_BD, x_hat_BD, dead_mask_F)
-        return SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), zero, aux)
+        return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), zero, aux, active=active)
 
     @torch.no_grad()
     def update_running_stats(self, out: SAEOutput, reduce: Reducer = no_reduce) -> None:
         """Fold this step's smallest kept activation (min over all ranks) into the threshold EMA."""
         if not self.training:
             return
-        latents_BF = out.latents_BF.detach().float()
-        min_kept = torch.where(latents_BF > 0, latents_BF, torch.inf).min()
+        kept = (out.active.vals_BK if out.active is not None else out.latents_BF).detach().float()
+        min_kept = torch.where(kept > 0, kept, torch.inf).min()
         update_threshold_ema(self.threshold, min_kept, self.cfg.threshold_momentum, reduce)
 
 

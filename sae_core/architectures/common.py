@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sae_core import kernels
 from sae_core.architectures.base import Reducer
 from sae_core.config import require
 
@@ -69,6 +70,37 @@ class JumpReLUFields:
         require(self.l0_coefficient >= 0, f"l0_coefficient must be >= 0, got {self.l0_coefficient}")
         require(self.bandwidth > 0, f"bandwidth must be > 0, got {self.bandwidth}")
         require(self.init_threshold > 0, f"init_threshold must be > 0, got {self.init_threshold}")
+
+
+SPARSE_PATH_MAX_FRACTION = 0.05
+"""A variable-L0 architecture trains on the sparse path while its widest row has at most this fraction of
+the latents active (measured on this CPU: the padded sparse decode and encoder backward beat the dense
+GEMMs up to a few percent; benchmarks/train_step.py --l0 0 shows the dense regime)."""
+DENSITY_SAMPLE_ROWS = 256
+
+
+class PathChoice:
+    """The sparse or the dense training path for an architecture whose number of active latents varies
+    (ReLU, JumpReLU), chosen per step from the widest row the previous step saw: the padded layout costs
+    B x (that row's count). Starts dense, so the first step measures."""
+
+    def __init__(self) -> None:
+        self.fraction = 1.0
+
+    def sparse(self) -> bool:
+        return self.fraction <= SPARSE_PATH_MAX_FRACTION
+
+    def entries(self, mask_BF: Tensor) -> Tensor:
+        """The padded idx_BK of the set entries of ``mask_BF`` (and the measurement for the next step)."""
+        idx_BK = kernels.padded_entries(*mask_BF.nonzero(as_tuple=True), mask_BF.shape[0])
+        self.fraction = idx_BK.shape[1] / mask_BF.shape[1]
+        return idx_BK
+
+    @torch.no_grad()
+    def observe(self, latents_BF: Tensor) -> None:
+        """Measure a dense step on a sample of its rows (a fraction of one pass over [B, F])."""
+        sample_BF = latents_BF[:DENSITY_SAMPLE_ROWS]
+        self.fraction = float((sample_BF != 0).float().sum(dim=1).max()) / sample_BF.shape[1] if len(sample_BF) else 1.0
 
 
 def require_choice(value: str, choices: tuple[str, ...], name: str) -> None:

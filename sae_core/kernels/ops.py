@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -103,6 +105,46 @@ def encoder_grads(ctx: FunctionCtx, x_in_BD: Tensor, W_enc_DF: Tensor, idx_BK: T
     return grad_x, grad_W, grad_b, grad_bias
 
 
+class SelectedPreActs(torch.autograd.Function):
+    """The pre-activations h = (x - input_bias) @ W_enc + b_enc at the entries ``select(h)`` picks (padded
+    idx_BK, -1 padding), with a backward that only touches those entries. Also returns h itself, detached
+    (for gradient-free uses: thresholds, penalties whose h-gradient is zero by definition)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, input_bias_D: Tensor | None,
+                select: Callable[[Tensor], Tensor], backend: TorchBackend) -> tuple[Tensor, Tensor, Tensor]:
+        x_in_BD = x_BD if input_bias_D is None else x_BD - input_bias_D
+        h_BF = torch.addmm(b_enc_F.to(x_in_BD.dtype), x_in_BD, W_enc_DF)
+        idx_BK = select(h_BF)
+        h_BK = torch.where(idx_BK >= 0, h_BF.gather(1, idx_BK.clamp_min(0)), 0)
+        ctx.backend = backend
+        ctx.dtypes = (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype, None if input_bias_D is None else input_bias_D.dtype)
+        ctx.save_for_backward(x_in_BD, W_enc_DF, idx_BK)
+        ctx.mark_non_differentiable(idx_BK, h_BF)
+        return h_BK, idx_BK, h_BF
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_h_BK: Tensor, _grad_idx: Tensor | None,
+                 _grad_h_BF: Tensor | None) -> tuple[Tensor | None, ...]:
+        x_in_BD, W_enc_DF, idx_BK = ctx.saved_tensors
+        grad_h_BK = torch.where(idx_BK >= 0, grad_h_BK, 0)
+        return *encoder_grads(ctx, x_in_BD, W_enc_DF, idx_BK, grad_h_BK), None, None
+
+
+def padded_entries(rows_N: Tensor, cols_N: Tensor, n_rows: int) -> Tensor:
+    """idx_BK (-1 padding, K = the most entries of any row, at least 1) holding column cols_N[i] in row
+    rows_N[i]; rows_N must be sorted (as nonzero() returns them). One device sync: K depends on the data."""
+    device = cols_N.device
+    counts_B = torch.bincount(rows_N, minlength=n_rows)
+    K = max(int(counts_B.max()) if n_rows > 0 else 0, 1)
+    starts_B = torch.cumsum(counts_B, 0) - counts_B
+    slot_N = torch.arange(len(rows_N), device=device) - starts_B[rows_N]
+    idx_BK = torch.full((n_rows, K), -1, dtype=torch.int64, device=device)
+    idx_BK[rows_N, slot_N] = cols_N
+    return idx_BK
+
+
 def to_padded(latents_BF: Tensor, support_BF: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dense latents -> (idx_BK, vals_BK) with K = max entries in any row (at least 1), -1 padding.
 
@@ -111,16 +153,9 @@ def to_padded(latents_BF: Tensor, support_BF: Tensor | None = None) -> tuple[Ten
     too). vals_BK is gathered from latents_BF, so gradients flow back to it at exactly those positions.
     Costs one pass over latents_BF and a device sync (K is data-dependent).
     """
-    B = latents_BF.shape[0]
     mask_BF = latents_BF != 0
     if support_BF is not None:
         mask_BF |= support_BF
-    rows_N, cols_N = mask_BF.nonzero(as_tuple=True)
-    counts_B = torch.bincount(rows_N, minlength=B)
-    K = max(int(counts_B.max()) if B > 0 else 0, 1)
-    starts_B = torch.cumsum(counts_B, 0) - counts_B
-    slot_N = torch.arange(len(rows_N), device=latents_BF.device) - starts_B[rows_N]
-    idx_BK = torch.full((B, K), -1, dtype=torch.int64, device=latents_BF.device)
-    idx_BK[rows_N, slot_N] = cols_N
+    idx_BK = padded_entries(*mask_BF.nonzero(as_tuple=True), latents_BF.shape[0])
     vals_BK = torch.where(idx_BK >= 0, latents_BF.gather(1, idx_BK.clamp_min(0)), 0)
     return idx_BK, vals_BK
