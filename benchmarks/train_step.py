@@ -3,13 +3,16 @@
 For each architecture two numbers, each with its spread over repeats:
 
 - isolated step / floor: forward (train mode), loss, backward, decoder-gradient projection, gradient
-  clipping, Adam, decoder renormalisation on one fixed batch, timed alone;
+  clipping, Adam, decoder renormalisation on one fixed batch; each repeat times the floor alone and
+  then the step, and the ratio is taken per repeat;
 - loop step / floor: the real training loop (``Trainer.fit`` over ``store_batches`` of a synthetic
   activation store, as ``workflows.training.train_local`` runs it, metrics and logging included), its
-  steady-state step = (time at step M - time at step N) / (M - N).
+  steady-state step = (time at step M - time at step N) / (M - N), over the floor timed alone just
+  before and after that run.
 
-The floor is timed alone before and after all rows (and its spread printed): when its own spread or its
-drift is large the machine is busy and every ratio is suspect, which the script says.
+Each number is printed as median [min-max] over repeats. The floor is also timed alone before and
+after all rows: when its own spread or its drift is large the machine is busy (other processes share
+the cores) and every ratio is suspect, which the script says.
 
 Variable-L0 architectures (relu, jumprelu, gated, crosscoder, relu/jumprelu transcoders) start with
 about half their latents active; a trained SAE has a few dozen. ``--l0`` (default 32) sets their
@@ -131,6 +134,32 @@ def loop_step(arch: str, store: Path, args: argparse.Namespace) -> float:
     return (stamps[last] - stamps[first]) / (last - first)
 
 
+def paired(step: Callable[[], object], floor: Callable[[], object], warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Step times, and step / floor ratios with the floor timed alone right before each step: on a shared
+    machine whose load changes, each ratio compares two runs under the same load."""
+    for _ in range(warmup):
+        step()
+    seconds, ratios = [], []
+    for _ in range(repeats):
+        floor_s = timings(floor, 0, 1)[0]
+        step_s = timings(step, 0, 1)[0]
+        seconds.append(step_s)
+        ratios.append(step_s / floor_s)
+    return seconds, ratios
+
+
+def loop_ratios(arch: str, store: Path, floor: Callable[[], object], args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Loop step times, and their ratios to the mean of the floor timed (3 times each) just before and after."""
+    seconds, ratios = [], []
+    for _ in range(args.loop_repeats):
+        before = statistics.median(timings(floor, 0, 3))
+        step_s = loop_step(arch, store, args)
+        after = statistics.median(timings(floor, 0, 3))
+        seconds.append(step_s)
+        ratios.append(2 * step_s / (before + after))
+    return seconds, ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-in", type=int, default=576)
@@ -156,25 +185,25 @@ def main() -> None:
     print(f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} threads={args.threads} "
           f"kernels={kernels.backend_name('cpu')} torch={torch.__version__} l0={args.l0}; "
           f"loop: steps {args.loop_steps[0]}..{args.loop_steps[1]}, log_every {args.log_every}, "
-          f"{args.loop_repeats} runs; ms as median [min-max]")
+          f"{args.loop_repeats} runs; median [min-max]")
     before = timings(floor, args.warmup, args.repeats)
     print(f"floor (x @ W_enc) before: {show(before)} ms")
     root = Path(tempfile.mkdtemp(prefix="bench-step-"))
     store = write_synthetic_store(root / "store", SyntheticConfig(d=args.d_in, n_features=4 * args.d_in, mean_active=16),
                                   args.batch * 8)
     print()
-    print(f"| {'architecture':<15} | {'isolated step ms':>20} | {'step / floor':>12} | {'loop step ms':>20} "
-          f"| {'loop / floor':>12} |")
-    print(f"|{'-' * 17}|{'-' * 21}:|{'-' * 13}:|{'-' * 21}:|{'-' * 13}:|")
-    median_floor = statistics.median(before)
+    print(f"| {'architecture':<15} | {'isolated step ms':>18} | {'step / floor':>17} | {'loop step ms':>18} "
+          f"| {'loop / floor':>17} |")
+    print(f"|{'-' * 17}|{'-' * 19}:|{'-' * 18}:|{'-' * 19}:|{'-' * 18}:|")
     for arch in args.archs or sae_core.names():
-        step = timings(isolated_step(arch, x_BD, args), args.warmup, args.repeats)
-        loop = [loop_step(arch, store, args) for _ in range(args.loop_repeats)]
-        ratio = lambda ts: f"{statistics.median(ts) / median_floor:.2f} [{min(ts) / median_floor:.2f}-{max(ts) / median_floor:.2f}]"  # noqa: E731
-        print(f"| {arch:<15} | {show(step):>20} | {ratio(step):>12} | {show(loop):>20} | {ratio(loop):>12} |", flush=True)
+        step_s, step_r = paired(isolated_step(arch, x_BD, args), floor, args.warmup, args.repeats)
+        loop_s, loop_r = loop_ratios(arch, store, floor, args)
+        ratio = lambda rs: f"{statistics.median(rs):.2f} [{min(rs):.2f}-{max(rs):.2f}]"  # noqa: E731
+        print(f"| {arch:<15} | {show(step_s):>18} | {ratio(step_r):>17} | {show(loop_s):>18} | {ratio(loop_r):>17} |",
+              flush=True)
     after = timings(floor, args.warmup, args.repeats)
-    print(f"\nfloor (x @ W_enc) after: {show(after)} ms; ratios use the floor before")
-    drift = abs(statistics.median(after) - median_floor) / median_floor
+    print(f"\nfloor (x @ W_enc) after: {show(after)} ms")
+    drift = abs(statistics.median(after) - statistics.median(before)) / statistics.median(before)
     if max(spread(before), spread(after), drift) > BUSY_SPREAD:
         print(f"WARNING: the floor's spread ({spread(before):.0%} before, {spread(after):.0%} after) or drift "
               f"({drift:.0%}) exceeds {BUSY_SPREAD:.0%}: the machine is busy, read the ratios with their spreads")
