@@ -89,11 +89,14 @@ class _HeavisideFn(torch.autograd.Function):
         return (h_BF > theta_F).to(h_BF.dtype)
 
     @staticmethod
-    def backward(ctx, grad_BF: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx, grad_BF: Tensor) -> tuple[Tensor | None, Tensor, None]:
         h_BF, theta_F = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta_BF = -(1.0 / eps) * rectangle((h_BF - theta_F) / eps) * grad_BF
-        return torch.zeros_like(h_BF), grad_theta_BF.sum(dim=0), None
+        # rectangle((h - theta) / eps) != 0 exactly where |h - theta| < eps / 2: a mask, no float [B, F] kernel.
+        window_BF = (h_BF - theta_F).abs_() < eps / 2
+        grad_theta_F = torch.where(window_BF, grad_BF, 0).sum(dim=0) * (-1.0 / eps)
+        # The gradient for h is zero by definition: none at all when h needs none (a detached h).
+        return (torch.zeros_like(h_BF) if ctx.needs_input_grad[0] else None), grad_theta_F, None
 
 
 def jumprelu(h_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
