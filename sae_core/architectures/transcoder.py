@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from sae_core import kernels
 from sae_core.architectures.base import (
+    ActiveLatents,
     Reducer,
     SAEConfig,
     SAEOutput,
@@ -150,8 +151,10 @@ class Transcoder(SparseAutoencoder):
             raise ValueError(f"this transcoder maps d_in={self.cfg.d_in} to d_out={self.cfg.d_out}: training needs the "
                              "target, forward(x, target_BO=y)")
         act, batchwise = self.cfg.activation, self.training and self.cfg.activation in ("topk", "batchtopk")
+        active = None
         if batchwise and act == "topk":  # the sparse kernels: no dense pre-activations, no dense decode
-            vals_BK, idx_BK, latents_BF = kernels.topk_encode_dense(x_BD, self.W_enc, self.b_enc, self.cfg.k)
+            vals_BK, idx_BK = kernels.topk_encode(x_BD, self.W_enc, self.b_enc, self.cfg.k)
+            active, latents_BF = ActiveLatents(idx_BK, vals_BK, self.cfg.d_sae), None
             y_hat_BO = kernels.sparse_decode(idx_BK, vals_BK, self.W_dec, self.b_dec)
             self._batch_threshold = self._sampled_threshold(x_BD)
         else:
@@ -166,7 +169,7 @@ class Transcoder(SparseAutoencoder):
             y_BO = y_hat_BO.detach()
         aux = auxk_term(self, x_BD, y_hat_BO, dead_mask_F, target_BD=y_BO) if batchwise else y_hat_BO.new_zeros(())
         sparsity = self.sparsity_loss(latents_BF, h_BF) if not batchwise else aux.new_zeros(())
-        return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), sparsity, aux)
+        return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), sparsity, aux, active=active)
 
     @torch.no_grad()
     def _sampled_threshold(self, x_BD: Tensor) -> Tensor:

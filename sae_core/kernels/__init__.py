@@ -8,8 +8,6 @@ the environment variable ``SAE_KERNELS``):
   to the selected columns.
 - ``sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D) -> x_hat_BD``: sum_j vals[b,j] * W_dec[idx[b,j]] + b_dec.
   Index -1 marks padding (rows with fewer than K non-zeros).
-- ``topk_encode_dense(...) -> (vals_BK, idx_BK, latents_BF)``: the same plus the dense latents, built
-  in the pre-activations' buffer (one [B, F] allocation instead of two).
 - ``to_padded(latents_BF, support_BF=None) -> (idx_BK, vals_BK)``: the padded layout of dense latents
   with a variable number of non-zeros per row (JumpReLU, BatchTopK), differentiable in the values.
 - ``selected_pre_acts(x_BD, W_enc_DF, b_enc_F, select, input_bias_D=None) -> (h_BK, idx_BK, h_BF)``: the
@@ -81,18 +79,7 @@ def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
     backend = backend_for(W_enc_DF.device)
     if backend is None:
         return topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k, input_bias_D)
-    vals_BK, idx_BK, _ = TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, k, False, backend)
-    return vals_BK, idx_BK
-
-
-def topk_encode_dense(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``topk_encode`` plus the dense latents_BF (differentiable), built in the pre-activations' buffer."""
-    backend = backend_for(W_enc_DF.device)
-    if backend is None:
-        vals_BK, idx_BK = topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k)
-        latents_BF = torch.zeros(x_BD.shape[0], W_enc_DF.shape[1], dtype=vals_BK.dtype, device=vals_BK.device)
-        return vals_BK, idx_BK, latents_BF.scatter_(1, idx_BK, vals_BK)
-    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, None, k, True, backend)
+    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, k, backend)
 
 
 def selected_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: Callable[[Tensor], Tensor],
@@ -116,6 +103,5 @@ __all__ = [
     "sparse_decode_reference",
     "to_padded",
     "topk_encode",
-    "topk_encode_dense",
     "topk_encode_reference",
 ]

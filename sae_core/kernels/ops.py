@@ -46,38 +46,29 @@ class TopKEncode(torch.autograd.Function):
 
     ``input_bias_D`` (SAELens's b_dec subtracted from the input) gets its gradient from b_enc's:
     -W_enc @ grad_b_enc, one pass over W_enc, where going through x would gather B*K encoder columns.
-    With ``dense`` the [B, F] pre-activation buffer is reused for the dense latents (zeroed, then the
-    k values scattered in), so a caller that needs both layouts pays for one [B, F] allocation, not two.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, input_bias_D: Tensor | None,
-                k: int, dense: bool, backend: TorchBackend) -> tuple[Tensor, Tensor, Tensor]:
+                k: int, backend: TorchBackend) -> tuple[Tensor, Tensor]:
         x_in_BD = x_BD if input_bias_D is None else x_BD - input_bias_D
         h_BF = x_in_BD @ W_enc_DF  # the bias is added inside topk: no extra pass over [B, F]
-        vals_BK, idx_BK = backend.topk(h_BF, k, b_enc_F.to(h_BF.dtype), densify=dense)
+        vals_BK, idx_BK = backend.topk(h_BF, k, b_enc_F.to(h_BF.dtype))
         vals_BK = vals_BK.relu_()
-        latents_BF = h_BF if dense else h_BF.new_empty(0)
-        del h_BF  # without ``dense`` the largest tensor of the step is freed before the decoder runs
+        del h_BF  # the largest tensor of the step is freed before the decoder runs
         ctx.backend = backend
         ctx.dtypes = (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype, None if input_bias_D is None else input_bias_D.dtype)
         ctx.save_for_backward(x_in_BD, W_enc_DF, idx_BK, vals_BK)
         ctx.mark_non_differentiable(idx_BK)
-        ctx.set_materialize_grads(False)  # an unused latents_BF must not cost a [B, F] zero gradient
-        return vals_BK, idx_BK, latents_BF
+        return vals_BK, idx_BK
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor | None, _grad_idx: Tensor | None,
-                 grad_latents_BF: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor, _grad_idx: Tensor | None) -> tuple[Tensor | None, ...]:
         x_in_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
-        if grad_vals_BK is None:
-            grad_vals_BK = torch.zeros_like(vals_BK)
-        if grad_latents_BF is not None and grad_latents_BF.numel() > 0:
-            grad_vals_BK = grad_vals_BK + grad_latents_BF.gather(1, idx_BK)
         grad_h_BK = torch.where(vals_BK > 0, grad_vals_BK, 0)  # relu's gradient
         grads = encoder_grads(ctx, x_in_BD, W_enc_DF, idx_BK, grad_h_BK)
-        return *grads, None, None, None
+        return *grads, None, None
 
 
 def encoder_grads(ctx: FunctionCtx, x_in_BD: Tensor, W_enc_DF: Tensor, idx_BK: Tensor,

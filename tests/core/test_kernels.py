@@ -132,23 +132,6 @@ def test_topk_encode_input_bias_matches_reference(mode):
     assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
-def test_topk_encode_dense_latents(mode):
-    inputs = encode_inputs(11, 6, 30, torch.float32)
-    weight_BF = torch.randn(11, 30, generator=torch.Generator().manual_seed(4))
-
-    def loss(encode):
-        vals_BK, idx_BK, latents_BF = encode(*inputs, 4)
-        torch.testing.assert_close(latents_BF, torch.zeros(11, 30).scatter(1, idx_BK, vals_BK))
-        return lambda x, W, b: (encode(x, W, b, 4)[2] * weight_BF).sum() + encode(x, W, b, 4)[0].sum()
-
-    def reference_dense(x, W, b, k):
-        vals_BK, idx_BK = kernels.topk_encode_reference(x, W, b, k)
-        return vals_BK, idx_BK, torch.zeros(len(x), W.shape[1]).scatter(1, idx_BK, vals_BK)
-
-    assert_all_close(value_and_grads(loss(kernels.topk_encode_dense), inputs)[1],
-                     value_and_grads(loss(reference_dense), inputs)[1], rtol=1e-5, atol=1e-5)
-
-
 def test_gradcheck_float64(mode):
     idx_BK, vals_BK, W_dec_FD, b_dec_D = decode_inputs(5, 3, 6, 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda v, W, b: kernels.sparse_decode(idx_BK, v, W, b), (vals_BK, W_dec_FD, b_dec_D))
