@@ -86,8 +86,9 @@ def encoder_grads(ctx: FunctionCtx, x_in_BD: Tensor, W_enc_DF: Tensor, idx_BK: T
         W_enc_FD = W_enc_DF.to(dtype).t().contiguous()
         grad_x = ctx.backend.gather_sum(idx_BK, grad_h_BK, W_enc_FD).to(x_dtype)
     if need_W:
-        grad_W_FD = ctx.backend.scatter_rows(idx_BK, grad_h_BK, x_in_BD.to(dtype).contiguous(), W_enc_DF.shape[1])
-        grad_W = grad_W_FD.t().to(W_dtype)
+        # Written in W_enc's own [D, F] layout: a transposed [F, D] gradient would be copied by autograd.
+        grad_W = ctx.backend.scatter_cols(idx_BK, grad_h_BK, x_in_BD.to(dtype).contiguous(), W_enc_DF.shape[1])
+        grad_W = grad_W.to(W_dtype)
     if need_b or need_bias:
         grad_b_F = torch.zeros(W_enc_DF.shape[1], dtype=dtype, device=grad_h_BK.device)
         grad_b_F.index_add_(0, idx_BK.reshape(-1).clamp_min(0), torch.where(idx_BK >= 0, grad_h_BK, 0).reshape(-1))

@@ -189,6 +189,11 @@ def test_cpu_twin_topk_and_csr_match_torch():
     src_BD, vals_BK = torch.randn(30, 5), torch.randn(30, 9)
     torch.testing.assert_close(cpu.scatter_rows(idx_BK, vals_BK, src_BD, 50),
                                backends.TorchBackend().scatter_rows(idx_BK, vals_BK, src_BD, 50))
+    for n_rows in (50, 37):  # 37: a last block of latents narrower than the C++'s 16
+        expected = backends.TorchBackend().scatter_rows(idx_BK.clamp_max(n_rows), vals_BK, src_BD, n_rows).t()
+        got = cpu.scatter_cols(idx_BK.clamp_max(n_rows), vals_BK, src_BD, n_rows)
+        assert got.shape == (5, n_rows) and got.is_contiguous()
+        torch.testing.assert_close(got, expected)
 
 
 def test_dispatch_follows_environment(monkeypatch):
