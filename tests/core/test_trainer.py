@@ -119,6 +119,23 @@ def test_sparsity_warmup_and_grad_clip():
     assert torch.isfinite(sae.W_dec).all() and not torch.equal(before, sae.W_dec)
 
 
+def test_clipping_inside_adam_equals_clip_grad_norm_then_adam():
+    cfg = TrainConfig(steps=4, grad_clip=0.05, lr=1e-2, b_dec_init="zeros", normalize_activations=False)
+    trainer, manual = Trainer(topk(), cfg), topk()
+    optimizer = torch.optim.Adam(manual.parameters(), lr=1e-2, fused=True)
+    for _ in range(4):
+        x = 10 * torch.randn(32, 16)
+        trainer.step(x)
+        optimizer.zero_grad()
+        manual(x, dead_mask_F=torch.zeros(64, dtype=torch.bool)).loss().backward()
+        manual.remove_gradient_parallel_to_decoder_directions()
+        assert float(torch.nn.utils.clip_grad_norm_(manual.parameters(), 0.05)) > 0.05  # the clip is active
+        optimizer.step()
+        manual.set_decoder_norm_to_unit_norm()
+    for name, value in manual.state_dict().items():
+        torch.testing.assert_close(trainer.sae.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_nan_loss_is_a_clear_error_at_the_next_logged_row():
     trainer = Trainer(topk(), TrainConfig(log_every=3))
     trainer.initialize(torch.randn(32, 16))
