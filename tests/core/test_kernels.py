@@ -252,11 +252,15 @@ def sae_with_noisy_biases(arch: str, **fields):
     return sae
 
 
-@pytest.mark.parametrize("arch", sae_core.names())
-def test_every_architecture_matches_the_reference(monkeypatch, arch):
+VARIANTS = [(arch, {}) for arch in sae_core.names()] + [("crosscoder", {"activation": "topk", "k": 5}),
+                                                         ("crosscoder", {"n_sources": 3})]
+
+
+@pytest.mark.parametrize("arch,fields", VARIANTS)
+def test_every_architecture_matches_the_reference(monkeypatch, arch, fields):
     """Train-mode forward, loss and every gradient with the fast kernels equal the eager reference's."""
-    sae = sae_with_noisy_biases(arch)
-    x_BD, dead_F = torch.randn(33, 12), torch.zeros(40, dtype=torch.bool)
+    sae = sae_with_noisy_biases(arch, **fields)
+    x_BD, dead_F = torch.randn(33, *([3] if fields.get("n_sources") else []), 12), torch.zeros(40, dtype=torch.bool)
     dead_F[::3] = True
     results = []
     # Variable-L0 architectures: the dense path under the reference is the oracle of the forced sparse path.
