@@ -252,8 +252,11 @@ def sae_with_noisy_biases(arch: str, **fields):
     return sae
 
 
-VARIANTS = [(arch, {}) for arch in sae_core.names()] + [("crosscoder", {"activation": "topk", "k": 5}),
-                                                         ("crosscoder", {"n_sources": 3})]
+VARIANTS = [(arch, {}) for arch in sae_core.names()] + [
+    ("crosscoder", {"activation": "topk", "k": 5}), ("crosscoder", {"n_sources": 3}),
+    ("transcoder", {"activation": "batchtopk", "k": 5}), ("transcoder", {"activation": "relu"}),
+    ("skip_transcoder", {"activation": "jumprelu"}),
+]
 
 
 @pytest.mark.parametrize("arch,fields", VARIANTS)
