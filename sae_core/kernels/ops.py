@@ -113,13 +113,16 @@ class SelectedPreActs(torch.autograd.Function):
         ctx.dtypes = (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype, None if input_bias_D is None else input_bias_D.dtype)
         ctx.save_for_backward(x_in_BD, W_enc_DF, idx_BK)
         ctx.mark_non_differentiable(idx_BK, h_BF)
+        ctx.set_materialize_grads(False)  # no [B, F] zero gradient for the non-differentiable h_BF
         return h_BK, idx_BK, h_BF
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_h_BK: Tensor, _grad_idx: Tensor | None,
+    def backward(ctx: FunctionCtx, grad_h_BK: Tensor | None, _grad_idx: Tensor | None,
                  _grad_h_BF: Tensor | None) -> tuple[Tensor | None, ...]:
         x_in_BD, W_enc_DF, idx_BK = ctx.saved_tensors
+        if grad_h_BK is None:
+            grad_h_BK = torch.zeros(idx_BK.shape, dtype=x_in_BD.dtype, device=idx_BK.device)
         grad_h_BK = torch.where(idx_BK >= 0, grad_h_BK, 0)
         return *encoder_grads(ctx, x_in_BD, W_enc_DF, idx_BK, grad_h_BK), None, None
 

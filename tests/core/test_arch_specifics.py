@@ -231,3 +231,15 @@ def test_kl_sparse_penalty_is_the_bernoulli_kl():
     assert out.sparsity.item() == pytest.approx(3.0 * expected / D_IN, rel=1e-4)
     assert float(kl_divergence(0.1, torch.tensor([0.1]))) == pytest.approx(0.0, abs=1e-7)
     assert sae.homogeneous is False and sae.saelens_cfg_extra() == {"activation_fn": "sigmoid"}
+
+
+def test_batch_top_entries_are_exactly_the_largest():
+    from sae_core.architectures.batchtopk import top_entries
+
+    gen = torch.Generator().manual_seed(0)
+    for values in (torch.randn(50_000, generator=gen), torch.arange(50_000.0).flip(0),  # the sample sees the top
+                   torch.cat([torch.zeros(49_000), torch.rand(1000, generator=gen)])):  # ties at the cut-off
+        for n in (10, 3000, 12_000):
+            picked = top_entries(values, n, sample=1000, min_n=1)
+            assert len(picked) == len(set(picked.tolist())) == n
+            torch.testing.assert_close(values[picked].sort().values, values.topk(n).values.sort().values)
