@@ -47,27 +47,29 @@ def batch_topk_entries(h_BF: Tensor, k: int) -> Tensor:
     """idx_BK (padded, -1) of the k*B largest pre-activations of the whole batch. Which of the non-positive
     ones fill the k*B when too few are positive does not matter: relu makes them 0."""
     B, F = h_BF.shape
-    flat_N = top_entries(h_BF.flatten(), min(k * B, h_BF.numel()))
-    flat_N = flat_N.sort().values  # row-major order: rows ascending, as padded_entries needs
+    flat_N = top_entries(h_BF.flatten(), min(k * B, h_BF.numel()))  # ascending: row by row
     return kernels.padded_entries(flat_N // F, flat_N % F, B)
 
 
 def top_entries(values_N: Tensor, n: int, sample: int = 1 << 16, min_n: int = 1 << 14) -> Tensor:
-    """Positions of the n largest values (unordered; any of equal values at the boundary), as
-    ``values_N.topk(n)`` but without its sort of a whole batch: a strided sample estimates a value that
-    about 1.5n entries reach, one pass collects those candidates, and topk finishes among them. Exact:
-    when fewer than n entries reach the estimate, it falls back to the full topk."""
+    """Positions of the n largest values in ascending order (of equal values at the boundary, the first),
+    without torch.topk's sort of a whole batch: a strided sample estimates a value that about 1.5n entries
+    reach, one pass collects those candidates (in order), and a selection among them finds the exact n-th
+    largest. Exact: when fewer than n entries reach the estimate, it falls back to the full topk."""
     N = values_N.numel()
     stride = max(N // sample, 1)
     if n < min_n or n >= N // 4 or stride == 1:  # where torch's own topk is fast
-        return values_N.topk(n, sorted=False).indices
+        return values_N.topk(n, sorted=False).indices.sort().values
     sampled = values_N[::stride]
-    rank = min(int(1.5 * n / stride) + 16, len(sampled))
-    estimate = sampled.topk(rank, sorted=False).values.min()
+    estimate = sampled.topk(min(int(1.5 * n / stride) + 16, len(sampled)), sorted=False).values.min()
     candidates_M = (values_N >= estimate).nonzero().squeeze(1)
     if len(candidates_M) < n:
-        return values_N.topk(n, sorted=False).indices
-    return candidates_M[values_N[candidates_M].topk(n, sorted=False).indices]
+        return values_N.topk(n, sorted=False).indices.sort().values
+    values_M = values_N[candidates_M]
+    nth = values_M.kthvalue(len(values_M) - n + 1).values
+    above_M, tied_M = values_M > nth, values_M == nth
+    keep_M = above_M | (tied_M & (tied_M.cumsum(0) <= n - above_M.sum()))
+    return candidates_M[keep_M]
 
 
 def padded_sparse_decode(latents_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor) -> Tensor:
