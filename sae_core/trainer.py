@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -126,48 +125,6 @@ class DeadLatentTracker:
         return float(self.dead_mask().float().mean())
 
 
-class RunningMetrics:
-    """Sums of a logging window's metrics, kept on the device and read (one reduce, one host sync) only
-    when a row is logged: the loss terms averaged over steps and ranks, l0 and fvu over every row seen.
-    fvu is the window's squared error over the targets' variance around the window's mean."""
-
-    TERMS = ("loss", "mse", "sparsity", "aux", "fired", "rows", "sq_err", "sq_sum")
-
-    def __init__(self) -> None:
-        self.sums: Tensor | None = None
-        self.steps = 0
-        self.started = time.perf_counter()
-
-    def begin_step(self) -> None:
-        """Start the window's clock at its first step (not when the previous row was logged)."""
-        if self.steps == 0:
-            self.started = time.perf_counter()
-
-    @torch.no_grad()
-    def add(self, loss: Tensor, out: SAEOutput, target: Tensor) -> None:
-        y = target.detach().float()
-        scalars = torch.stack([loss.detach().float(), out.mse.detach().float(), out.sparsity.detach().float(),
-                               out.aux.detach().float(), out.fire_counts().sum().float(), y.new_tensor(float(len(y))),
-                               (out.x_hat_BD.detach().float() - y).pow(2).sum(), y.pow(2).sum()])
-        # The per-feature sums give the window's mean, for the variance in fvu.
-        step_sums = torch.cat([scalars, y.sum(dim=0).flatten()]).double()
-        self.sums = step_sums if self.sums is None else self.sums.add_(step_sums)
-        self.steps += 1
-
-    def row(self, reduce: Reducer, world_size: int) -> dict[str, float]:
-        """The window's metrics (every rank must call this: it reduces), then start a new window."""
-        totals = reduce(self.sums, "sum").tolist()
-        named = dict(zip(self.TERMS, totals, strict=False))
-        feature_sums = torch.tensor(totals[len(self.TERMS):], dtype=torch.float64)
-        rows, n = named["rows"], self.steps * world_size
-        variance = named["sq_sum"] - float(feature_sums.pow(2).sum()) / max(rows, 1.0)
-        row = {name: named[name] / n for name in ("loss", "mse", "sparsity", "aux")}
-        row.update(l0=named["fired"] / max(rows, 1.0), fvu=named["sq_err"] / max(variance, 1e-12),
-                   tokens_per_s=rows / max(time.perf_counter() - self.started, 1e-9))
-        self.sums, self.steps = None, 0
-        return row
-
-
 class Trainer:
     """Owns the optimizer and everything estimated during training; ``step`` does one update."""
 
@@ -180,7 +137,7 @@ class Trainer:
         # The fused kernel exists on CPU too and beats foreach there (benchmarks/kernels.py times both).
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         self.tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_after_tokens, self.device)
-        self.window = RunningMetrics()
+        self.window = metrics.RunningMetrics()
         self.step_count = 0
         self.scaling_factor = 1.0
         self.output_scaling_factor: float | None = None
@@ -245,30 +202,31 @@ class Trainer:
         self.window.add(loss, out, targets.get("target_BO", x_BD))
         return self.log_row() if self.is_log_step() else None
 
-    def is_log_step(self) -> bool:
-        return self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps
+    def is_log_step(self, step: int | None = None) -> bool:
+        """Whether a metrics row is due after ``step`` (1-based; default: the steps done so far)."""
+        step = self.step_count if step is None else step
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps
 
     def log_row(self) -> dict[str, float]:
         """The metrics row of the steps since the last one (every rank must call it: it reduces)."""
-        first = self.step_count - self.window.steps + 1
-        row = {"step": self.step_count, **self.window.row(self.reduce, self.world_size),
-               "dead_fraction": self.tracker.dead_fraction(), "lr": self.optimizer.param_groups[0]["lr"]}
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"loss is {row['loss']} in steps {first}..{self.step_count}; lower the learning rate")
-        return row
+        return {"step": self.step_count, **self.window.row(self.reduce, self.world_size),
+                "dead_fraction": self.tracker.dead_fraction(), "lr": self.optimizer.param_groups[0]["lr"]}
 
     def update(self, compute: Callable[[], tuple[Tensor, SAEOutput, Tensor]]) -> tuple[Tensor, SAEOutput]:
         """One optimizer step on the loss ``compute()`` returns with the SAE's output it came from and the
         SAE's (normalised) inputs: the LR schedule, gradient projection and clipping, decoder
         renormalisation, running statistics, dead-latent tracking and resampling (which draws from the
         inputs). ``step`` uses it with the reconstruction loss; other losses (workflows/e2e.py) bring
-        their own ``compute``. Nothing here waits for the device (a non-finite loss is reported by the
-        next logged row)."""
+        their own ``compute``. Nothing here waits for the device except on logging steps."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.step_count, self.cfg)
         self.sae.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             loss, out, x_BD = compute()
+        # Checked when a row is due only (a host sync): a non-finite step leaves non-finite weights, so the
+        # loss of every later step is non-finite too.
+        if self.is_log_step(self.step_count + 1) and not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(f"loss is {float(loss.detach())} at step {self.step_count + 1}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_gradient_parallel_to_decoder_directions()
