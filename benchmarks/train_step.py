@@ -83,10 +83,14 @@ def arch_fields(arch: str, args: argparse.Namespace) -> dict[str, object]:
 @torch.no_grad()
 def set_trained_l0(sae: sae_core.SparseAutoencoder, x_BD: torch.Tensor, l0: int) -> None:
     """Move a variable-L0 SAE's threshold (or bias) so that about ``l0`` latents fire per row of x."""
-    if l0 <= 0 or sae.max_active is not None or getattr(sae.cfg, "activation", "relu") not in ("relu", "jumprelu"):
+    if (
+        l0 <= 0
+        or sae.max_active is not None
+        or getattr(sae.cfg, "activation", "relu") not in ("relu", "jumprelu")
+    ):
         return
     h_BF = sae.pre_acts(x_BD[:512])
-    q = torch.quantile(h_BF.flatten()[:1 << 24], 1 - l0 / h_BF.shape[1])
+    q = torch.quantile(h_BF.flatten()[: 1 << 24], 1 - l0 / h_BF.shape[1])
     if getattr(sae, "log_threshold", None) is not None:
         sae.log_threshold.fill_(float(q.clamp_min(1e-3).log()))
     elif getattr(sae, "b_gate", None) is not None:
@@ -118,23 +122,35 @@ def isolated_step(arch: str, x_BD: torch.Tensor, args: argparse.Namespace) -> Ca
 def loop_step(arch: str, store: Path, args: argparse.Namespace) -> float:
     """Steady-state seconds per step of the training loop on the synthetic store."""
     first, last = args.loop_steps
-    job = TrainJob(activations=str(store), hook="synthetic", out_hook="synthetic" if arch.endswith("transcoder") else "",
-                   arch=arch, sae=arch_fields(arch, args), out=str(store.parent / arch),
-                   train=TrainConfig(steps=last, batch_size=args.batch, log_every=args.log_every))
+    job = TrainJob(
+        activations=str(store),
+        hook="synthetic",
+        out_hook="synthetic" if arch.endswith("transcoder") else "",
+        arch=arch,
+        sae=arch_fields(arch, args),
+        out=str(store.parent / arch),
+        train=TrainConfig(steps=last, batch_size=args.batch, log_every=args.log_every),
+    )
     source = open_checked_store(job)
     torch.manual_seed(0)
     trainer = Trainer(sae_core.build(sae_config_for(job, *store_widths(source, job))), job.train)
     train_rows, _ = split_rows(source, job)
     sample = read_examples(source, job, 0, min(job.train.init_sample_tokens, train_rows))
     trainer.initialize(sample)
-    set_trained_l0(trainer.sae, (sample[0] if isinstance(sample, tuple) else sample) * trainer.scaling_factor, args.l0)
+    set_trained_l0(
+        trainer.sae, (sample[0] if isinstance(sample, tuple) else sample) * trainer.scaling_factor, args.l0
+    )
     stamps: dict[int, float] = {}
-    for _ in trainer.fit(store_batches(source, job, train_rows), on_step=lambda s: stamps.setdefault(s, time.perf_counter())):
+    for _ in trainer.fit(
+        store_batches(source, job, train_rows), on_step=lambda s: stamps.setdefault(s, time.perf_counter())
+    ):
         pass
     return (stamps[last] - stamps[first]) / (last - first)
 
 
-def paired(step: Callable[[], object], floor: Callable[[], object], warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+def paired(
+    step: Callable[[], object], floor: Callable[[], object], warmup: int, repeats: int
+) -> tuple[list[float], list[float]]:
     """Step times, and step / floor ratios with the floor timed alone right before each step: on a shared
     machine whose load changes, each ratio compares two runs under the same load."""
     for _ in range(warmup):
@@ -148,7 +164,9 @@ def paired(step: Callable[[], object], floor: Callable[[], object], warmup: int,
     return seconds, ratios
 
 
-def loop_ratios(arch: str, store: Path, floor: Callable[[], object], args: argparse.Namespace) -> tuple[list[float], list[float]]:
+def loop_ratios(
+    arch: str, store: Path, floor: Callable[[], object], args: argparse.Namespace
+) -> tuple[list[float], list[float]]:
     """Loop step times, and their ratios to the mean of the floor timed (3 times each) just before and after."""
     seconds, ratios = [], []
     for _ in range(args.loop_repeats):
@@ -161,7 +179,9 @@ def loop_ratios(arch: str, store: Path, floor: Callable[[], object], args: argpa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--d-in", type=int, default=576)
     parser.add_argument("--d-sae", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
@@ -170,10 +190,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="isolated steps timed, and floor repeats")
     parser.add_argument("--loop-repeats", type=int, default=2, help="training loops run per architecture")
-    parser.add_argument("--loop-steps", type=int, nargs=2, default=(4, 12), metavar=("N", "M"),
-                        help="time the loop from step N to step M (M steps run)")
+    parser.add_argument(
+        "--loop-steps",
+        type=int,
+        nargs=2,
+        default=(4, 12),
+        metavar=("N", "M"),
+        help="time the loop from step N to step M (M steps run)",
+    )
     parser.add_argument("--log-every", type=int, default=4, help="the loop's log_every (a metrics row each)")
-    parser.add_argument("--l0", type=int, default=32, help="set variable-L0 SAEs to about this L0; 0: as initialised")
+    parser.add_argument(
+        "--l0", type=int, default=32, help="set variable-L0 SAEs to about this L0; 0: as initialised"
+    )
     parser.add_argument("--archs", nargs="*", default=None, help="default: every registered architecture")
     args = parser.parse_args()
 
@@ -182,31 +210,40 @@ def main() -> None:
     x_BD = torch.randn(args.batch, args.d_in)
     W_DF = torch.randn(args.d_in, args.d_sae) / args.d_in**0.5
     floor = lambda: x_BD @ W_DF  # noqa: E731
-    print(f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} threads={args.threads} "
-          f"kernels={kernels.backend_name('cpu')} torch={torch.__version__} l0={args.l0}; "
-          f"loop: steps {args.loop_steps[0]}..{args.loop_steps[1]}, log_every {args.log_every}, "
-          f"{args.loop_repeats} runs; median [min-max]")
+    print(
+        f"d_in={args.d_in} d_sae={args.d_sae} k={args.k} batch={args.batch} threads={args.threads} "
+        f"kernels={kernels.backend_name('cpu')} torch={torch.__version__} l0={args.l0}; "
+        f"loop: steps {args.loop_steps[0]}..{args.loop_steps[1]}, log_every {args.log_every}, "
+        f"{args.loop_repeats} runs; median [min-max]"
+    )
     before = timings(floor, args.warmup, args.repeats)
     print(f"floor (x @ W_enc) before: {show(before)} ms")
     root = Path(tempfile.mkdtemp(prefix="bench-step-"))
-    store = write_synthetic_store(root / "store", SyntheticConfig(d=args.d_in, n_features=4 * args.d_in, mean_active=16),
-                                  args.batch * 8)
+    store = write_synthetic_store(
+        root / "store", SyntheticConfig(d=args.d_in, n_features=4 * args.d_in, mean_active=16), args.batch * 8
+    )
     print()
-    print(f"| {'architecture':<15} | {'isolated step ms':>18} | {'step / floor':>17} | {'loop step ms':>18} "
-          f"| {'loop / floor':>17} |")
+    print(
+        f"| {'architecture':<15} | {'isolated step ms':>18} | {'step / floor':>17} | {'loop step ms':>18} "
+        f"| {'loop / floor':>17} |"
+    )
     print(f"|{'-' * 17}|{'-' * 19}:|{'-' * 18}:|{'-' * 19}:|{'-' * 18}:|")
     for arch in args.archs or sae_core.names():
         step_s, step_r = paired(isolated_step(arch, x_BD, args), floor, args.warmup, args.repeats)
         loop_s, loop_r = loop_ratios(arch, store, floor, args)
         ratio = lambda rs: f"{statistics.median(rs):.2f} [{min(rs):.2f}-{max(rs):.2f}]"  # noqa: E731
-        print(f"| {arch:<15} | {show(step_s):>18} | {ratio(step_r):>17} | {show(loop_s):>18} | {ratio(loop_r):>17} |",
-              flush=True)
+        print(
+            f"| {arch:<15} | {show(step_s):>18} | {ratio(step_r):>17} | {show(loop_s):>18} | {ratio(loop_r):>17} |",
+            flush=True,
+        )
     after = timings(floor, args.warmup, args.repeats)
     print(f"\nfloor (x @ W_enc) after: {show(after)} ms")
     drift = abs(statistics.median(after) - statistics.median(before)) / statistics.median(before)
     if max(spread(before), spread(after), drift) > BUSY_SPREAD:
-        print(f"WARNING: the floor's spread ({spread(before):.0%} before, {spread(after):.0%} after) or drift "
-              f"({drift:.0%}) exceeds {BUSY_SPREAD:.0%}: the machine is busy, read the ratios with their spreads")
+        print(
+            f"WARNING: the floor's spread ({spread(before):.0%} before, {spread(after):.0%} after) or drift "
+            f"({drift:.0%}) exceeds {BUSY_SPREAD:.0%}: the machine is busy, read the ratios with their spreads"
+        )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from sae_core.config import ConfigError, require, strict_from_dict
 
-__all__ = ["ActiveLatents", "ConfigError", "Reducer", "SAEConfig", "SAEOutput", "SparseAutoencoder", "Wiring", "mse_loss",
-           "no_reduce", "require"]
+__all__ = ["ActiveLatents", "ConfigError", "Reducer", "SAEConfig", "SAEOutput", "SparseAutoencoder", "Wiring",
+           "mse_loss", "no_reduce", "require"]
 
 # A reducer sums or takes the min/max of a tensor across data-parallel ranks; identity when single-process.
 Reducer = Callable[[Tensor, str], Tensor]
