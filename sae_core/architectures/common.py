@@ -74,8 +74,9 @@ class JumpReLUFields:
 
 SPARSE_PATH_MAX_FRACTION = 0.05
 """A variable-L0 architecture trains on the sparse path while its widest row has at most this fraction of
-the latents active (measured on this CPU: the padded sparse decode and encoder backward beat the dense
-GEMMs up to a few percent; benchmarks/train_step.py --l0 0 shows the dense regime)."""
+the latents active. A rough choice, not a measured crossover: the sparse work grows with B x (the widest
+row's count) x D in kernels several times slower per element than a GEMM, the dense work with B x F x D
+in GEMMs (``benchmarks/train_step.py --l0 N`` times either regime)."""
 DENSITY_SAMPLE_ROWS = 256
 
 
