@@ -88,7 +88,7 @@ class NullController:
 
     multiplier = 1.0
 
-    def update(self, latents_BF: Tensor, reduce: Reducer) -> None:
+    def update(self, fire_counts_F: Tensor, n_rows: int, reduce: Reducer) -> None:
         pass
 
     def metrics(self) -> dict[str, float]:
@@ -122,9 +122,9 @@ class SparsityController(NullController):
         return math.exp(self.log_multiplier)
 
     @torch.no_grad()
-    def update(self, latents_BF: Tensor, reduce: Reducer) -> None:
-        fired = reduce((latents_BF != 0).sum().float(), "sum")
-        rows = reduce(torch.tensor(float(latents_BF.shape[0]), device=latents_BF.device), "sum")
+    def update(self, fire_counts_F: Tensor, n_rows: int, reduce: Reducer) -> None:
+        fired = reduce(fire_counts_F.sum().float(), "sum")
+        rows = reduce(torch.tensor(float(n_rows), device=fire_counts_F.device), "sum")
         log_l0 = math.log(float(fired) / max(float(rows), 1.0) + 1.0)
         m = self.SMOOTHING
         self.smoothed = log_l0 if self.smoothed is None else m * self.smoothed + (1 - m) * log_l0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -113,11 +112,12 @@ class DeadLatentTracker:
         self.tokens_since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.dead_after_tokens = dead_after_tokens
 
-    def update(self, latents_BF: Tensor, reduce: Reducer) -> None:
-        fired_F = reduce((latents_BF != 0).any(dim=0).float(), "max") > 0
-        n_tokens = int(reduce(torch.tensor(float(latents_BF.shape[0]), device=latents_BF.device), "sum"))
-        self.tokens_since_fired_F += n_tokens
-        self.tokens_since_fired_F[fired_F] = 0
+    def update(self, fire_counts_F: Tensor, n_rows: int, reduce: Reducer) -> None:
+        """Count a batch of ``n_rows`` rows in which latent f fired on ``fire_counts_F[f]`` rows (this rank's
+        share); on the device, no host sync."""
+        fired_F = reduce((fire_counts_F > 0).float(), "max") > 0
+        n_tokens = reduce(torch.tensor(float(n_rows), device=fire_counts_F.device), "sum").long()
+        self.tokens_since_fired_F.add_(n_tokens).masked_fill_(fired_F, 0)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired_F >= self.dead_after_tokens
@@ -140,6 +140,7 @@ class Trainer:
         self.tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_after_tokens, self.device)
         self.l0_control = sparsity_controller(sae.cfg, cfg.lr)
         """Scales the sparsity coefficient to hold the config's ``target_l0`` (multiplier 1 without one)."""
+        self.window = metrics.RunningMetrics()
         self.step_count = 0
         self.scaling_factor = 1.0
         self.output_scaling_factor: float | None = None
@@ -184,12 +185,13 @@ class Trainer:
             warmup = min(1.0, (self.step_count + 1) / self.cfg.sparsity_warmup_steps)
         return warmup * self.l0_control.multiplier
 
-    def step(self, x_BD: Tensor | tuple[Tensor, Tensor]) -> dict[str, float]:
+    def step(self, x_BD: Tensor | tuple[Tensor, Tensor]) -> dict[str, float] | None:
         """One optimizer step on a batch of raw activations, or on an (input, target) pair of batches
-        for a transcoder; returns this step's metrics."""
+        for a transcoder. Returns the metrics of the steps since the last logged row on a logging step
+        (every ``log_every`` steps and the last), None otherwise: between logs nothing waits for the device."""
         if not self.initialized:
             self.initialize(x_BD)
-        start = time.perf_counter()
+        self.window.begin_step()
         x_BD, target = x_BD if isinstance(x_BD, (tuple, list)) else (x_BD, None)
         x_BD = x_BD.to(self.device, torch.float32) * self.scaling_factor
         targets = {}
@@ -202,34 +204,60 @@ class Trainer:
             return out.loss(self.sparsity_scale()), out, x_BD
 
         loss, out = self.update(compute)
-        return self._step_metrics(targets.get("target_BO", x_BD), out, loss, time.perf_counter() - start)
+        self.window.add(loss, out, targets.get("target_BO", x_BD))
+        return self.log_row() if self.is_log_step() else None
+
+    def is_log_step(self, step: int | None = None) -> bool:
+        """Whether a metrics row is due after ``step`` (1-based; default: the steps done so far)."""
+        step = self.step_count if step is None else step
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps
+
+    def log_row(self) -> dict[str, float]:
+        """The metrics row of the steps since the last one (every rank must call it: it reduces)."""
+        return {"step": self.step_count, **self.window.row(self.reduce, self.world_size),
+                "dead_fraction": self.tracker.dead_fraction(), "lr": self.optimizer.param_groups[0]["lr"],
+                **self.l0_control.metrics()}
 
     def update(self, compute: Callable[[], tuple[Tensor, SAEOutput, Tensor]]) -> tuple[Tensor, SAEOutput]:
         """One optimizer step on the loss ``compute()`` returns with the SAE's output it came from and the
         SAE's (normalised) inputs: the LR schedule, gradient projection and clipping, decoder
         renormalisation, running statistics, dead-latent tracking and resampling (which draws from the
         inputs). ``step`` uses it with the reconstruction loss; other losses (workflows/e2e.py) bring
-        their own ``compute``."""
+        their own ``compute``. Nothing here waits for the device except on logging steps."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_factor(self.step_count, self.cfg)
         self.sae.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             loss, out, x_BD = compute()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {float(loss.detach())} at step {self.step_count}; lower the learning rate")
+        # Checked when a row is due only (a host sync): a non-finite step leaves non-finite weights, so the
+        # loss of every later step is non-finite too.
+        if self.is_log_step(self.step_count + 1) and not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(f"loss is {float(loss.detach())} at step {self.step_count + 1}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_gradient_parallel_to_decoder_directions()
-        if self.cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        self._clipped_adam_step()
         self.sae.set_decoder_norm_to_unit_norm()
         self.sae.update_running_stats(out, self.reduce)
-        self.tracker.update(out.latents_BF.detach(), self.reduce)
-        self.l0_control.update(out.latents_BF.detach(), self.reduce)
+        fire_counts_F = out.fire_counts()
+        self.tracker.update(fire_counts_F, x_BD.shape[0], self.reduce)
+        self.l0_control.update(fire_counts_F, x_BD.shape[0], self.reduce)
         self._maybe_resample(x_BD.detach())
         self.step_count += 1
         return loss, out
+
+    def _clipped_adam_step(self) -> None:
+        """clip_grad_norm_ then Adam, with the clipping folded into the fused Adam kernel, which divides
+        every gradient by ``grad_scale`` as it reads it (the hook AMP's GradScaler uses): the same update
+        without clip_grad_norm_'s extra read-write pass over every gradient."""
+        if self.cfg.grad_clip is not None:
+            grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+            total_norm = nn.utils.get_total_norm(grads)
+            self.optimizer.grad_scale = ((total_norm + 1e-6) / self.cfg.grad_clip).clamp_min(1.0)
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.grad_scale = None
 
     def _maybe_resample(self, x_BD: Tensor) -> None:
         every = self.sae.resample_interval()
@@ -251,30 +279,15 @@ class Trainer:
                 elif param.dim() == 2 and param.shape[1] == dead_F.shape[0]:
                     state[key][:, dead_F] = 0
 
-    @torch.no_grad()
-    def _step_metrics(self, x_BD: Tensor, out, loss: Tensor, seconds: float) -> dict[str, float]:
-        return {
-            "step": self.step_count,
-            "loss": float(loss),
-            "mse": float(out.mse),
-            "sparsity": float(out.sparsity),
-            "aux": float(out.aux),
-            "l0": float(metrics.l0(out.latents_BF)),
-            "fvu": float(metrics.fvu(out.x_hat_BD, x_BD)),
-            "dead_fraction": self.tracker.dead_fraction(),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens_per_s": x_BD.shape[0] * self.world_size / max(seconds, 1e-9),
-            **self.l0_control.metrics(),
-        }
-
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, batches: Iterator[Any], on_step: Callable[[int], None] | None = None,
             step: Callable[[Any], dict[str, float]] | None = None) -> Iterator[dict[str, float]]:
         """Train until ``cfg.steps``; yield a metrics dict every ``log_every`` steps and at the end.
 
-        ``step`` turns one batch into one optimizer update and its metrics: :meth:`step` (reconstruction)
-        by default; other objectives pass their own, built on :meth:`update`. ``on_step(step_count)``
-        runs after every update (checkpointing)."""
+        ``step`` turns one batch into one optimizer update and returns its metrics row (at least on
+        logging steps; None elsewhere is fine): :meth:`step` (reconstruction) by default; other
+        objectives pass their own, built on :meth:`update`. ``on_step(step_count)`` runs after every
+        update (checkpointing)."""
         step = step or self.step
         for batch in batches:
             if self.step_count >= self.cfg.steps:
@@ -282,7 +295,7 @@ class Trainer:
             row = step(batch)
             if on_step is not None:
                 on_step(self.step_count)
-            if self.step_count % self.cfg.log_every == 0 or self.step_count == self.cfg.steps:
+            if self.is_log_step() and row is not None:
                 yield row
         if self.step_count < self.cfg.steps:
             logger.warning("batches ran out at step %d of %d", self.step_count, self.cfg.steps)
@@ -338,9 +351,9 @@ def evaluate(sae: SparseAutoencoder, acts_ND: Tensor, *, scaling_factor: float =
         extra = {} if targets_NO is None else {"target_BO": y * out_scale}
         out = sae(x * scaling_factor, **extra)
         sq_err += (out.x_hat_BD / out_scale - y).double().pow(2).sum(dim=0).cpu()
-        fired = out.latents_BF != 0
-        l0_sum += float(fired.sum())
-        counts_F += fired.sum(dim=0).cpu()
+        fired_F = out.fire_counts().cpu()
+        l0_sum += float(fired_F.sum())
+        counts_F += fired_F
         n += len(x)
     sae.train(was_training)
     ys = targets.double()

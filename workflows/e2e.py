@@ -190,7 +190,7 @@ def e2e_terms(trainer: Trainer, model: nn.Module, job: TrainJob, later: list[str
                   for h in later), x_ND.new_zeros(())) / max(len(later), 1)
     loss = (job.kl_coefficient * kl_sum / counts[0].clamp_min(1) + job.downstream_coefficient * ds_sum
             / counts[1].clamp_min(1)) * world + trainer.sparsity_scale() * out.sparsity + out.aux
-    sums = torch.stack([kl_sum.detach(), ds_sum.detach(), (out.latents_BF != 0).sum().float(),
+    sums = torch.stack([kl_sum.detach(), ds_sum.detach(), out.fire_counts().sum().float(),
                         x_ND.new_tensor(float(len(x_ND)))])
     return E2ETerms(loss=loss, out=out, x_ND=x_ND, sums=sums, counts=counts)
 

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from sae_core.config import ConfigError, require, strict_from_dict
 
-__all__ = ["ConfigError", "Reducer", "SAEConfig", "SAEOutput", "SparseAutoencoder", "Wiring", "mse_loss",
-           "no_reduce", "require"]
+__all__ = ["ActiveLatents", "ConfigError", "Reducer", "SAEConfig", "SAEOutput", "SparseAutoencoder", "Wiring",
+           "mse_loss", "no_reduce", "require"]
 
 # A reducer sums or takes the min/max of a tensor across data-parallel ranks; identity when single-process.
 Reducer = Callable[[Tensor, str], Tensor]
@@ -97,17 +97,73 @@ class SAEConfig:
         return dataclasses.replace(self, **changes)
 
 
-class SAEOutput(NamedTuple):
-    x_hat_BD: Tensor
-    """Reconstruction of the input."""
-    latents_BF: Tensor
-    """Latent activations (dense layout)."""
-    mse: Tensor
-    """Reconstruction loss: mean over elements of (x_hat - x)^2."""
-    sparsity: Tensor
-    """Sparsity penalty, its coefficient applied (zero for TopK-style architectures)."""
-    aux: Tensor
-    """Auxiliary losses (AuxK, gated aux reconstruction, matryoshka prefixes, ...), weighted."""
+class ActiveLatents(NamedTuple):
+    """A batch's active latents in the padded layout of the sparse kernels (``sae_core.kernels``)."""
+
+    idx_BK: Tensor
+    """Latent index of each entry; -1 pads rows with fewer than K entries."""
+    vals_BK: Tensor
+    """Each entry's activation (differentiable); 0 at padding and where a selected latent did not fire."""
+    d_sae: int
+    """Width of the dense layout."""
+
+    def dense(self) -> Tensor:
+        """The dense [B, F] latents (differentiable in ``vals_BK``)."""
+        vals_BK = torch.where(self.idx_BK >= 0, self.vals_BK, 0)
+        return vals_BK.new_zeros(self.idx_BK.shape[0], self.d_sae).scatter_add(1, self.idx_BK.clamp_min(0), vals_BK)
+
+    def fire_counts(self) -> Tensor:
+        """Rows each latent fired on, [F] int64: one bincount over B*K entries."""
+        fired_N = ((self.idx_BK >= 0) & (self.vals_BK.detach() != 0)).reshape(-1)
+        keys_N = torch.where(fired_N, self.idx_BK.reshape(-1), self.d_sae)
+        return torch.bincount(keys_N, minlength=self.d_sae + 1)[: self.d_sae]
+
+
+class SAEOutput:
+    """What a forward pass returns. A forward on the sparse path gives ``active`` and no dense latents:
+    ``latents_BF`` is then built on first read, so a training step never pays for a [B, F] it does not use."""
+
+    __slots__ = ("x_hat_BD", "mse", "sparsity", "aux", "active", "_latents_BF", "_fire_counts_F")
+
+    def __init__(self, x_hat_BD: Tensor, latents_BF: Tensor | None, mse: Tensor, sparsity: Tensor, aux: Tensor, *,
+                 active: ActiveLatents | None = None):
+        if latents_BF is None and active is None:
+            raise ValueError("an SAEOutput needs dense latents or active (sparse) latents")
+        self.x_hat_BD = x_hat_BD
+        """Reconstruction of the input."""
+        self._latents_BF = latents_BF
+        self.mse = mse
+        """Reconstruction loss: mean over elements of (x_hat - x)^2."""
+        self.sparsity = sparsity
+        """Sparsity penalty, its coefficient applied (zero for TopK-style architectures)."""
+        self.aux = aux
+        """Auxiliary losses (AuxK, gated aux reconstruction, matryoshka prefixes, ...), weighted."""
+        self.active = active
+        """The active latents in the padded sparse layout, when the forward produced them."""
+        self._fire_counts_F: Tensor | None = None
+
+    @property
+    def latents_BF(self) -> Tensor:
+        """Latent activations (dense layout)."""
+        if self._latents_BF is None:
+            self._latents_BF = self.active.dense()  # type: ignore[union-attr]
+        return self._latents_BF
+
+    def fire_counts(self) -> Tensor:
+        """Rows of the batch each latent fired on, [F] int64 (from ``active`` when present: no [B, F] pass)."""
+        if self._fire_counts_F is None:
+            if self.active is not None:
+                self._fire_counts_F = self.active.fire_counts()
+            else:
+                # A float sum over the batch is several times faster than torch's bool reductions on CPU.
+                self._fire_counts_F = (self.latents_BF.detach() != 0).float().sum(dim=0).long()
+        return self._fire_counts_F
+
+    def _replace(self, **changes: Tensor) -> SAEOutput:
+        fields = {"x_hat_BD": self.x_hat_BD, "latents_BF": self._latents_BF, "mse": self.mse,
+                  "sparsity": self.sparsity, "aux": self.aux, "active": self.active, **changes}
+        active = fields.pop("active")
+        return SAEOutput(**fields, active=active)
 
     def loss(self, sparsity_scale: float = 1.0) -> Tensor:
         """Total loss; ``sparsity_scale`` in [0, 1] is the trainer's sparsity warm-up."""
@@ -192,9 +248,11 @@ class SparseAutoencoder(nn.Module):
         """Project out the radial part of W_dec's gradient so Adam does not fight the renormalisation."""
         if not self.cfg.normalize_decoder or self.W_dec.grad is None:
             return
-        unit_FD = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        parallel_F = (self.W_dec.grad * unit_FD).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel_F * unit_FD
+        # (g . w / |w|^2) w in three passes over [F, D] and no [F, D] temporaries.
+        W_FD, grad_FD = self.W_dec, self.W_dec.grad
+        sq_norm_F = torch.linalg.vector_norm(W_FD, dim=1).clamp_min(1e-8).square()
+        parallel_F1 = torch.bmm(grad_FD.unsqueeze(1), W_FD.unsqueeze(2)).squeeze(2) / sq_norm_F[:, None]
+        grad_FD.addcmul_(parallel_F1, W_FD, value=-1.0)
 
     @property
     def d_out(self) -> int:

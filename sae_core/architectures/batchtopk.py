@@ -11,12 +11,21 @@ Like TopK, an AuxK loss on dead latents keeps them learning (``auxk_loss`` from 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from sae_core import kernels
-from sae_core.architectures.base import Reducer, SAEConfig, SAEOutput, SparseAutoencoder, mse_loss, no_reduce
+from sae_core.architectures.base import (
+    ActiveLatents,
+    Reducer,
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    mse_loss,
+    no_reduce,
+)
 from sae_core.architectures.common import KSparsityFields, ThresholdEMAFields, update_threshold_ema
 from sae_core.architectures.topk import auxk_term
 from sae_core.registry import register
@@ -32,6 +41,35 @@ def batch_topk(h_BF: Tensor, k: int) -> Tensor:
     flat = torch.relu(h_BF).flatten()
     vals_N, idx_N = flat.topk(min(k * h_BF.shape[0], flat.numel()), sorted=False)
     return torch.zeros_like(flat).scatter(0, idx_N, vals_N).view_as(h_BF)
+
+
+def batch_topk_entries(h_BF: Tensor, k: int) -> Tensor:
+    """idx_BK (padded, -1) of the k*B largest pre-activations of the whole batch. Which of the non-positive
+    ones fill the k*B when too few are positive does not matter: relu makes them 0."""
+    B, F = h_BF.shape
+    flat_N = top_entries(h_BF.flatten(), min(k * B, h_BF.numel()))  # ascending: row by row
+    return kernels.padded_entries(flat_N // F, flat_N % F, B)
+
+
+def top_entries(values_N: Tensor, n: int, sample: int = 1 << 16, min_n: int = 1 << 14) -> Tensor:
+    """Positions of the n largest values in ascending order (of equal values at the boundary, the first),
+    without torch.topk's sort of a whole batch: a strided sample estimates a value that about 1.5n entries
+    reach, one pass collects those candidates (in order), and a selection among them finds the exact n-th
+    largest. Exact: when fewer than n entries reach the estimate, it falls back to the full topk."""
+    N = values_N.numel()
+    stride = max(N // sample, 1)
+    if n < min_n or n >= N // 4 or stride == 1:  # where torch's own topk is fast
+        return values_N.topk(n, sorted=False).indices.sort().values
+    sampled = values_N[::stride]
+    estimate = sampled.topk(min(int(1.5 * n / stride) + 16, len(sampled)), sorted=False).values.min()
+    candidates_M = (values_N >= estimate).nonzero().squeeze(1)
+    if len(candidates_M) < n:
+        return values_N.topk(n, sorted=False).indices.sort().values
+    values_M = values_N[candidates_M]
+    nth = values_M.kthvalue(len(values_M) - n + 1).values
+    above_M, tied_M = values_M > nth, values_M == nth
+    keep_M = above_M | (tied_M & (tied_M.cumsum(0) <= n - above_M.sum()))
+    return candidates_M[keep_M]
 
 
 def padded_sparse_decode(latents_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor) -> Tensor:
@@ -57,20 +95,30 @@ class BatchTopKSAE(SparseAutoencoder):
     def decode(self, latents_BF: Tensor) -> Tensor:
         return padded_sparse_decode(latents_BF, self.W_dec, self.b_dec)
 
+    def active(self, x_BD: Tensor) -> ActiveLatents:
+        """The active latents of x: in training the batch-wise top k*B, selected on the pre-activations
+        with a sparse encoder backward; at inference the thresholded ones."""
+        if not self.training:
+            return ActiveLatents(*kernels.to_padded(self.encode(x_BD)), self.cfg.d_sae)
+        input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        h_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
+                                                    partial(batch_topk_entries, k=self.cfg.k), input_bias_D)
+        return ActiveLatents(idx_BK, torch.relu(h_BK), self.cfg.d_sae)
+
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
-        latents_BF = self.encode(x_BD)
-        x_hat_BD = self.decode(latents_BF)
+        active = self.active(x_BD)
+        x_hat_BD = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
         zero = x_BD.new_zeros(())
         aux = auxk_term(self, x_BD, x_hat_BD, dead_mask_F)
-        return SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), zero, aux)
+        return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), zero, aux, active=active)
 
     @torch.no_grad()
     def update_running_stats(self, out: SAEOutput, reduce: Reducer = no_reduce) -> None:
         """Fold this step's smallest kept activation (min over all ranks) into the threshold EMA."""
         if not self.training:
             return
-        latents_BF = out.latents_BF.detach().float()
-        min_kept = torch.where(latents_BF > 0, latents_BF, torch.inf).min()
+        kept = (out.active.vals_BK if out.active is not None else out.latents_BF).detach().float()
+        min_kept = torch.where(kept > 0, kept, torch.inf).min()
         update_threshold_ema(self.threshold, min_kept, self.cfg.threshold_momentum, reduce)
 
 

@@ -25,8 +25,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, Wiring, mse_loss, require
-from sae_core.architectures.common import require_choice
+from sae_core import kernels
+from sae_core.architectures.base import (
+    ActiveLatents,
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    Wiring,
+    mse_loss,
+    require,
+)
+from sae_core.architectures.common import PathChoice, require_choice
 from sae_core.architectures.relu import weighted_l1
 from sae_core.architectures.topk import topk_dense
 from sae_core.l0 import TargetL0Fields
@@ -74,6 +83,7 @@ class Crosscoder(SparseAutoencoder):
         self.W_dec = nn.Parameter(W_dec_FSD)
         self.W_enc = nn.Parameter(W_dec_FSD.permute(1, 2, 0).clone())
         self.b_dec = nn.Parameter(torch.zeros(S, D))
+        self.path = PathChoice()
 
     @property
     def homogeneous(self) -> bool:  # type: ignore[override]
@@ -124,11 +134,35 @@ class Crosscoder(SparseAutoencoder):
         return self.cfg.l1_coefficient * weighted_l1(latents_BF, self.decoder_norms(), self.cfg.d_in)
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
+        """Sparse for topk, and for relu in training while few latents fire; dense otherwise."""
+        topk = self.cfg.activation == "topk"
+        if topk or (self.training and self.path.sparse()):
+            return self.sparse_forward(x_BD)
         h_BF = self.pre_acts(x_BD)
         latents_BF = self.activation(h_BF)
         x_hat = self.decode(latents_BF)
         zero = x_hat.new_zeros(())
+        self.path.observe(latents_BF)
         return SAEOutput(x_hat, latents_BF, mse_loss(x_hat, x_BD), self.sparsity_loss(latents_BF, h_BF), zero)
+
+    def sparse_forward(self, x: Tensor) -> SAEOutput:
+        """The sources read as one input of width S*D (W_enc [S, D, F] is [S*D, F], W_dec [F, S, D] is
+        [F, S*D]), so the flat SAE's sparse kernels apply unchanged."""
+        x_BSD = self._sources(x)
+        B, F = x_BSD.shape[0], self.cfg.d_sae
+        x_BN, W_enc_NF, W_dec_FN = x_BSD.reshape(B, -1), self.W_enc.reshape(-1, F), self.W_dec.reshape(F, -1)
+        input_bias_N = self.b_dec.reshape(-1) if self.cfg.apply_b_dec_to_input else None
+        if self.cfg.activation == "topk":
+            vals_BK, idx_BK = kernels.topk_encode(x_BN, W_enc_NF, self.b_enc, self.cfg.k, input_bias_N)
+        else:
+            h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BN, W_enc_NF, self.b_enc,
+                                                           lambda h: self.path.entries(h > 0), input_bias_N)
+            vals_BK = torch.relu(h_BK)
+        active = ActiveLatents(idx_BK, vals_BK, F)
+        x_hat = self._layout(kernels.sparse_decode(idx_BK, vals_BK, W_dec_FN, self.b_dec.reshape(-1)).view_as(x_BSD))
+        zero = x_hat.new_zeros(())
+        sparsity = zero if self.cfg.activation == "topk" else self.sparsity_loss(active.dense(), h_BF)
+        return SAEOutput(x_hat, None, mse_loss(x_hat, x), sparsity, zero, active=active)
 
     # -- training mechanics: a latent's decoder row is [S, D] -------------------------------------
     @torch.no_grad()

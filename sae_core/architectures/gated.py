@@ -18,7 +18,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, mse_loss, require
+from sae_core import kernels
+from sae_core.architectures.base import (
+    ActiveLatents,
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    mse_loss,
+    require,
+)
+from sae_core.architectures.common import PathChoice
 from sae_core.architectures.relu import weighted_l1
 from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
@@ -56,6 +65,7 @@ class GatedSAE(SparseAutoencoder):
         self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.path = PathChoice()
 
     def paths(self, x_BD: Tensor) -> GatePaths:
         x_in_BF = self.encoder_input(x_BD) @ self.encoder_weight()
@@ -72,6 +82,33 @@ class GatedSAE(SparseAutoencoder):
         return self.combine(self.paths(x_BD))
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
+        if self.training and self.path.sparse():
+            return self.sparse_forward(x_BD)
+        out = self.dense_forward(x_BD)
+        self.path.observe(out.latents_BF)
+        return out
+
+    def sparse_forward(self, x_BD: Tensor) -> SAEOutput:
+        """The dense forward restricted to the entries whose gate is open (the only ones with a non-zero
+        latent, L1 term or aux reconstruction): selected on pi_gate, decoded sparsely, and only they get
+        encoder gradient."""
+        input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        gate_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_gate,
+                                                       lambda h: self.path.entries(h > 0), input_bias_D)
+        at = idx_BK.clamp_min(0)
+        mag_BK = (gate_BK - self.b_gate[at]) * self.r_mag[at].exp() + self.b_mag[at]
+        active = ActiveLatents(idx_BK, torch.relu(mag_BK), self.cfg.d_sae)
+        x_hat_BD = kernels.sparse_decode(idx_BK, active.vals_BK, self.W_dec, self.b_dec)
+        gate_acts_BK = torch.relu(gate_BK)  # 0 at padding (gate_BK is 0 there)
+        norms_BK = torch.where(idx_BK >= 0, self.decoder_norms()[at], 0)
+        l1 = (gate_acts_BK * norms_BK).sum() / (x_BD.shape[0] * self.cfg.d_in)
+        aux = x_BD.new_zeros(())
+        if self.cfg.aux_coefficient:
+            x_frozen_BD = kernels.sparse_decode(idx_BK, gate_acts_BK, self.W_dec.detach(), self.b_dec.detach())
+            aux = self.cfg.aux_coefficient * mse_loss(x_frozen_BD, x_BD)
+        return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), self.cfg.l1_coefficient * l1, aux, active=active)
+
+    def dense_forward(self, x_BD: Tensor) -> SAEOutput:
         paths = self.paths(x_BD)
         latents_BF = self.combine(paths)
         x_hat_BD = self.decode(latents_BF)

@@ -27,8 +27,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, require
-from sae_core.architectures.common import JumpReLUFields, log_threshold_to_saved, saved_to_log_threshold
+from sae_core import kernels
+from sae_core.architectures.base import (
+    ActiveLatents,
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    mse_loss,
+    require,
+)
+from sae_core.architectures.common import (
+    JumpReLUFields,
+    PathChoice,
+    log_threshold_to_saved,
+    saved_to_log_threshold,
+)
 from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
@@ -66,7 +79,8 @@ class _JumpReLUFn(torch.autograd.Function):
         eps = ctx.bandwidth
         grad_h_BF = grad_BF * (h_BF > theta_F)
         grad_theta_BF = -(theta_F / eps) * rectangle((h_BF - theta_F) / eps) * grad_BF
-        return grad_h_BF, grad_theta_BF.sum(dim=0), None
+        # theta [F] is shared by the rows; a per-entry theta [B, K] (the sparse path) gets its own gradient.
+        return grad_h_BF, grad_theta_BF if theta_F.dim() == 2 else grad_theta_BF.sum(dim=0), None
 
 
 class _HeavisideFn(torch.autograd.Function):
@@ -79,11 +93,14 @@ class _HeavisideFn(torch.autograd.Function):
         return (h_BF > theta_F).to(h_BF.dtype)
 
     @staticmethod
-    def backward(ctx, grad_BF: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx, grad_BF: Tensor) -> tuple[Tensor | None, Tensor, None]:
         h_BF, theta_F = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta_BF = -(1.0 / eps) * rectangle((h_BF - theta_F) / eps) * grad_BF
-        return torch.zeros_like(h_BF), grad_theta_BF.sum(dim=0), None
+        # rectangle((h - theta) / eps) != 0 exactly where |h - theta| < eps / 2: a mask, no float [B, F] kernel.
+        window_BF = (h_BF - theta_F).abs_() < eps / 2
+        grad_theta_F = torch.where(window_BF, grad_BF, 0).sum(dim=0) * (-1.0 / eps)
+        # The gradient for h is zero by definition: none at all when h needs none (a detached h).
+        return (torch.zeros_like(h_BF) if ctx.needs_input_grad[0] else None), grad_theta_F, None
 
 
 def jumprelu(h_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
@@ -122,9 +139,28 @@ class JumpReLUSAE(SparseAutoencoder):
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
+        self.path = PathChoice()
 
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
+
+    def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
+        """Dense, or (in training, while few latents fire and the pre-activation loss is off) sparse: the
+        entries above theta - bandwidth/2 (the active ones and the straight-through window) are selected,
+        decoded sparsely, and only they get encoder gradient."""
+        if not (self.training and self.path.sparse() and self.cfg.pre_act_loss_coefficient == 0):
+            out = super().forward(x_BD, dead_mask_F=dead_mask_F)
+            self.path.observe(out.latents_BF)
+            return out
+        theta_F = self.threshold()
+        lowest_F = (theta_F - self.cfg.bandwidth / 2).detach()
+        input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
+                                                       lambda h: self.path.entries(h > lowest_F), input_bias_D)
+        active = ActiveLatents(idx_BK, jumprelu(h_BK, theta_F[idx_BK.clamp_min(0)], self.cfg.bandwidth), self.cfg.d_sae)
+        x_hat_BD = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
+        sparsity = self.sparsity_loss(active.dense(), h_BF)
+        return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), sparsity, x_BD.new_zeros(()), active=active)
 
     def activation(self, h_BF: Tensor) -> Tensor:
         return jumprelu(h_BF, self.threshold(), self.cfg.bandwidth)

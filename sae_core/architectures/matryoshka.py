@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from sae_core.architectures.base import SAEOutput, mse_loss, require
+from sae_core import kernels
+from sae_core.architectures.base import ActiveLatents, SAEOutput, mse_loss, require
 from sae_core.architectures.batchtopk import BatchTopKConfig, BatchTopKSAE
 from sae_core.architectures.topk import auxk_term
 from sae_core.registry import register
@@ -44,7 +46,8 @@ class MatryoshkaConfig(BatchTopKConfig):
 
 
 def prefix_reconstructions(latents_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor, prefixes: list[int]) -> list[Tensor]:
-    """x_hat_m = latents[:, :m] @ W_dec[:m] + b_dec for each m, built cumulatively group by group."""
+    """x_hat_m = latents[:, :m] @ W_dec[:m] + b_dec for each m, built cumulatively group by group (the
+    dense definition; the module computes the same from one sparse decode)."""
     recons, acc_BD, start = [], b_dec_D.expand(latents_BF.shape[0], -1), 0
     for end in prefixes:
         acc_BD = acc_BD + latents_BF[:, start:end] @ W_dec_FD[start:end]
@@ -53,15 +56,29 @@ def prefix_reconstructions(latents_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor
     return recons
 
 
+def sparse_prefix_reconstructions(active: ActiveLatents, W_dec_FD: Tensor, b_dec_D: Tensor,
+                                  prefixes: list[int]) -> Tensor:
+    """[G, B, D]: x_hat_m for each of the G prefixes, from one sparse decode of G*B virtual rows (row (g, b)
+    holds row b's entries in group g = latents [prefixes[g-1], prefixes[g])), then prefix sums over g."""
+    idx_BK, vals_BK = active.idx_BK, active.vals_BK
+    G, (B, K) = len(prefixes), idx_BK.shape
+    group_BK = torch.bucketize(idx_BK, torch.tensor(prefixes[:-1], device=idx_BK.device), right=True)
+    in_group_GBK = group_BK == torch.arange(G, device=idx_BK.device)[:, None, None]
+    idx_NK = torch.where(in_group_GBK, idx_BK, -1).reshape(G * B, K)
+    vals_NK = vals_BK.expand(G, B, K).reshape(G * B, K)
+    partial_GBD = kernels.sparse_decode(idx_NK, vals_NK, W_dec_FD, torch.zeros_like(b_dec_D)).view(G, B, -1)
+    return partial_GBD.cumsum(dim=0) + b_dec_D
+
+
 class MatryoshkaSAE(BatchTopKSAE):
     cfg: MatryoshkaConfig
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
-        latents_BF = self.encode(x_BD)
-        *partial, x_hat_BD = prefix_reconstructions(latents_BF, self.W_dec, self.b_dec, self.cfg.prefix_sizes())
+        active = self.active(x_BD)
+        *partial, x_hat_BD = sparse_prefix_reconstructions(active, self.W_dec, self.b_dec, self.cfg.prefix_sizes())
         prefix_mse = sum((mse_loss(r, x_BD) for r in partial), x_BD.new_zeros(()))
         aux = prefix_mse + auxk_term(self, x_BD, x_hat_BD, dead_mask_F)
-        return SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), x_BD.new_zeros(()), aux)
+        return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), x_BD.new_zeros(()), aux, active=active)
 
 
 register("matryoshka", MatryoshkaConfig, MatryoshkaSAE,

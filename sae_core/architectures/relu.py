@@ -14,7 +14,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sae_core.architectures.base import SAEConfig, SparseAutoencoder, require
+from sae_core import kernels
+from sae_core.architectures.base import (
+    ActiveLatents,
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    mse_loss,
+    require,
+)
+from sae_core.architectures.common import PathChoice
 from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
@@ -52,8 +61,27 @@ class ReLUSAE(SparseAutoencoder):
     homogeneous = True
     cfg: ReLUConfig
 
+    def __init__(self, cfg: ReLUConfig):
+        super().__init__(cfg)
+        self.path = PathChoice()
+
     def activation(self, h_BF: Tensor) -> Tensor:
         return torch.relu(h_BF)
+
+    def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
+        """Dense, or (in training, while few latents fire) sparse: the positive pre-activations are
+        selected, decoded sparsely, and only they get encoder gradient."""
+        if not (self.training and self.path.sparse()):
+            out = super().forward(x_BD, dead_mask_F=dead_mask_F)
+            self.path.observe(out.latents_BF)
+            return out
+        input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
+                                                       lambda h: self.path.entries(h > 0), input_bias_D)
+        active = ActiveLatents(idx_BK, torch.relu(h_BK), self.cfg.d_sae)
+        x_hat_BD = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
+        sparsity = self.sparsity_loss(active.dense(), h_BF)
+        return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), sparsity, x_BD.new_zeros(()), active=active)
 
     def sparsity_loss(self, latents_BF: Tensor, h_BF: Tensor) -> Tensor:
         return self.cfg.l1_coefficient * weighted_l1(latents_BF, self.decoder_norms(), self.cfg.d_in)

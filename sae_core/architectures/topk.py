@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from sae_core import kernels
-from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, mse_loss
+from sae_core.architectures.base import ActiveLatents, SAEConfig, SAEOutput, SparseAutoencoder, mse_loss
 from sae_core.architectures.common import KSparsityFields
 from sae_core.registry import register
 
@@ -65,11 +65,13 @@ class TopKSAE(SparseAutoencoder):
         return topk_dense(h_BF, self.cfg.k)
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
-        vals_BK, idx_BK, latents_BF = kernels.topk_encode_dense(
-            self.encoder_input(x_BD), self.encoder_weight(), self.b_enc, self.cfg.k)
+        input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        vals_BK, idx_BK = kernels.topk_encode(x_BD, self.encoder_weight(), self.b_enc, self.cfg.k, input_bias_D)
         x_hat_BD = kernels.sparse_decode(idx_BK, vals_BK, self.W_dec, self.b_dec)
         zero = x_BD.new_zeros(())
-        return SAEOutput(x_hat_BD, latents_BF, mse_loss(x_hat_BD, x_BD), zero, auxk_term(self, x_BD, x_hat_BD, dead_mask_F))
+        aux = auxk_term(self, x_BD, x_hat_BD, dead_mask_F)
+        active = ActiveLatents(idx_BK, vals_BK, self.cfg.d_sae)
+        return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), zero, aux, active=active)
 
     def saelens_cfg_extra(self) -> dict[str, Any]:
         return {"k": self.cfg.k}

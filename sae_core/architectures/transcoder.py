@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from sae_core import kernels
 from sae_core.architectures.base import (
+    ActiveLatents,
     Reducer,
     SAEConfig,
     SAEOutput,
@@ -40,10 +42,11 @@ from sae_core.architectures.base import (
     no_reduce,
     require,
 )
-from sae_core.architectures.batchtopk import batch_topk, padded_sparse_decode
+from sae_core.architectures.batchtopk import batch_topk, batch_topk_entries, padded_sparse_decode
 from sae_core.architectures.common import (
     JumpReLUFields,
     KSparsityFields,
+    PathChoice,
     ThresholdEMAFields,
     log_threshold_to_saved,
     require_choice,
@@ -115,6 +118,7 @@ class Transcoder(SparseAutoencoder):
         if self.skip:
             self.W_skip = nn.Parameter(torch.zeros(d_out, cfg.d_in))
         self._batch_threshold: Tensor | None = None
+        self.path = PathChoice()
 
     # -- SAELens naming ---------------------------------------------------------------------------
     @property
@@ -157,23 +161,58 @@ class Transcoder(SparseAutoencoder):
             raise ValueError(f"this transcoder maps d_in={self.cfg.d_in} to d_out={self.cfg.d_out}: training needs the "
                              "target, forward(x, target_BO=y)")
         act, batchwise = self.cfg.activation, self.training and self.cfg.activation in ("topk", "batchtopk")
-        if batchwise and act == "topk":  # the sparse kernels: no dense pre-activations, no dense decode
-            vals_BK, idx_BK, latents_BF = kernels.topk_encode_dense(x_BD, self.W_enc, self.b_enc, self.cfg.k)
-            y_hat_BO = kernels.sparse_decode(idx_BK, vals_BK, self.W_dec, self.b_dec)
-            self._batch_threshold = self._sampled_threshold(x_BD)
+        active, h_BF = None, None
+        if batchwise or (self.training and self.path.sparse()):  # the sparse kernels: no dense decode
+            active, h_BF = self._sparse_active(x_BD)
+            latents_BF = None
+            y_hat_BO = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
         else:
             h_BF = self.pre_acts(x_BD)
             latents_BF = self.activation(h_BF)
-            y_hat_BO = padded_sparse_decode(latents_BF, self.W_dec, self.b_dec) if act != "relu" else self.decode(latents_BF)
-            if batchwise:  # BatchTopK's own rule: the smallest activation it kept
-                kept = latents_BF.detach()[latents_BF.detach() > 0]
-                self._batch_threshold = kept.min() if kept.numel() else None
+            if act == "jumprelu":  # the straight-through window below theta needs d loss / d latent at zeros too
+                window_BF = h_BF.detach() > (self.log_threshold.exp() - self.cfg.bandwidth / 2).detach()
+                y_hat_BO = kernels.sparse_decode(*kernels.to_padded(latents_BF, window_BF), self.W_dec, self.b_dec)
+            else:
+                y_hat_BO = padded_sparse_decode(latents_BF, self.W_dec, self.b_dec) if act != "relu" else self.decode(latents_BF)
+            if self.training:
+                self.path.observe(latents_BF)
         y_hat_BO = y_hat_BO + self.skip_term(x_BD)
         if y_BO.shape != y_hat_BO.shape:  # inference without a target: nothing to measure the error against
             y_BO = y_hat_BO.detach()
         aux = auxk_term(self, x_BD, y_hat_BO, dead_mask_F, target_BD=y_BO) if batchwise else y_hat_BO.new_zeros(())
-        sparsity = self.sparsity_loss(latents_BF, h_BF) if not batchwise else aux.new_zeros(())
-        return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), sparsity, aux)
+        if batchwise:
+            sparsity = aux.new_zeros(())
+        else:
+            sparsity = self.sparsity_loss(active.dense() if latents_BF is None else latents_BF, h_BF)
+        return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), sparsity, aux, active=active)
+
+    def _sparse_active(self, x_BD: Tensor) -> tuple[ActiveLatents, Tensor | None]:
+        """The training step's active latents without a dense decode (and the detached dense pre-activations
+        when the rule computed them): TopK through its fused kernel; BatchTopK, ReLU and JumpReLU (the active
+        entries and the straight-through window) selected on the pre-activations with a sparse encoder
+        backward. Sets the batch's threshold estimate for the TopK family."""
+        act, F = self.cfg.activation, self.cfg.d_sae
+        if act == "topk":
+            vals_BK, idx_BK = kernels.topk_encode(x_BD, self.W_enc, self.b_enc, self.cfg.k)
+            self._batch_threshold = self._sampled_threshold(x_BD)
+            return ActiveLatents(idx_BK, vals_BK, F), None
+        if act == "batchtopk":
+            select = partial(batch_topk_entries, k=self.cfg.k)
+        elif act == "relu":
+            select = lambda h: self.path.entries(h > 0)  # noqa: E731
+        else:
+            theta_F = self.log_threshold.exp()
+            lowest_F = (theta_F - self.cfg.bandwidth / 2).detach()
+            select = lambda h: self.path.entries(h > lowest_F)  # noqa: E731
+        h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BD, self.W_enc, self.b_enc, select)
+        if act == "jumprelu":
+            vals_BK = jumprelu(h_BK, theta_F[idx_BK.clamp_min(0)], self.cfg.bandwidth)
+        else:
+            vals_BK = torch.relu(h_BK)
+        if act == "batchtopk":  # BatchTopK's own rule: the smallest activation it kept (inf: none, ignored)
+            kept_BK = vals_BK.detach()
+            self._batch_threshold = torch.where(kept_BK > 0, kept_BK, torch.inf).min()
+        return ActiveLatents(idx_BK, vals_BK, F), h_BF
 
     @torch.no_grad()
     def _sampled_threshold(self, x_BD: Tensor) -> Tensor:

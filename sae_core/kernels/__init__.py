@@ -3,14 +3,17 @@
 Public operations (autograd-aware; the implementation is chosen per call from the device and
 the environment variable ``SAE_KERNELS``):
 
-- ``topk_encode(x_BD, W_enc_DF, b_enc_F, k) -> (vals_BK, idx_BK)``: relu of the k largest
-  pre-activations of each row; its backward sends gradient only to the selected columns.
+- ``topk_encode(x_BD, W_enc_DF, b_enc_F, k, input_bias_D=None) -> (vals_BK, idx_BK)``: relu of the k
+  largest pre-activations (x - input_bias) @ W_enc + b_enc of each row; its backward sends gradient only
+  to the selected columns.
 - ``sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D) -> x_hat_BD``: sum_j vals[b,j] * W_dec[idx[b,j]] + b_dec.
   Index -1 marks padding (rows with fewer than K non-zeros).
-- ``topk_encode_dense(...) -> (vals_BK, idx_BK, latents_BF)``: the same plus the dense latents, built
-  in the pre-activations' buffer (one [B, F] allocation instead of two).
 - ``to_padded(latents_BF, support_BF=None) -> (idx_BK, vals_BK)``: the padded layout of dense latents
   with a variable number of non-zeros per row (JumpReLU, BatchTopK), differentiable in the values.
+- ``selected_pre_acts(x_BD, W_enc_DF, b_enc_F, select, input_bias_D=None) -> (h_BK, idx_BK, h_BF)``: the
+  pre-activations at the entries a rule picks (BatchTopK's k*B over the batch, a threshold), for
+  architectures whose active set is not k per row; the encoder backward touches only those entries.
+- ``padded_entries(rows_N, cols_N, B) -> idx_BK``: the padded layout of (row, column) entries.
 
 ``SAE_KERNELS``: ``auto`` (default: CUDA kernels on CUDA tensors, the C++ CPU twin on CPU tensors,
 pure torch where neither is built), ``torch`` (the pure-torch sparse path), ``reference`` (the eager
@@ -21,13 +24,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from sae_core.kernels import build
 from sae_core.kernels.backends import CpuBackend, CudaBackend, TorchBackend
-from sae_core.kernels.ops import SparseDecode, TopKEncode, to_padded
+from sae_core.kernels.ops import SelectedPreActs, SparseDecode, TopKEncode, padded_entries, to_padded
 from sae_core.kernels.reference import sparse_decode_reference, topk_encode_reference
 
 MODES = ("auto", "torch", "reference")
@@ -70,30 +74,34 @@ def sparse_decode(idx_BK: Tensor, vals_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Te
     return SparseDecode.apply(idx_BK, vals_BK, W_dec_FD, b_dec_D, backend)
 
 
-def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
+                input_bias_D: Tensor | None = None) -> tuple[Tensor, Tensor]:
     backend = backend_for(W_enc_DF.device)
     if backend is None:
-        return topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k)
-    vals_BK, idx_BK, _ = TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, k, False, backend)
-    return vals_BK, idx_BK
+        return topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k, input_bias_D)
+    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, k, backend)
 
 
-def topk_encode_dense(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``topk_encode`` plus the dense latents_BF (differentiable), built in the pre-activations' buffer."""
+def selected_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: Callable[[Tensor], Tensor],
+                      input_bias_D: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(h_BK, idx_BK, h_BF): h = (x - input_bias) @ W_enc + b_enc at the entries ``select(h_BF)`` returns
+    (padded, -1 padding; chosen without gradient), differentiable with a backward that touches only
+    those entries, and h_BF itself detached."""
     backend = backend_for(W_enc_DF.device)
     if backend is None:
-        vals_BK, idx_BK = topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k)
-        latents_BF = torch.zeros(x_BD.shape[0], W_enc_DF.shape[1], dtype=vals_BK.dtype, device=vals_BK.device)
-        return vals_BK, idx_BK, latents_BF.scatter_(1, idx_BK, vals_BK)
-    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, k, True, backend)
+        h_BF = (x_BD if input_bias_D is None else x_BD - input_bias_D) @ W_enc_DF + b_enc_F
+        idx_BK = select(h_BF.detach())
+        return torch.where(idx_BK >= 0, h_BF.gather(1, idx_BK.clamp_min(0)), 0), idx_BK, h_BF.detach()
+    return SelectedPreActs.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, select, backend)
 
 
 __all__ = [
     "backend_name",
+    "padded_entries",
+    "selected_pre_acts",
     "sparse_decode",
     "sparse_decode_reference",
     "to_padded",
     "topk_encode",
-    "topk_encode_dense",
     "topk_encode_reference",
 ]

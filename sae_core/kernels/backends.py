@@ -3,7 +3,8 @@
 - ``gather_sum(idx_BK, vals_BK, table_FD, bias_D)``: out[b] = sum_j vals[b,j] * table[idx[b,j]] (+ bias)
 - ``row_dots(idx_BK, src_BD, table_FD)``: out[b,j] = dot(src[b], table[idx[b,j]])
 - ``scatter_rows(idx_BK, vals_BK, src_BD, n_rows)``: out[f] = sum over idx[b,j] == f of vals[b,j] * src[b]
-  (the transpose of gather_sum; reduced per row through a CSR view, no atomics)
+  (the transpose of gather_sum; reduced per row through a CSR view, no atomics), and ``scatter_cols``,
+  the same written transposed [D, n_rows] (an encoder weight gradient in W_enc's layout)
 plus ``topk(h_BF, k)``. Index -1 is padding and contributes nothing. The torch backend runs anywhere
 (any dtype, no compiler); the CPU and CUDA backends call the compiled libraries for the dtypes they
 support and defer to it otherwise.
@@ -84,6 +85,10 @@ class TorchBackend:
                                  per_sample_weights=weights_N)
         return out_RD.to(src_BD.dtype)
 
+    def scatter_cols(self, idx_BK: Tensor, vals_BK: Tensor, src_BD: Tensor, n_rows: int) -> Tensor:
+        """``scatter_rows`` transposed: [D, n_rows], contiguous."""
+        return self.scatter_rows(idx_BK, vals_BK, src_BD, n_rows).t().contiguous()
+
     def topk(self, h_BF: Tensor, k: int, bias_F: Tensor | None = None, densify: bool = False) -> tuple[Tensor, Tensor]:
         """The k largest of each row of h + bias (unsorted). h_BF is scratch: with ``densify`` it is left
         holding the dense latents (relu of the selected values, zeros elsewhere), otherwise unspecified."""
@@ -135,15 +140,23 @@ class CpuBackend(TorchBackend):
     def scatter_rows(self, idx_BK: Tensor, vals_BK: Tensor, src_BD: Tensor, n_rows: int) -> Tensor:
         if src_BD.dtype != torch.float32 or vals_BK.dtype != torch.float32:
             return super().scatter_rows(idx_BK, vals_BK, src_BD, n_rows)
+        return self._scatter("sae_cpu_scatter_rows", idx_BK, vals_BK, src_BD, n_rows)
+
+    def scatter_cols(self, idx_BK: Tensor, vals_BK: Tensor, src_BD: Tensor, n_rows: int) -> Tensor:
+        if src_BD.dtype != torch.float32 or vals_BK.dtype != torch.float32:
+            return super().scatter_cols(idx_BK, vals_BK, src_BD, n_rows)
+        return self._scatter("sae_cpu_scatter_cols", idx_BK, vals_BK, src_BD, n_rows)
+
+    def _scatter(self, fn_name: str, idx_BK: Tensor, vals_BK: Tensor, src_BD: Tensor, n_rows: int) -> Tensor:
         K, D = idx_BK.shape[1], src_BD.shape[1]
         idx_BK, vals_BK, src_BD = idx_BK.long().contiguous(), vals_BK.contiguous(), src_BD.contiguous()
         perm_N = torch.empty(idx_BK.numel(), dtype=torch.int64)
         offsets_R1 = torch.empty(n_rows + 1, dtype=torch.int64)
         self.lib.sae_cpu_csr(ptr(idx_BK), idx_BK.numel(), n_rows, ptr(perm_N), ptr(offsets_R1))
-        out_RD = torch.empty(n_rows, D)
-        self.lib.sae_cpu_scatter_rows(ptr(perm_N), ptr(offsets_R1), ptr(vals_BK), ptr(src_BD), ptr(out_RD),
-                                      n_rows, K, D, self.threads(idx_BK.numel() * D + n_rows * D))
-        return out_RD
+        out = torch.empty(n_rows * D)  # [n_rows, D] or its transpose: every element written
+        getattr(self.lib, fn_name)(ptr(perm_N), ptr(offsets_R1), ptr(vals_BK), ptr(src_BD), ptr(out), n_rows, K, D,
+                                   self.threads(idx_BK.numel() * D + n_rows * D))
+        return out.view(n_rows, D) if fn_name == "sae_cpu_scatter_rows" else out.view(D, n_rows)
 
     def topk(self, h_BF: Tensor, k: int, bias_F: Tensor | None = None, densify: bool = False) -> tuple[Tensor, Tensor]:
         fits = 1 <= k <= min(self.TOPK_MAX_K, h_BF.shape[1]) and h_BF.is_contiguous()
@@ -204,10 +217,18 @@ class CudaBackend(TorchBackend):
     def scatter_rows(self, idx_BK: Tensor, vals_BK: Tensor, src_BD: Tensor, n_rows: int) -> Tensor:
         if not self.supported(idx_BK, src_BD, vals_BK):
             return super().scatter_rows(idx_BK, vals_BK, src_BD, n_rows)
+        return self._scatter(idx_BK, vals_BK, src_BD, n_rows, transposed=False)
+
+    def scatter_cols(self, idx_BK: Tensor, vals_BK: Tensor, src_BD: Tensor, n_rows: int) -> Tensor:
+        if not self.supported(idx_BK, src_BD, vals_BK):
+            return super().scatter_cols(idx_BK, vals_BK, src_BD, n_rows)
+        return self._scatter(idx_BK, vals_BK, src_BD, n_rows, transposed=True)
+
+    def _scatter(self, idx_BK: Tensor, vals_BK: Tensor, src_BD: Tensor, n_rows: int, transposed: bool) -> Tensor:
         K, D = idx_BK.shape[1], src_BD.shape[1]
         perm_N, offsets_R1 = csr(idx_BK, n_rows)
         vals_BK, src_BD = vals_BK.contiguous(), src_BD.contiguous()
-        out_RD = src_BD.new_empty(n_rows, D)
+        out = src_BD.new_empty(D, n_rows) if transposed else src_BD.new_empty(n_rows, D)
         self.call("sae_cuda_scatter_rows", idx_BK.device, self.DTYPES[src_BD.dtype], ptr(perm_N), ptr(offsets_R1),
-                  ptr(vals_BK), ptr(src_BD), ptr(out_RD), n_rows, K, D)
-        return out_RD
+                  ptr(vals_BK), ptr(src_BD), ptr(out), n_rows, K, D, int(transposed))
+        return out

@@ -107,6 +107,7 @@ def cpu_library() -> ctypes.CDLL | None:
         "sae_cpu_gather_sum": [P, P, P, P, I64, I64, I64, I64, INT],
         "sae_cpu_row_dots": [P, P, P, P, I64, I64, I64, I64, INT],
         "sae_cpu_scatter_rows": [P, P, P, P, P, I64, I64, I64, INT],
+        "sae_cpu_scatter_cols": [P, P, P, P, P, I64, I64, I64, INT],
         "sae_cpu_topk": [P, P, P, P, I64, I64, I64, INT, INT],
         "sae_cpu_csr": [P, I64, I64, P, P],
     }, None)
@@ -121,5 +122,5 @@ def cuda_library() -> ctypes.CDLL | None:
     return _declare(lib, {
         "sae_cuda_gather_sum": [INT, P, P, P, P, P, I64, I64, I64, I64, P],
         "sae_cuda_row_dots": [INT, P, P, P, P, I64, I64, I64, I64, P],
-        "sae_cuda_scatter_rows": [INT, P, P, P, P, P, I64, I64, I64, P],
+        "sae_cuda_scatter_rows": [INT, P, P, P, P, P, I64, I64, I64, INT, P],
     }, ctypes.c_int)

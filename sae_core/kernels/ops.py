@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -39,57 +41,103 @@ class SparseDecode(torch.autograd.Function):
 
 
 class TopKEncode(torch.autograd.Function):
-    """relu of the k largest entries of x @ W_enc + b_enc per row; the backward only touches those k columns.
+    """relu of the k largest entries of (x - input_bias) @ W_enc + b_enc per row; the backward only touches
+    those k columns.
 
-    With ``dense`` the [B, F] pre-activation buffer is reused for the dense latents (zeroed, then the
-    k values scattered in), so a caller that needs both layouts pays for one [B, F] allocation, not two.
+    ``input_bias_D`` (SAELens's b_dec subtracted from the input) gets its gradient from b_enc's:
+    -W_enc @ grad_b_enc, one pass over W_enc, where going through x would gather B*K encoder columns.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, dense: bool,
-                backend: TorchBackend) -> tuple[Tensor, Tensor, Tensor]:
-        h_BF = x_BD @ W_enc_DF  # the bias is added inside topk: no extra pass over [B, F]
-        vals_BK, idx_BK = backend.topk(h_BF, k, b_enc_F.to(h_BF.dtype), densify=dense)
+    def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, input_bias_D: Tensor | None,
+                k: int, backend: TorchBackend) -> tuple[Tensor, Tensor]:
+        x_in_BD = x_BD if input_bias_D is None else x_BD - input_bias_D
+        h_BF = x_in_BD @ W_enc_DF  # the bias is added inside topk: no extra pass over [B, F]
+        vals_BK, idx_BK = backend.topk(h_BF, k, b_enc_F.to(h_BF.dtype))
         vals_BK = vals_BK.relu_()
-        latents_BF = h_BF if dense else h_BF.new_empty(0)
-        del h_BF  # without ``dense`` the largest tensor of the step is freed before the decoder runs
-        ctx.backend, ctx.dtypes = backend, (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype)
-        ctx.save_for_backward(x_BD, W_enc_DF, idx_BK, vals_BK)
+        del h_BF  # the largest tensor of the step is freed before the decoder runs
+        ctx.backend = backend
+        ctx.dtypes = (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype, None if input_bias_D is None else input_bias_D.dtype)
+        ctx.save_for_backward(x_in_BD, W_enc_DF, idx_BK, vals_BK)
         ctx.mark_non_differentiable(idx_BK)
-        ctx.set_materialize_grads(False)  # an unused latents_BF must not cost a [B, F] zero gradient
-        return vals_BK, idx_BK, latents_BF
+        return vals_BK, idx_BK
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor | None, _grad_idx: Tensor | None,
-                 grad_latents_BF: Tensor | None) -> tuple[Tensor | None, ...]:
-        x_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
-        if grad_vals_BK is None:
-            grad_vals_BK = torch.zeros_like(vals_BK)
-        if grad_latents_BF is not None and grad_latents_BF.numel() > 0:
-            grad_vals_BK = grad_vals_BK + grad_latents_BF.gather(1, idx_BK)
-        grad_x, grad_W, grad_b = encoder_grads(ctx, x_BD, W_enc_DF, idx_BK, vals_BK, grad_vals_BK)
-        return grad_x, grad_W, grad_b, None, None, None
+    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor, _grad_idx: Tensor | None) -> tuple[Tensor | None, ...]:
+        x_in_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
+        grad_h_BK = torch.where(vals_BK > 0, grad_vals_BK, 0)  # relu's gradient
+        grads = encoder_grads(ctx, x_in_BD, W_enc_DF, idx_BK, grad_h_BK)
+        return *grads, None, None
 
 
-def encoder_grads(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, idx_BK: Tensor, vals_BK: Tensor,
-                  grad_vals_BK: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of x, W_enc, b_enc from a gradient that is non-zero only at the k selected columns."""
-    x_dtype, W_dtype, b_dtype = ctx.dtypes
-    dtype = torch.promote_types(x_BD.dtype, W_enc_DF.dtype)
-    grad_h_BK = torch.where(vals_BK > 0, grad_vals_BK, 0).to(dtype).contiguous()  # relu's gradient
-    grad_x = grad_W = grad_b = None
-    if ctx.needs_input_grad[0]:
+def encoder_grads(ctx: FunctionCtx, x_in_BD: Tensor, W_enc_DF: Tensor, idx_BK: Tensor,
+                  grad_h_BK: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of x, W_enc, b_enc and the input bias from d loss / d h, non-zero only at the entries
+    idx_BK (-1: padding) of the pre-activations h = (x - input_bias) @ W_enc + b_enc. ``ctx.dtypes`` holds
+    the four inputs' dtypes (None for an absent input bias)."""
+    x_dtype, W_dtype, b_dtype, bias_dtype = ctx.dtypes
+    dtype = torch.promote_types(x_in_BD.dtype, W_enc_DF.dtype)
+    grad_h_BK = grad_h_BK.to(dtype).contiguous()
+    need_x, need_W, need_b, need_bias = (ctx.needs_input_grad + (False,))[:4]
+    grad_x = grad_W = grad_b = grad_bias = None
+    if need_x:
         # W_enc [D, F] gathered by column: transpose once so each latent is a contiguous row.
         W_enc_FD = W_enc_DF.to(dtype).t().contiguous()
         grad_x = ctx.backend.gather_sum(idx_BK, grad_h_BK, W_enc_FD).to(x_dtype)
-    if ctx.needs_input_grad[1]:
-        grad_W_FD = ctx.backend.scatter_rows(idx_BK, grad_h_BK, x_BD.to(dtype).contiguous(), W_enc_DF.shape[1])
-        grad_W = grad_W_FD.t().to(W_dtype)
-    if ctx.needs_input_grad[2]:
-        grad_b = torch.zeros(W_enc_DF.shape[1], dtype=grad_h_BK.dtype, device=grad_h_BK.device)
-        grad_b = grad_b.index_add_(0, idx_BK.reshape(-1), grad_h_BK.reshape(-1)).to(b_dtype)
-    return grad_x, grad_W, grad_b
+    if need_W:
+        # Written in W_enc's own [D, F] layout: a transposed [F, D] gradient would be copied by autograd.
+        grad_W = ctx.backend.scatter_cols(idx_BK, grad_h_BK, x_in_BD.to(dtype).contiguous(), W_enc_DF.shape[1])
+        grad_W = grad_W.to(W_dtype)
+    if need_b or need_bias:
+        grad_b_F = torch.zeros(W_enc_DF.shape[1], dtype=dtype, device=grad_h_BK.device)
+        grad_b_F.index_add_(0, idx_BK.reshape(-1).clamp_min(0), torch.where(idx_BK >= 0, grad_h_BK, 0).reshape(-1))
+        grad_b = grad_b_F.to(b_dtype) if need_b else None
+        grad_bias = -(W_enc_DF.to(dtype) @ grad_b_F).to(bias_dtype) if need_bias else None
+    return grad_x, grad_W, grad_b, grad_bias
+
+
+class SelectedPreActs(torch.autograd.Function):
+    """The pre-activations h = (x - input_bias) @ W_enc + b_enc at the entries ``select(h)`` picks (padded
+    idx_BK, -1 padding), with a backward that only touches those entries. Also returns h itself, detached
+    (for gradient-free uses: thresholds, penalties whose h-gradient is zero by definition)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, input_bias_D: Tensor | None,
+                select: Callable[[Tensor], Tensor], backend: TorchBackend) -> tuple[Tensor, Tensor, Tensor]:
+        x_in_BD = x_BD if input_bias_D is None else x_BD - input_bias_D
+        h_BF = torch.addmm(b_enc_F.to(x_in_BD.dtype), x_in_BD, W_enc_DF)
+        idx_BK = select(h_BF)
+        h_BK = torch.where(idx_BK >= 0, h_BF.gather(1, idx_BK.clamp_min(0)), 0)
+        ctx.backend = backend
+        ctx.dtypes = (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype, None if input_bias_D is None else input_bias_D.dtype)
+        ctx.save_for_backward(x_in_BD, W_enc_DF, idx_BK)
+        ctx.mark_non_differentiable(idx_BK, h_BF)
+        ctx.set_materialize_grads(False)  # no [B, F] zero gradient for the non-differentiable h_BF
+        return h_BK, idx_BK, h_BF
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_h_BK: Tensor | None, _grad_idx: Tensor | None,
+                 _grad_h_BF: Tensor | None) -> tuple[Tensor | None, ...]:
+        x_in_BD, W_enc_DF, idx_BK = ctx.saved_tensors
+        if grad_h_BK is None:
+            grad_h_BK = torch.zeros(idx_BK.shape, dtype=x_in_BD.dtype, device=idx_BK.device)
+        grad_h_BK = torch.where(idx_BK >= 0, grad_h_BK, 0)
+        return *encoder_grads(ctx, x_in_BD, W_enc_DF, idx_BK, grad_h_BK), None, None
+
+
+def padded_entries(rows_N: Tensor, cols_N: Tensor, n_rows: int) -> Tensor:
+    """idx_BK (-1 padding, K = the most entries of any row, at least 1) holding column cols_N[i] in row
+    rows_N[i]; rows_N must be sorted (as nonzero() returns them). One device sync: K depends on the data."""
+    device = cols_N.device
+    counts_B = torch.bincount(rows_N, minlength=n_rows)
+    K = max(int(counts_B.max()) if n_rows > 0 else 0, 1)
+    starts_B = torch.cumsum(counts_B, 0) - counts_B
+    slot_N = torch.arange(len(rows_N), device=device) - starts_B[rows_N]
+    idx_BK = torch.full((n_rows, K), -1, dtype=torch.int64, device=device)
+    idx_BK[rows_N, slot_N] = cols_N
+    return idx_BK
 
 
 def to_padded(latents_BF: Tensor, support_BF: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -100,16 +148,9 @@ def to_padded(latents_BF: Tensor, support_BF: Tensor | None = None) -> tuple[Ten
     too). vals_BK is gathered from latents_BF, so gradients flow back to it at exactly those positions.
     Costs one pass over latents_BF and a device sync (K is data-dependent).
     """
-    B = latents_BF.shape[0]
     mask_BF = latents_BF != 0
     if support_BF is not None:
         mask_BF |= support_BF
-    rows_N, cols_N = mask_BF.nonzero(as_tuple=True)
-    counts_B = torch.bincount(rows_N, minlength=B)
-    K = max(int(counts_B.max()) if B > 0 else 0, 1)
-    starts_B = torch.cumsum(counts_B, 0) - counts_B
-    slot_N = torch.arange(len(rows_N), device=latents_BF.device) - starts_B[rows_N]
-    idx_BK = torch.full((B, K), -1, dtype=torch.int64, device=latents_BF.device)
-    idx_BK[rows_N, slot_N] = cols_N
+    idx_BK = padded_entries(*mask_BF.nonzero(as_tuple=True), latents_BF.shape[0])
     vals_BK = torch.where(idx_BK >= 0, latents_BF.gather(1, idx_BK.clamp_min(0)), 0)
     return idx_BK, vals_BK

@@ -6,8 +6,10 @@ import torch
 from torch import Tensor
 
 
-def topk_encode_reference(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    h_BF = x_BD @ W_enc_DF + b_enc_F
+def topk_encode_reference(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
+                          input_bias_D: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    x_in_BD = x_BD if input_bias_D is None else x_BD - input_bias_D
+    h_BF = x_in_BD @ W_enc_DF + b_enc_F
     vals_BK, idx_BK = h_BF.topk(k, dim=-1, sorted=False)
     return torch.relu(vals_BK), idx_BK
 

@@ -161,6 +161,32 @@ void sae_cpu_scatter_rows(const int64_t* perm, const int64_t* offsets, const flo
     });
 }
 
+// The transpose of sae_cpu_scatter_rows: out [D, F] with out[d, f] = sum over CSR entries e of latent f of
+// vals[perm[e]] * src[perm[e] / K, d] (an encoder's weight gradient in W_enc's own [D, F] layout, so no
+// transposed copy follows). Latents go in blocks of 16: a block's rows are reduced in a [16, D] buffer that
+// stays in cache, then written out as 64-byte runs of each of the D output rows.
+void sae_cpu_scatter_cols(const int64_t* perm, const int64_t* offsets, const float* vals, const float* src,
+                          float* out, int64_t F, int64_t K, int64_t D, int threads) {
+    constexpr int64_t kBlock = 16;
+    const int64_t n_blocks = (F + kBlock - 1) / kBlock;
+    parallel_for(n_blocks, threads, [=](int64_t blk0, int64_t blk1) {
+        std::vector<float> acc(kBlock * D);
+        for (int64_t blk = blk0; blk < blk1; ++blk) {
+            const int64_t f0 = blk * kBlock, n = std::min(kBlock, F - f0);
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t j = 0; j < n; ++j) {
+                sae::Range r = sae::csr_range(offsets, f0 + j);
+                for (int64_t e = r.begin; e < r.end; ++e) {
+                    int64_t flat = perm[e];
+                    axpy(vals[flat], src + sae::entry_row(flat, K) * D, acc.data() + j * D, D);
+                }
+            }
+            for (int64_t d = 0; d < D; ++d)
+                for (int64_t j = 0; j < n; ++j) out[d * F + f0 + j] = acc[j * D + d];
+        }
+    });
+}
+
 // Counting sort of the flat entries by latent: offsets [F + 1], perm [N] (stable; invalid entries are left
 // out, so perm[offsets[F]..N) is unused). Linear time, where a comparison sort of B*K keys is not.
 void sae_cpu_csr(const int64_t* idx, int64_t N, int64_t F, int64_t* perm, int64_t* offsets) {

@@ -81,11 +81,12 @@ __global__ void row_dots_kernel(const int64_t* __restrict__ idx, const T* __rest
 }
 
 // out[f] = sum over the CSR entries e of latent f of vals[perm[e]] * src[perm[e] / K]. One block per latent
-// row (and column chunk) reduces it in registers: no atomics, deterministic, every row written.
+// row (and column chunk) reduces it in registers: no atomics, deterministic, every row written. Element d of
+// latent f goes to out[f * row_stride + d * col_stride]: (D, 1) writes [F, D], (1, F) the transpose [D, F].
 template <typename T>
 __global__ void scatter_rows_kernel(const int64_t* __restrict__ perm, const int64_t* __restrict__ offsets,
                                     const T* __restrict__ vals, const T* __restrict__ src, T* __restrict__ out,
-                                    int64_t K, int64_t D) {
+                                    int64_t K, int64_t D, int64_t row_stride, int64_t col_stride) {
     const int64_t f = blockIdx.x;
     const int64_t d_base = static_cast<int64_t>(blockIdx.y) * kThreads * kCols + threadIdx.x;
     float acc[kCols];
@@ -105,7 +106,7 @@ __global__ void scatter_rows_kernel(const int64_t* __restrict__ perm, const int6
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
         const int64_t d = d_base + c * kThreads;
-        if (d < D) out[f * D + d] = from_f<T>(acc[c]);
+        if (d < D) out[f * row_stride + d * col_stride] = from_f<T>(acc[c]);
     }
 }
 
@@ -148,17 +149,20 @@ int sae_cuda_row_dots(int dtype, const int64_t* idx, const void* src, const void
     return static_cast<int>(cudaGetLastError());
 }
 
+// transposed == 0: out [F, D]; transposed == 1: out [D, F] (an encoder weight gradient in W_enc's layout).
 int sae_cuda_scatter_rows(int dtype, const int64_t* perm, const int64_t* offsets, const void* vals,
-                          const void* src, void* out, int64_t F, int64_t K, int64_t D, cudaStream_t stream) {
+                          const void* src, void* out, int64_t F, int64_t K, int64_t D, int transposed,
+                          cudaStream_t stream) {
     if (F == 0 || D == 0) return 0;
+    const int64_t row_stride = transposed ? 1 : D, col_stride = transposed ? F : 1;
     if (dtype == 0)
         scatter_rows_kernel<float><<<row_grid(F, D), kThreads, 0, stream>>>(
             perm, offsets, static_cast<const float*>(vals), static_cast<const float*>(src),
-            static_cast<float*>(out), K, D);
+            static_cast<float*>(out), K, D, row_stride, col_stride);
     else
         scatter_rows_kernel<__nv_bfloat16><<<row_grid(F, D), kThreads, 0, stream>>>(
             perm, offsets, static_cast<const __nv_bfloat16*>(vals), static_cast<const __nv_bfloat16*>(src),
-            static_cast<__nv_bfloat16*>(out), K, D);
+            static_cast<__nv_bfloat16*>(out), K, D, row_stride, col_stride);
     return static_cast<int>(cudaGetLastError());
 }
 

@@ -231,3 +231,29 @@ def test_kl_sparse_penalty_is_the_bernoulli_kl():
     assert out.sparsity.item() == pytest.approx(3.0 * expected / D_IN, rel=1e-4)
     assert float(kl_divergence(0.1, torch.tensor([0.1]))) == pytest.approx(0.0, abs=1e-7)
     assert sae.homogeneous is False and sae.saelens_cfg_extra() == {"activation_fn": "sigmoid"}
+
+
+def test_batch_top_entries_are_exactly_the_largest():
+    from sae_core.architectures.batchtopk import top_entries
+
+    gen = torch.Generator().manual_seed(0)
+    for values in (torch.randn(50_000, generator=gen), torch.arange(50_000.0).flip(0),  # the sample sees the top
+                   torch.cat([torch.zeros(49_000), torch.rand(1000, generator=gen)])):  # ties at the cut-off
+        for n in (10, 3000, 12_000):
+            picked = top_entries(values, n, sample=1000, min_n=1)
+            assert len(picked) == len(set(picked.tolist())) == n and bool((picked.diff() > 0).all())
+            torch.testing.assert_close(values[picked].sort().values, values.topk(n).values.sort().values)
+
+
+@pytest.mark.parametrize("arch,bias", [("relu", "b_enc"), ("jumprelu", "b_enc"), ("gated", "b_gate")])
+def test_variable_l0_takes_the_sparse_path_only_while_few_latents_fire(arch, bias):
+    torch.manual_seed(0)
+    sae = sae_core.build(sae_core.make_config(arch, d_in=16, d_sae=200))
+    x = torch.randn(64, 16)
+    assert sae(x).active is None and sae(x).active is None  # about half fire: dense, measured each step
+    with torch.no_grad():
+        getattr(sae, bias).fill_(-2.5)  # a few fire per row
+    assert sae(x).active is None  # the previous step was dense and wide: dense once more, measuring
+    out = sae(x)
+    assert out.active is not None and 0 < float((out.latents_BF != 0).sum(1).float().mean()) < 10
+    assert sae.eval()(x).active is None  # inference stays dense

@@ -116,21 +116,20 @@ def test_topk_encode_matches_reference(mode, B, D, F, k, dtype):
     assert_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
 
 
-def test_topk_encode_dense_latents(mode):
-    inputs = encode_inputs(11, 6, 30, torch.float32)
-    weight_BF = torch.randn(11, 30, generator=torch.Generator().manual_seed(4))
-
-    def loss(encode):
-        vals_BK, idx_BK, latents_BF = encode(*inputs, 4)
-        torch.testing.assert_close(latents_BF, torch.zeros(11, 30).scatter(1, idx_BK, vals_BK))
-        return lambda x, W, b: (encode(x, W, b, 4)[2] * weight_BF).sum() + encode(x, W, b, 4)[0].sum()
-
-    def reference_dense(x, W, b, k):
-        vals_BK, idx_BK = kernels.topk_encode_reference(x, W, b, k)
-        return vals_BK, idx_BK, torch.zeros(len(x), W.shape[1]).scatter(1, idx_BK, vals_BK)
-
-    assert_all_close(value_and_grads(loss(kernels.topk_encode_dense), inputs)[1],
-                     value_and_grads(loss(reference_dense), inputs)[1], rtol=1e-5, atol=1e-5)
+def test_topk_encode_input_bias_matches_reference(mode):
+    x_BD, W_enc_DF, b_enc_F = encode_inputs(23, 7, 40, torch.float32)
+    x_BD.requires_grad_(False)  # as in training: only the input bias (b_dec) carries gradient into x - b
+    bias_D = torch.randn(7, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    results = []
+    for encode in (kernels.topk_encode, kernels.topk_encode_reference):
+        vals_BK, idx_BK = encode(x_BD, W_enc_DF, b_enc_F, 5, bias_D)
+        weight_F = torch.randn(40, generator=torch.Generator().manual_seed(7))  # by latent: orders differ
+        (vals_BK * weight_F[idx_BK]).sum().backward()
+        results.append([*sorted_by_index(vals_BK.detach(), idx_BK), W_enc_DF.grad, b_enc_F.grad, bias_D.grad])
+        for t in (W_enc_DF, b_enc_F, bias_D):
+            t.grad = None
+    assert results[0][2].abs().sum() > 0 and results[0][4].abs().sum() > 0
+    assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
 def test_gradcheck_float64(mode):
@@ -190,6 +189,11 @@ def test_cpu_twin_topk_and_csr_match_torch():
     src_BD, vals_BK = torch.randn(30, 5), torch.randn(30, 9)
     torch.testing.assert_close(cpu.scatter_rows(idx_BK, vals_BK, src_BD, 50),
                                backends.TorchBackend().scatter_rows(idx_BK, vals_BK, src_BD, 50))
+    for n_rows in (50, 37):  # 37: a last block of latents narrower than the C++'s 16
+        expected = backends.TorchBackend().scatter_rows(idx_BK.clamp_max(n_rows), vals_BK, src_BD, n_rows).t()
+        got = cpu.scatter_cols(idx_BK.clamp_max(n_rows), vals_BK, src_BD, n_rows)
+        assert got.shape == (5, n_rows) and got.is_contiguous()
+        torch.testing.assert_close(got, expected)
 
 
 def test_dispatch_follows_environment(monkeypatch):
@@ -236,6 +240,64 @@ def test_topk_sae_gradients_match_reference(monkeypatch):
         out.loss().backward()
         results.append([out.x_hat_BD, out.latents_BF, out.loss()] + [p.grad.clone() for p in sae.parameters()])
     assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def sae_with_noisy_biases(arch: str, **fields):
+    torch.manual_seed(0)
+    sae = sae_core.build(sae_core.make_config(arch, d_in=12, d_sae=40, **fields))
+    with torch.no_grad():
+        for name, param in sae.named_parameters():
+            if name.startswith("b_"):
+                param.normal_()
+    return sae
+
+
+VARIANTS = [(arch, {}) for arch in sae_core.names()] + [
+    ("crosscoder", {"activation": "topk", "k": 5}), ("crosscoder", {"n_sources": 3}),
+    ("transcoder", {"activation": "batchtopk", "k": 5}), ("transcoder", {"activation": "relu"}),
+    ("skip_transcoder", {"activation": "jumprelu"}),
+]
+
+
+@pytest.mark.parametrize("arch,fields", VARIANTS)
+def test_every_architecture_matches_the_reference(monkeypatch, arch, fields):
+    """Train-mode forward, loss and every gradient with the fast kernels equal the eager reference's."""
+    sae = sae_with_noisy_biases(arch, **fields)
+    x_BD, dead_F = torch.randn(33, *([3] if fields.get("n_sources") else []), 12), torch.zeros(40, dtype=torch.bool)
+    dead_F[::3] = True
+    results = []
+    # Variable-L0 architectures: the dense path under the reference is the oracle of the forced sparse path.
+    for mode, sparse in (("reference", False), ("auto", True), ("torch", True), ("auto", False)):
+        monkeypatch.setenv("SAE_KERNELS", mode)
+        if hasattr(sae, "path"):
+            sae.path.fraction = 0.0 if sparse else 1.0
+        sae.zero_grad()
+        out = sae(x_BD, dead_mask_F=dead_F)
+        assert out.active is not None or not (sparse and hasattr(sae, "path"))
+        out.loss().backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in sae.parameters()]
+        results.append([out.x_hat_BD, out.latents_BF, out.loss(), out.aux, *grads])
+    for other in results[1:]:
+        assert_all_close(results[0], other, rtol=1e-4, atol=1e-5)
+
+
+def test_matryoshka_sparse_prefixes_match_dense_definition():
+    from sae_core.architectures.matryoshka import prefix_reconstructions, sparse_prefix_reconstructions
+
+    sae = sae_with_noisy_biases("matryoshka", k=6, prefixes=[3, 10, 11, 40])
+    x_BD = torch.randn(17, 12)
+    latents_BF = sae.activation(sae.pre_acts(x_BD)).detach()  # the dense definition, from scratch
+    dense = [r.detach() for r in prefix_reconstructions(latents_BF, sae.W_dec, sae.b_dec, [3, 10, 11, 40])]
+    weights = [torch.randn(17, 12, generator=torch.Generator().manual_seed(g)) for g in range(4)]
+    results = []
+    for fn in (prefix_reconstructions, sparse_prefix_reconstructions):
+        sae.zero_grad()
+        active = sae.active(x_BD)
+        recons = fn(active.dense() if fn is prefix_reconstructions else active, sae.W_dec, sae.b_dec, [3, 10, 11, 40])
+        sum((r * w).sum() for r, w in zip(recons, weights, strict=True)).backward()
+        results.append([*(r.detach() for r in recons), sae.W_dec.grad.clone(), sae.W_enc.grad.clone(), sae.b_dec.grad.clone()])
+    assert_all_close(results[0][:4], dense, rtol=1e-5, atol=1e-5)
+    assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

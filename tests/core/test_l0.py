@@ -51,16 +51,21 @@ def test_controller_settles_without_ringing(arch):
     assert trainer.l0_control.multiplier != 1.0  # and it did have to move to get there
 
 
+def fires(latents_BF: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """What the trainer hands the controller: each latent's fire count over the batch and the batch's rows."""
+    return (latents_BF != 0).sum(dim=0), latents_BF.shape[0]
+
+
 def test_controller_moves_the_multiplier_towards_the_target_and_resumes():
     control = SparsityController(10.0, gain=0.1)
     dense, sparse = torch.ones(8, 40), torch.zeros(8, 40)
     sparse[:, :2] = 1.0
     for _ in range(5):
-        control.update(dense, lambda t, op: t)  # L0 40 > 10: penalise harder
+        control.update(*fires(dense), lambda t, op: t)  # L0 40 > 10: penalise harder
     assert control.multiplier > 1.0
     high = control.multiplier
     for _ in range(50):
-        control.update(sparse, lambda t, op: t)  # L0 2 < 10: ease off
+        control.update(*fires(sparse), lambda t, op: t)  # L0 2 < 10: ease off
     assert control.multiplier < high
     again = SparsityController(10.0, gain=0.1)
     again.load_state_dict(control.state_dict())
@@ -130,7 +135,7 @@ def test_data_parallel_ranks_hold_the_same_multiplier_as_one_process():
     batches = [(torch.rand(64, 32, generator=gen) < p).float() for p in torch.linspace(0.6, 0.1, 30)]
     single = SparsityController(TARGET, gain=0.05)
     for latents in batches:
-        single.update(latents, lambda t, op: t)
+        single.update(*fires(latents), lambda t, op: t)
     barrier, slots = threading.Barrier(2), [None, None]
 
     def all_reduce_sum(rank: int):
@@ -146,7 +151,7 @@ def test_data_parallel_ranks_hold_the_same_multiplier_as_one_process():
 
     def run(rank: int) -> None:
         for latents in batches:
-            ranks[rank].update(latents[rank * 32 : (rank + 1) * 32], all_reduce_sum(rank))
+            ranks[rank].update(*fires(latents[rank * 32 : (rank + 1) * 32]), all_reduce_sum(rank))
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
     for thread in threads:

@@ -53,12 +53,46 @@ def test_b_dec_initialised_to_mean_or_median():
 
 def test_dead_latent_tracker_counts_tokens_since_fired():
     tracker = DeadLatentTracker(4, dead_after_tokens=10)
-    fire_first = torch.tensor([[1.0, 0, 0, 0]] * 6)
-    tracker.update(fire_first, lambda t, op: t)
+    tracker.update(torch.tensor([6, 0, 0, 0]), 6, lambda t, op: t)
     assert tracker.tokens_since_fired_F.tolist() == [0, 6, 6, 6]
-    tracker.update(torch.tensor([[0, 2.0, 0, 0]] * 5), lambda t, op: t)
+    tracker.update(torch.tensor([0, 5, 0, 0]), 5, lambda t, op: t)
     assert tracker.tokens_since_fired_F.tolist() == [5, 0, 11, 11]
     assert tracker.dead_mask().tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])  # counts from the sparse layout, and from dense latents
+def test_fire_counts_match_dense_latents(arch):
+    torch.manual_seed(0)
+    sae = sae_core.build(sae_core.make_config(arch, d_in=16, d_sae=64, **({"k": 4} if arch == "topk" else {})))
+    with torch.no_grad():
+        sae.b_enc.fill_(-2.0)  # some rows of the topk select non-positive values: they must not count
+    out = sae(torch.randn(50, 16))
+    assert (out.active is not None) == (arch == "topk")
+    expected_F = (out.latents_BF != 0).sum(dim=0)
+    assert torch.equal(out.fire_counts(), expected_F) and 0 < int(expected_F.sum()) < 50 * (4 if arch == "topk" else 64)
+
+
+def test_logged_rows_average_the_window():
+    """Metrics accumulate on the device between logs: a row is the mean over its window's steps, l0 and
+    fvu over all of the window's rows (fvu around the window's mean)."""
+    data = torch.randn(6, 64, 16) + 3.0
+    cfg = TrainConfig(steps=6, batch_size=64, lr=1e-3, log_every=3, b_dec_init="zeros", normalize_activations=False)
+    trainer, twin = Trainer(topk(), cfg), Trainer(topk(), cfg)  # the twin measures each step before its update
+    rows, losses, sq_errs = [], [], []
+    for x in data:
+        with torch.no_grad():
+            out = twin.sae(x, dead_mask_F=twin.tracker.dead_mask())
+            losses.append(float(out.loss()))
+            sq_errs.append(float((out.x_hat_BD - x).pow(2).sum()))
+        twin.step(x)
+        row = trainer.step(x)
+        assert (row is None) == (trainer.step_count % 3 != 0)
+        rows += [row] if row else []
+    assert [r["step"] for r in rows] == [3, 6] and rows[1]["l0"] == pytest.approx(4.0)
+    for row, window in zip(rows, (slice(0, 3), slice(3, 6)), strict=True):
+        x = data[window].reshape(-1, 16)
+        assert row["loss"] == pytest.approx(sum(losses[window]) / 3, rel=1e-5)
+        assert row["fvu"] == pytest.approx(sum(sq_errs[window]) / float((x - x.mean(0)).pow(2).sum()), rel=1e-4)
 
 
 def test_decoder_rows_stay_unit_norm_and_gradient_is_projected():
@@ -85,11 +119,30 @@ def test_sparsity_warmup_and_grad_clip():
     assert torch.isfinite(sae.W_dec).all() and not torch.equal(before, sae.W_dec)
 
 
-def test_nan_loss_is_a_clear_error():
-    trainer = Trainer(topk(), TrainConfig())
+def test_clipping_inside_adam_equals_clip_grad_norm_then_adam():
+    cfg = TrainConfig(steps=4, grad_clip=0.05, lr=1e-2, b_dec_init="zeros", normalize_activations=False)
+    trainer, manual = Trainer(topk(), cfg), topk()
+    optimizer = torch.optim.Adam(manual.parameters(), lr=1e-2, fused=True)
+    for _ in range(4):
+        x = 10 * torch.randn(32, 16)
+        trainer.step(x)
+        optimizer.zero_grad()
+        manual(x, dead_mask_F=torch.zeros(64, dtype=torch.bool)).loss().backward()
+        manual.remove_gradient_parallel_to_decoder_directions()
+        assert float(torch.nn.utils.clip_grad_norm_(manual.parameters(), 0.05)) > 0.05  # the clip is active
+        optimizer.step()
+        manual.set_decoder_norm_to_unit_norm()
+    for name, value in manual.state_dict().items():
+        torch.testing.assert_close(trainer.sae.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_nan_loss_is_a_clear_error_at_the_next_logged_row():
+    trainer = Trainer(topk(), TrainConfig(log_every=3))
     trainer.initialize(torch.randn(32, 16))
-    with pytest.raises(FloatingPointError, match="loss is nan"):
-        trainer.step(torch.full((32, 16), float("nan")))
+    assert trainer.step(torch.full((32, 16), float("nan"))) is None  # nothing waits for the device between logs
+    trainer.step(torch.randn(32, 16))
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+        trainer.step(torch.randn(32, 16))
 
 
 def test_checkpoint_resume_matches_uninterrupted(tmp_path):
