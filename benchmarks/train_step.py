@@ -5,8 +5,8 @@ For each architecture two numbers, each with its spread over repeats:
 - isolated step / floor: forward (train mode), loss, backward, decoder-gradient projection, gradient
   clipping, Adam, decoder renormalisation on one fixed batch; each repeat times the floor alone and
   then the step, and the ratio is taken per repeat;
-- loop step / floor: the real training loop (``Trainer.fit`` over ``store_batches`` of a synthetic
-  activation store, as ``workflows.training.train_local`` runs it, metrics and logging included), its
+- loop step / floor: the real training loop (``Trainer.fit`` over the batches of the job's store source
+  (a synthetic activation store), as ``workflows.training.train_local`` runs it, metrics and logging included), its
   steady-state step = (time at step M - time at step N) / (M - N), over the floor timed alone just
   before and after that run.
 
@@ -38,16 +38,9 @@ import torch
 import sae_core
 from sae_core import kernels
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
-from sae_core.trainer import TrainConfig, Trainer
-from workflows.training import (
-    TrainJob,
-    open_checked_store,
-    read_examples,
-    sae_config_for,
-    split_rows,
-    store_batches,
-    store_widths,
-)
+from sae_core.trainer import TrainConfig
+from workflows.job import TrainJob
+from workflows.training import Run, build_trainer
 
 BUSY_SPREAD = 0.15
 """(max - min) / median of the floor above this, or a drift of the floor's median above it: a busy machine."""
@@ -131,19 +124,15 @@ def loop_step(arch: str, store: Path, args: argparse.Namespace) -> float:
         out=str(store.parent / arch),
         train=TrainConfig(steps=last, batch_size=args.batch, log_every=args.log_every),
     )
-    source = open_checked_store(job)
-    torch.manual_seed(0)
-    trainer = Trainer(sae_core.build(sae_config_for(job, *store_widths(source, job))), job.train)
-    train_rows, _ = split_rows(source, job)
-    sample = read_examples(source, job, 0, min(job.train.init_sample_tokens, train_rows))
+    run = Run(job)
+    trainer = build_trainer(job, run.widths)
+    sample = run.source.init_sample(job.train.init_sample_tokens)
     trainer.initialize(sample)
     set_trained_l0(
         trainer.sae, (sample[0] if isinstance(sample, tuple) else sample) * trainer.scaling_factor, args.l0
     )
     stamps: dict[int, float] = {}
-    for _ in trainer.fit(
-        store_batches(source, job, train_rows), on_step=lambda s: stamps.setdefault(s, time.perf_counter())
-    ):
+    for _ in trainer.fit(run.source.batches(0, 1, 0), on_step=lambda s: stamps.setdefault(s, time.perf_counter())):
         pass
     return (stamps[last] - stamps[first]) / (last - first)
 
