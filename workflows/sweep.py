@@ -10,7 +10,7 @@ Grid knobs and the architecture fields they set:
 - ``d_sae`` and any other architecture field: the field itself;
 - ``k`` -> k, ``l1`` -> l1_coefficient, ``l0`` -> l0_coefficient (``workflows.options.resolve_knobs``);
 - ``target_l0`` -> the architecture's ``target_l0`` field where it has one (jumprelu: a target loss;
-  relu, gated: the trainer's coefficient controller; kl_sparse: rho; transcoders and crosscoders through
+  relu, gated: the trainer's coefficient controller; kl_sparse: rho; PAIR and STACKED wirings through
   their activation; see sae_core/l0.py), else k (topk, batchtopk, matryoshka: L0 is k by construction);
 - a TrainConfig field (lr, seed, ...): the training setting.
 """

@@ -104,6 +104,19 @@ class PathChoice:
         self.fraction = float((sample_BF != 0).float().sum(dim=1).max()) / sample_BF.shape[1] if len(sample_BF) else 1.0
 
 
+@dataclass(kw_only=True)
+class L1Fields:
+    """The decoder-norm-weighted L1 penalty of ReLU-style latents (relu.py's convention and scale)."""
+
+    l1_coefficient: float = 1.0
+    """Weight of the decoder-norm-weighted L1 penalty (relu.py gives the scale); with ``target_l0`` set,
+    the starting value the trainer's controller scales."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]
+        require(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
+
+
 def require_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     require(value in choices, f"{name} must be one of {choices}, got {value!r}")
 

@@ -27,14 +27,14 @@ from sae_core.architectures.base import (
     mse_loss,
     require,
 )
-from sae_core.architectures.common import PathChoice
+from sae_core.architectures.common import L1Fields, PathChoice
 from sae_core.architectures.relu import weighted_l1
 from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class GatedConfig(TargetL0Fields, SAEConfig):
+class GatedConfig(L1Fields, TargetL0Fields, SAEConfig):
     l1_coefficient: float = 5.0
     """Weight of the decoder-norm-weighted L1 penalty on relu(pi_gate) (scale as in relu.py); with
     ``target_l0`` set, the starting value the trainer's controller scales."""
@@ -43,7 +43,6 @@ class GatedConfig(TargetL0Fields, SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
         require(self.aux_coefficient >= 0, f"aux_coefficient must be >= 0, got {self.aux_coefficient}")
 
 

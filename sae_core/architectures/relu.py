@@ -23,16 +23,15 @@ from sae_core.architectures.base import (
     mse_loss,
     require,
 )
-from sae_core.architectures.common import PathChoice
+from sae_core.architectures.common import L1Fields, PathChoice
 from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
 
 
 @dataclass(kw_only=True)
-class ReLUConfig(TargetL0Fields, SAEConfig):
-    l1_coefficient: float = 1.0
-    """Weight of the decoder-norm-weighted L1 penalty (Anthropic's lambda; the module docstring gives the scale);
-    with ``target_l0`` set, the starting value the trainer's controller scales."""
+class ReLUConfig(L1Fields, TargetL0Fields, SAEConfig):
+    """l1_coefficient is Anthropic's lambda (the module docstring gives the scale)."""
+
     normalize_decoder: bool = False
     """Keep decoder rows at unit norm. Off by default: the norm-weighted L1 already removes the
     incentive to shrink latents by growing decoder rows (the April-2024 recipe)."""
@@ -45,7 +44,6 @@ class ReLUConfig(TargetL0Fields, SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.l1_coefficient >= 0, f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
         require(self.resample_every is None or (isinstance(self.resample_every, int) and self.resample_every >= 1),
                 f"resample_every must be a positive integer or None, got {self.resample_every!r}")
         require(self.resample_encoder_scale > 0, f"resample_encoder_scale must be > 0, got {self.resample_encoder_scale}")
