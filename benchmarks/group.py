@@ -42,7 +42,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-group-"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     common = ["--from-model", "--hook", args.hook, "--tokens", str(args.tokens), "--steps", str(args.steps),
-              "--batch-size", str(args.batch_size), "--d-sae", str(args.d_sae), "--checkpoint-every", "1000"]
+              "--batch-size", str(args.batch_size), "--d-sae", str(args.d_sae), "--checkpoint-every", "1000",
+              "--cpus-per-worker", "0.5"]  # Ray Data (the model actors) needs the rest of 2 CPUs
     ratios = []
     for r in range(args.repeats):
         separate = sum(sae([*common, "--k", str(k), "--out", str(root / f"r{r}-k{k}")], env) for k in args.ks)
