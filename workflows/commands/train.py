@@ -204,15 +204,15 @@ def run_group(args: argparse.Namespace) -> int:
         raise UserError("--resume continues one SAE's run; a --grid group is trained again instead")
     from workflows.train_ray import check_run_dir
 
-    base = job_from_args(args)
-    jobs = group_jobs(base, parse_grid(args.grid))
+    base, grid = job_from_args(args), parse_grid(args.grid)
+    jobs = group_jobs(base, grid)
     for job in jobs:
         check_run_dir(job, resume=False)
     first = Run(jobs[0], data=args.data, overwrite=args.overwrite)  # refuses bad input before anything starts
     runs = [first, *(Run(job, data=args.data, source=first.source, overwrite=args.overwrite) for job in jobs[1:])]
     parent = MlflowTracker.create(args.mlflow_uri, args.experiment, os.path.basename(base.out),
                                   {"group": "true", "hook": base.hook, "architecture": base.arch})
-    parent.log_params({"grid": {k: ",".join(map(str, v)) for k, v in parse_grid(args.grid).items()},
+    parent.log_params({"grid": {k: ",".join(map(str, v)) for k, v in grid.items()},
                        "members": len(runs)})
     trackers = [start_job_tracking(run, uri=args.mlflow_uri, experiment=args.experiment, run_name=os.path.basename(
         run.job.out), parent_run_id=parent.run_id) for run in runs]
