@@ -126,7 +126,7 @@ def main() -> None:
           f"peak RSS {loop_rss.peak / 2**30:.2f} GiB, {loop_rss.cpu_seconds:.0f} CPU s")
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     with TreeMonitor() as pipe_rss:
         total_s, steady_s, rows, steady_rows = run_pipeline(cfg, p.windows, on_first=pipe_rss.mark)
     ray.shutdown()

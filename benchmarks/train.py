@@ -59,7 +59,7 @@ def main() -> None:
     train_local(local, tracker=tracker)
     rows.append(("single process (2 threads)", steady_tokens_per_s(uri, tracker.run_id, args.batch_size),
                  time.perf_counter() - start))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     for workers, cpus in ((1, 2.0), (2, 1.0)):
         start = time.perf_counter()
         result = train_distributed(job(f"ray{workers}"), DistributedOptions(
