@@ -421,7 +421,7 @@ def evaluate_set_folder(
     out: str | Path | None = None,
 ) -> dict[str, float]:
     """:func:`evaluate_set` on held-out text after the set's training tokens; writes eval.json into the set
-    folder (or ``out``) and logs ``eval/*`` to the set's MLflow parent run when it has one."""
+    folder (or ``out``) and, given ``mlflow_uri``, logs ``eval/*`` to the set's MLflow parent run there."""
     from workflows.evaluate import held_out_windows
     from workflows.models import load_model
     from workflows.tracking import MlflowTracker, resolve_tracking_uri
@@ -451,7 +451,13 @@ def evaluate_set_folder(
     target.mkdir(parents=True, exist_ok=True)
     info = {"set": str(path), "model": manifest["model"], "layers": manifest["layers"], "skip_tokens": skip}
     atomic_write_bytes(target / "eval.json", json.dumps({**metrics, **info}, indent=2).encode())
-    if manifest.get("mlflow_parent_run_id"):
+    if mlflow_uri is not None and manifest.get(
+        "mlflow_parent_run_id"
+    ):  # only where asked (`sae run`, --mlflow-uri)
         tracker = MlflowTracker(resolve_tracking_uri(mlflow_uri), manifest["mlflow_parent_run_id"])
+        try:
+            tracker.client.get_run(tracker.run_id)
+        except Exception as exc:  # MlflowException for a run of another tracking store
+            raise UserError(f"the set's MLflow run {tracker.run_id} is not in {tracker.uri}: {exc}") from exc
         tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items() if math.isfinite(v)}, step=0)
     return metrics
