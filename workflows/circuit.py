@@ -108,7 +108,7 @@ def linear_fn(
             acts[:, feats.pos_N[sel], feats.feature_N[sel]] = src["feature"][:, sel]
             return transcoder_out(tc, m, acts, keep_T) + errors[:, layer]
 
-        logits = runner.run(src["embed"], mlp=mlp, frozen=trace)[:, -1, logit_ids]
+        logits = runner.run(src["embed"], mlp=mlp, frozen=trace, last=True)[:, -1, logit_ids]
         return torch.cat([*pres, logits], dim=1)
 
     return fn
@@ -327,7 +327,9 @@ def spliced_logits(
             att.feats.error_LTD[layer] if with_errors else runner.layers[layer].mlp(m) * ~keep[:, None]
         )
 
-    return runner.run(runner.embed(att.prompt.ids_T), mlp=mlp, frozen=att.trace if frozen else None)[0, -1]
+    return runner.run(
+        runner.embed(att.prompt.ids_T), mlp=mlp, frozen=att.trace if frozen else None, last=True
+    )[0, -1]
 
 
 @dataclass

@@ -104,9 +104,11 @@ class DecoderRunner:
         mlp: MlpFn | None = None,
         frozen: Trace | None = None,
         record: dict[str, list[Tensor]] | None = None,
+        last: bool = False,
     ) -> Tensor:
         """Logits [B, T, V] from the embedded tokens ``resid_BTD``; ``mlp`` replaces every MLP (default: the
-        model's own), ``frozen`` fixes norms and attention patterns, ``record`` collects the trace's lists."""
+        model's own), ``frozen`` fixes norms and attention patterns, ``record`` collects the trace's lists;
+        ``last`` unembeds the last position only ([B, 1, V])."""
         r = resid_BTD
         for layer, block in enumerate(self.layers):
             inv = (
@@ -141,6 +143,8 @@ class DecoderRunner:
         inv_f = frozen.inv_final_T[..., None] if frozen is not None else self.inv_rms(r, norm)
         if record is not None:
             record["inv_final"] = [inv_f[0].detach()]
+        if last:
+            r, inv_f = r[:, -1:], inv_f[..., -1:, :]
         return self.model.lm_head(norm.weight * (r * inv_f))
 
     @torch.no_grad()
