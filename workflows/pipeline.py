@@ -205,7 +205,7 @@ def summary(result: PipelineResult) -> str:
     lines = ["", "=" * 72, "sae run: summary", "=" * 72]
     lines += [f"  {k:<22s} {m[k]:.4f}" for k in ("l0", "fvu", "mse", "ce_loss_recovered", "kl_div",
                                                     "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero",
-                                                    "dead_fraction", "dense_fraction") if k in m]
+                                                    "dead_fraction", "dense_fraction", "top1_agreement") if k in m]
     lines.append("  stage timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
                  + f" (total {sum(result.timings.values()):.1f} s)")
     lines.append(f"  SAE (SAELens folder):   {result.sae_dir}")
