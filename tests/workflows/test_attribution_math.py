@@ -71,3 +71,15 @@ def test_keep_fraction():
     assert keep_fraction(s, 0.51).tolist() == [False, True, True, False]
     assert keep_fraction(s, 1.0).tolist() == [True, True, True, False]
     assert not keep_fraction(torch.zeros(3), 0.8).any()
+
+
+def test_graph_modules_load_without_ray_or_mlflow():
+    """The graph math and the replacement model are usable without the distributed stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, workflows.attribution, workflows.replacement, workflows.circuit, workflows.graph_html; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

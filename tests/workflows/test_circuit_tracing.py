@@ -22,7 +22,8 @@ from workflows.models import load_model
 from workflows.pipeline import run_pipeline
 from workflows.recipes import get_recipe
 from workflows.replacement import DecoderRunner
-from workflows.transcoder_set import SET_FILE, evaluate_set, load_set, parse_layers, read_set
+from workflows.set_eval import evaluate_set
+from workflows.transcoder_set import SET_FILE, load_set, parse_layers, read_set
 
 PROMPT = "To be or not to be, that is"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -23,8 +23,9 @@ from workflows.evaluate import (
 )
 from workflows.models import DEFAULT_MODEL, load_model
 from workflows.options import DEFAULT_CONTEXT_SIZE, add_context_size_flag, add_mlflow_uri_flag
+from workflows.set_eval import evaluate_set_folder
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
-from workflows.transcoder_set import evaluate_set_folder, is_set
+from workflows.transcoder_set import is_set
 
 
 def register(sub: argparse._SubParsersAction) -> None:
