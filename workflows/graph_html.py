@@ -29,7 +29,7 @@ SCRIPT = r"""
 const g=JSON.parse(document.getElementById('graph').textContent);
 const NS='http://www.w3.org/2000/svg';
 const T=g.tokens.length, layers=[...new Set(g.nodes.map(n=>n.layer))].sort((a,b)=>a-b);
-const cellW=110,rowH=70,padL=140,padB=40;
+const cellW=Math.max(60,Math.min(110,1400/T)),rowH=70,padL=100,padB=40;
 const cells={};
 g.nodes.forEach(n=>{const k=n.layer+':'+n.position;(cells[k]=cells[k]||[]).push(n);});
 const pos={};
