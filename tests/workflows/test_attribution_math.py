@@ -78,8 +78,10 @@ def test_graph_modules_load_without_ray_or_mlflow():
     import subprocess
     import sys
 
-    code = ("import sys, workflows.attribution, workflows.replacement, workflows.circuit, workflows.graph_html; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))")
+    code = (
+        "import sys, workflows.attribution, workflows.replacement, workflows.circuit, workflows.graph_html; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
