@@ -63,6 +63,9 @@ class TargetL0Fields:
     log((L0 + 1) / (target + 1)) (sae_core/l0.py describes the dynamics)."""
     target_l0_coefficient: float = 1.0
     """jumprelu activations: weight of the target loss (L0 / target_l0 - 1)^2."""
+    target_l0_threshold_lr: float = 10.0
+    """jumprelu activations: learning rate of the log-thresholds as a multiple of the configured one, so
+    they keep up with the encoder while it trains (sae_core/l0.py)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]
@@ -72,6 +75,8 @@ class TargetL0Fields:
                 f"target_l0 must be in (0, d_sae={d_sae}] or None, got {target!r}")
         require(self.target_l0_gain > 0, f"target_l0_gain must be > 0, got {self.target_l0_gain}")
         require(self.target_l0_coefficient > 0, f"target_l0_coefficient must be > 0, got {self.target_l0_coefficient}")
+        require(self.target_l0_threshold_lr > 0,
+                f"target_l0_threshold_lr must be > 0, got {self.target_l0_threshold_lr}")
 
     def controlled_target(self) -> float | None:
         """The L0 the trainer must hold by adapting the sparsity coefficient; None when the architecture
