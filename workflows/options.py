@@ -48,7 +48,7 @@ def add_field_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
         if kind is bool:  # a switch that turns the default around
             kwargs.update(action="store_false" if default else "store_true", default=bool(default))
             if default:
-                alias, kwargs["help"] = f"no_{alias}", f"turn off (on by default): {help_text}"
+                alias, kwargs["help"] = f"no_{alias}", f"{help_text} (on by default; this turns it off)"
         elif field in required:
             kwargs.update(type=kind, required=True)
         else:
