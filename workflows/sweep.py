@@ -2,7 +2,10 @@
 
 Each Tune trial trains in its own Ray actor with ``train_local`` on the shared activation store (the
 store is read, never recomputed), reports every logged training row through ``ray.tune.report`` (so
-ASHA can stop a bad trial) and finally one row of held-out metrics. A trial whose hyperparameters
+ASHA can stop a bad trial) and finally one row of held-out metrics. When the sweep has more trials than
+run at once, trials that read the same data are packed: one Tune trial trains a group of them on one read
+of the store, each SAE still with its own MLflow run and folder (workflows/sweep_pack.py; ``pack=False``
+turns it off). A trial whose hyperparameters
 are impossible (k > d_sae) or whose loss goes NaN fails alone: its MLflow run ends FAILED with an
 ``error`` tag, and the sweep goes on.
 
