@@ -170,13 +170,10 @@ def run_local(job: TrainJob, args: argparse.Namespace) -> int:
 
 
 # -- several SAEs on one pass over the data (--grid) ------------------------------------------------------
-SHARED_TRAIN = ("batch_size", "seed", "init_sample_tokens", "normalize_activations", "b_dec_init")
-"""Training fields that decide the data or its initial estimates: the same for every SAE of a group."""
-
-
 def group_jobs(base: TrainJob, grid: dict[str, list]) -> list[TrainJob]:
     """One job per grid combination, each in its own folder under ``base.out``."""
     from workflows.sweep import map_knobs, run_name_for
+    from workflows.training import SHARED_TRAIN
 
     jobs = []
     for values in itertools.product(*grid.values()):
