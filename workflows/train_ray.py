@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sae_core.io import load_checkpoint, save_checkpoint
+from sae_core.io import SAEFormatError, load_checkpoint, save_checkpoint
 from sae_core.publish import atomic_write_bytes
 from workflows.errors import UserError
 from workflows.job import TrainJob, saved_job_differences
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 RAY_RUN_NAME = "ray-train"
 JOB_FILE = "job.json"
 RUN_FILE = "run.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Where Ray Train records the checkpoints it has registered, in ``RUN_DIR/ray-train``."""
 
 
 @dataclass(kw_only=True)
@@ -111,6 +113,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             states = member_states(load_checkpoint(folder))
+    elif config.get("resume_from"):  # killed before Ray recorded its checkpoints: see latest_checkpoint
+        states = member_states(load_checkpoint(config["resume_from"]))
     last = max(run.job.train.steps for run in runs)
 
     def on_step(step: int) -> None:
@@ -178,6 +182,25 @@ def prepare_run_dir(job: TrainJob, resume: bool) -> Path:
     return run_dir
 
 
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """On ``--resume``, the newest checkpoint of ``run_dir`` that loads, when Ray Train has no record of
+    one. Ray writes a checkpoint's folder before it records it in its snapshot; a driver killed in between
+    (SIGKILL, a lost machine) leaves checkpoints Ray would ignore, and the run would restart at step 0.
+    Checkpoints are written whole (save_checkpoint), but one being copied into Ray's storage at the kill
+    may be cut short: it does not load and the one before it is taken."""
+    storage = run_dir / RAY_RUN_NAME
+    if (storage / RAY_SNAPSHOT).is_file():
+        return None  # Ray restores its own latest recorded checkpoint
+    for folder in sorted(storage.glob("checkpoint_*"), reverse=True):  # names hold the time written
+        try:
+            load_checkpoint(folder)
+        except (FileNotFoundError, SAEFormatError):
+            logger.warning("skipping unreadable checkpoint %s", folder)
+            continue
+        return str(folder)
+    return None
+
+
 def start_tracking(run: Run, opts: DistributedOptions, run_dir: Path) -> MlflowTracker:
     """The run's MLflow run: created once, found again through run.json on resume."""
     run_file = run_dir / RUN_FILE
@@ -233,7 +256,7 @@ def _train_group_distributed(runs: list[Run], opts: DistributedOptions, resume: 
         prepare_run_dir(run.job, resume)
     trackers = trackers or [start_tracking(runs[0], opts, run_dir)]
     config = {"runs": runs, "options": asdict(opts), "run_ids": [t.run_id for t in trackers],
-              "mlflow_uri": trackers[0].uri}
+              "mlflow_uri": trackers[0].uri, "resume_from": latest_checkpoint(run_dir) if resume else None}
     try:
         result = torch_trainer(config, opts, run_dir, datasets).fit()
         if result.checkpoint is None:
