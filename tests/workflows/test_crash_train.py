@@ -29,9 +29,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sae_core.io import is_finished_sae, load_sae
+from sae_core.io import CHECKPOINT_FILE, is_finished_sae, load_sae, save_checkpoint
 from sae_core.lock import FileLock, lock_path
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
+from workflows.train_ray import RAY_RUN_NAME, RAY_SNAPSHOT, latest_checkpoint
 
 CHILD = r"""
 import os, signal, sys
@@ -267,3 +268,20 @@ def test_sigkill_of_ray_train_driver_then_resume_finishes_with_the_same_weights(
     assert assert_published_or_absent(out, want, exact=False)
     assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
     assert_clean(out)
+
+
+def test_resume_takes_the_newest_checkpoint_that_loads_when_ray_recorded_none(tmp_path):
+    storage = tmp_path / "run" / RAY_RUN_NAME
+    for name, step in [
+        ("checkpoint_2026-01-01_00-00-01.000000", 5),
+        ("checkpoint_2026-01-01_00-00-02.000000", 10),
+    ]:
+        save_checkpoint(storage / name, {"step": step})
+    newest = storage / "checkpoint_2026-01-01_00-00-03.000000"
+    save_checkpoint(newest, {"step": 15})
+    whole = (newest / CHECKPOINT_FILE).read_bytes()
+    (newest / CHECKPOINT_FILE).write_bytes(whole[: len(whole) // 2])  # cut short while being copied
+    assert latest_checkpoint(tmp_path / "run") == str(storage / "checkpoint_2026-01-01_00-00-02.000000")
+    (storage / RAY_SNAPSHOT).write_text("{}")  # Ray recorded checkpoints: it restores its own
+    assert latest_checkpoint(tmp_path / "run") is None
+    assert latest_checkpoint(tmp_path / "empty") is None
