@@ -259,7 +259,7 @@ def test_sigkill_of_ray_train_driver_then_resume_finishes_with_the_same_weights(
     resumed = MlflowClient(f"sqlite:///{db}").get_metric_history(run_id, "resumed_from_step")
     assert resumed and all(0 < m.value < STEPS and m.value % EVERY == 0 for m in resumed), resumed
     published = assert_published_or_absent(out, want, exact=False)
-    # 3. --resume again: finishes (from the last checkpoint), or says the SAE is already there.
+    # 3. --resume again: finishes from the final checkpoint (without Ray), or says the SAE is already there.
     code, stderr = run_session(0, resume)
     if published:
         assert code == 2 and "already holds an SAE" in stderr and "Traceback" not in stderr, stderr[-2000:]
