@@ -45,8 +45,8 @@ from sae_core.store_format import (
 
 __all__ = [  # the store's public names, whichever module defines them
     "DTYPES", "FORMAT", "MANIFEST", "META_COLUMNS", "ROW_GROUP_ROWS", "SHUFFLE_BUFFER", "ActivationStore", "Manifest",
-    "RowGroup", "StoreError", "StoreProblem", "StoreWriter", "decode_values", "store_lock", "encode_values",
-    "has_manifest", "locate", "make_table", "read_manifest", "sha256_file", "storage_numpy_dtype", "write_manifest",
+    "RowGroup", "StoreError", "StoreProblem", "StoreWriter", "decode_values", "encode_values",
+    "has_manifest", "locate", "make_table", "read_manifest", "sha256_file", "storage_numpy_dtype", "store_lock", "write_manifest",
 ]
 
 logger = logging.getLogger(__name__)
