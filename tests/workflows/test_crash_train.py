@@ -267,6 +267,8 @@ def test_sigkill_of_ray_train_driver_then_resume_finishes_with_the_same_weights(
         assert code == 0, stderr[-3000:]
     assert assert_published_or_absent(out, want, exact=False)
     assert json.loads((out / "metrics.json").read_text())["steps"] == STEPS
+    if not published:  # the resume that published closed the run's MLflow run
+        assert MlflowClient(f"sqlite:///{db}").get_run(run_id).info.status == "FINISHED"
     assert_clean(out)
 
 
