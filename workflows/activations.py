@@ -320,11 +320,22 @@ def collect(cfg: CollectConfig, progress: Callable[[int], None] = lambda n: None
             done = {int(name[len("part-"):-len(".parquet")]) for name in writer.done_parts}
             progress(writer.manifest.n_tokens)
             written = 0 if complete else _write_parts(cfg, writer, done, progress)
+            _check_every_part_arrived(writer)
             last = ActivationStore(writer.location.display).read_meta(max(writer.manifest.n_tokens - 1, 0))["window_id"]
             writer.manifest.extra["n_windows"] = int(last[-1]) + 1 if len(last) else 0  # windows holding stored rows
             writer.finish()
     return CollectResult(path=str(writer.root), n_tokens=writer.manifest.n_tokens, parts_written=written,
                          parts_skipped=len(done), seconds=time.perf_counter() - start)
+
+
+def _check_every_part_arrived(writer: StoreWriter) -> None:
+    """Refuse to mark a store complete when its parts are not exactly part-0 .. part-(n-1): a part the actor
+    pool never delivered leaves a gap that the rows of the other parts would hide."""
+    indices = sorted(int(name[len("part-"):-len(".parquet")]) for name in writer.done_parts)
+    missing = sorted(set(range(indices[-1] + 1)) - set(indices)) if indices else []
+    if missing:
+        raise UserError(f"{writer.location.display}: parts {missing[:5]} never arrived from the actor pool; "
+                        "the store stays unfinished, rerun the same `sae collect` to write them")
 
 
 def complete_manifest(store: str | Path) -> Manifest | None:
