@@ -13,7 +13,7 @@ suffixes left-padded with explicit position ids, so a batched answer equals the 
 :class:`OpenAIJudge` posts to ``{url}/chat/completions`` (vLLM, llama.cpp server, Ollama, a hosted API)
 with the standard library's HTTP client: ``temperature 0`` for generation, ``logprobs`` with
 ``top_logprobs`` for options. An option absent from the returned top list gets the smallest returned
-log-probability minus 1 (an upper bound, below everything listed).
+log-probability minus 1 (its true value is at most the smallest listed; this puts it below all of them).
 """
 
 from __future__ import annotations
@@ -112,16 +112,21 @@ class LocalJudge:
         return out.logits[:, -1].float(), cache, mask, lengths
 
     def _batches(self, encoded: list[list[int]]):
-        """(indices, batch-1 cache, its length) per batch; the global common prefix is run once."""
-        g = _common_prefix(encoded) if len(encoded) > 1 else max(0, len(encoded[0]) - 1)
-        g = min(g, min(len(e) for e in encoded) - 1)  # every row keeps at least one token of its own
+        """(indices, batch-1 cache, its length) per batch. The common prefix of all rows is run once; a batch
+        is a run of consecutive rows sharing at least as long a prefix as its first two rows (so callers order
+        chats by what they share, e.g. questions grouped by explanation), at most ``batch_size`` rows."""
+        n = len(encoded)
+        g = min(_common_prefix(encoded) if n > 1 else len(encoded[0]), min(len(e) for e in encoded) - 1)
         base = self._prefill(encoded[0][:g])
-        for start in range(0, len(encoded), self.batch_size):
-            idx = list(range(start, min(start + self.batch_size, len(encoded))))
-            rows = [encoded[i] for i in idx]
-            p = min(_common_prefix(rows) if len(rows) > 1 else g, min(len(r) for r in rows) - 1)
-            p = max(p, g)
-            yield idx, self._prefill(rows[0][:p], base, g), p
+        i = 0
+        while i < n:
+            p = _common_prefix([encoded[i], encoded[i + 1]]) if i + 1 < n else len(encoded[i])
+            j = i + 1
+            while j < n and j - i < self.batch_size and _common_prefix([encoded[i], encoded[j]]) >= p:
+                j += 1
+            p = max(g, min(p, min(len(encoded[k]) for k in range(i, j)) - 1))
+            yield list(range(i, j)), self._prefill(encoded[i][:p], base, g), p
+            i = j
 
     def option_logprobs(self, chats: Sequence[Chat], options: Sequence[str]) -> np.ndarray:
         if not chats:
