@@ -19,15 +19,15 @@ OPTIONS = ("Yes", "No")
 
 EXPLAIN_SYSTEM = (
     "You study a feature of a language model. You see text snippets; the tokens where the feature is "
-    "active are marked like <<this>>. Reply with one line: the marked tokens in quotes, then what they "
-    "have in common."
+    "active are marked like <<this>>. Reply with one short phrase saying what the marked tokens have in "
+    "common."
 )
 EXPLAIN_DEMOS = [
     (["the old <<dog>> slept", "fed the <<cat>> twice", "two <<horses>> ran", "a <<bird>> sang"],
-     '"dog", "cat", "horses", "bird": names of animals'),
+     "names of animals"),
     (["call print<<(>>x", "if len<<(>>items", "return max<<(>>a, b"],
-     '"(" after a function name'),
-    (["in <<1999>> the", "by <<2010>>,", "since <<1850>> there"], '"1999", "2010", "1850": years'),
+     "an opening parenthesis after a function name"),
+    (["in <<1999>> the", "by <<2010>>,", "since <<1850>> there"], "years"),
 ]
 
 DETECT_SYSTEM = (
@@ -35,10 +35,10 @@ DETECT_SYSTEM = (
     "what the feature describes, No if it does not."
 )
 DETECT_DEMOS = [
-    ('"dog", "cat": names of animals', "the old dog slept by the door", "Yes"),
-    ('"1999", "2010": years', "the meeting starts at noon today", "No"),
-    ('"(" after a function name', "then call print(x) again", "Yes"),
-    ('"dog", "cat": names of animals', "prices went up in the market", "No"),
+    ("names of animals", "the old dog slept by the door", "Yes"),
+    ("years", "the meeting starts at noon today", "No"),
+    ("an opening parenthesis after a function name", "then call print(x) again", "Yes"),
+    ("names of animals", "prices went up in the market", "No"),
 ]
 
 FUZZ_SYSTEM = (
@@ -46,10 +46,10 @@ FUZZ_SYSTEM = (
     "Answer Yes if the marked tokens are what the feature describes, No if they are not."
 )
 FUZZ_DEMOS = [
-    ('"dog", "cat": names of animals', "the old <<dog>> slept by the door", "Yes"),
-    ('"1999", "2010": years', "in 1999 the <<meeting>> started", "No"),
-    ('"1999", "2010": years', "in <<1999>> the meeting started", "Yes"),
-    ('"dog", "cat": names of animals', "the old dog <<slept>> by the door", "No"),
+    ("names of animals", "the old <<dog>> slept by the door", "Yes"),
+    ("years", "in 1999 the <<meeting>> started", "No"),
+    ("years", "in <<1999>> the meeting started", "Yes"),
+    ("names of animals", "the old dog <<slept>> by the door", "No"),
 ]
 
 
@@ -59,7 +59,7 @@ def render(tokens: Sequence[str], marked: set[int] | frozenset[int] = frozenset(
     inside = False
     for i, tok in enumerate(tokens):
         if i in marked and not inside:
-            stripped = tok.lstrip()
+            stripped = tok.lstrip() or tok  # a whitespace-only token stays inside its marks
             out.append(tok[: len(tok) - len(stripped)] + "<<" + stripped)
             inside = True
             continue

@@ -251,3 +251,29 @@ def test_pipeline_through_the_endpoint(loaded, setup, server):
     assert "margin" in format_report(m)
     with pytest.raises(UserError, match="n_positives"):
         AutoInterpConfig(n_samples=4)
+
+
+def test_bench_metric_and_flags(loaded, setup, server):
+    import argparse
+
+    from workflows.autointerp import add_autointerp_flags, autointerp_options
+
+    parser = argparse.ArgumentParser()
+    add_autointerp_flags(parser)
+    args = parser.parse_args(["--explainer-url", server, "--explainer-model", "tiny", "--n-latents", "2"])
+    options = autointerp_options(args)
+    assert options == {"explainer_url": server, "explainer_model": "tiny", "n_latents": 2}
+    bench = pytest.importorskip("workflows.bench")  # `sae bench` (workflows/bench.py) lands on another branch
+    sae, windows = setup
+    small = {"n_explain_top": 3, "n_explain_quantile": 1, "n_positives": 3, "n_negatives": 3, "top_k": 6,
+             "n_samples": 12, "left": 4, "right": 1, "max_new_tokens": 4, "n_bootstrap": 100, "max_density": 0.5,
+             "control": False}
+    ctx = bench.BenchContext(sae=sae, sae_dir=None, loaded=loaded, hook=HOOK, windows=windows, seed=3,
+                             options={"autointerp": {**options, **small}})
+    result = bench.get_metric("autointerp")(ctx)
+    assert result.metrics["n_latents"] == 2 and "margin_score" not in result.metrics
+    assert json.loads(json.dumps(result.details))["config"]["seed"] == 3
+    assert any(body["model"] == "tiny" and "logprobs" not in body for _, _, body in ChatServer.seen)
+    ctx.options = {"autointerp": {"n_latent": 2}}
+    with pytest.raises(UserError, match="unknown autointerp option"):
+        bench.get_metric("autointerp")(ctx)
