@@ -23,10 +23,14 @@ EXPLAIN_SYSTEM = (
     "common."
 )
 EXPLAIN_DEMOS = [
-    (["the old <<dog>> slept", "fed the <<cat>> twice", "two <<horses>> ran", "a <<bird>> sang"],
-     "names of animals"),
-    (["call print<<(>>x", "if len<<(>>items", "return max<<(>>a, b"],
-     "an opening parenthesis after a function name"),
+    (
+        ["the old <<dog>> slept", "fed the <<cat>> twice", "two <<horses>> ran", "a <<bird>> sang"],
+        "names of animals",
+    ),
+    (
+        ["call print<<(>>x", "if len<<(>>items", "return max<<(>>a, b"],
+        "an opening parenthesis after a function name",
+    ),
     (["in <<1999>> the", "by <<2010>>,", "since <<1850>> there"], "years"),
 ]
 
@@ -100,8 +104,10 @@ FUZZ_ASK = "Are the marked tokens what the feature describes?"
 def _scorer_chat(system: str, demos, ask: str, explanation: str, text: str) -> Chat:
     chat: Chat = [{"role": "system", "content": system}]
     for demo_expl, demo_text, answer in demos:
-        chat += [{"role": "user", "content": _question(demo_expl, demo_text, ask)},
-                 {"role": "assistant", "content": answer}]
+        chat += [
+            {"role": "user", "content": _question(demo_expl, demo_text, ask)},
+            {"role": "assistant", "content": answer},
+        ]
     return chat + [{"role": "user", "content": _question(explanation, text, ask)}]
 
 

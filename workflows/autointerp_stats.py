@@ -50,14 +50,17 @@ def bootstrap_ci(values: np.ndarray, n: int, seed: int, level: float = 0.95) -> 
     return float(lo), float(hi)
 
 
-def difference_ci(a: np.ndarray, b: np.ndarray, n: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+def difference_ci(
+    a: np.ndarray, b: np.ndarray, n: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of mean(a) - mean(b), resampling the two independent sets separately."""
     a, b = (np.asarray(v, float) for v in (a, b))
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if len(a) == 0 or len(b) == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    diffs = (a[rng.integers(0, len(a), size=(n, len(a)))].mean(axis=1)
-             - b[rng.integers(0, len(b), size=(n, len(b)))].mean(axis=1))
+    diffs = a[rng.integers(0, len(a), size=(n, len(a)))].mean(axis=1) - b[
+        rng.integers(0, len(b), size=(n, len(b)))
+    ].mean(axis=1)
     lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)

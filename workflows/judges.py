@@ -69,8 +69,9 @@ class LocalJudge:
     def encode(self, chat: Chat) -> list[int]:
         """Token ids of the chat, ending where the assistant's answer starts."""
         template = None if getattr(self.tokenizer, "chat_template", None) else PLAIN_TEMPLATE
-        text = self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True,
-                                                  chat_template=template)
+        text = self.tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True, chat_template=template
+        )
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def option_ids(self, options: Sequence[str]) -> list[int]:
@@ -101,13 +102,19 @@ class LocalJudge:
         mask[:, :P] = 1
         pos = torch.zeros((B, S), dtype=torch.long)
         for i, s in enumerate(suffixes):
-            ids[i, S - len(s):] = torch.tensor(s)
-            mask[i, P + S - len(s):] = 1
-            pos[i, S - len(s):] = torch.arange(P, P + len(s))
+            ids[i, S - len(s) :] = torch.tensor(s)
+            mask[i, P + S - len(s) :] = 1
+            pos[i, S - len(s) :] = torch.arange(P, P + len(s))
         cache = copy.deepcopy(cache)
         cache.batch_repeat_interleave(B)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=pos.to(self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         lengths = torch.tensor([P + len(s) for s in suffixes])
         return out.logits[:, -1].float(), cache, mask, lengths
 
@@ -159,9 +166,14 @@ class LocalJudge:
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, torch.ones((len(idx), 1), dtype=mask.dtype)], dim=1)
-                out = self.model(input_ids=nxt[:, None].to(self.device), attention_mask=mask.to(self.device),
-                                 position_ids=(lengths + step)[:, None].to(self.device), cache=cache,
-                                 use_cache=True, logits_to_keep=1)
+                out = self.model(
+                    input_ids=nxt[:, None].to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=(lengths + step)[:, None].to(self.device),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
                 logits = out.logits[:, -1].float()
             for row, i in enumerate(idx):
                 texts[i] = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
@@ -171,29 +183,47 @@ class LocalJudge:
 class OpenAIJudge:
     """Any OpenAI-compatible ``/chat/completions`` endpoint; requests run ``concurrency`` at a time."""
 
-    def __init__(self, url: str, model: str, *, api_key: str | None = None, timeout: float = 120.0,
-                 concurrency: int = 4, what: str = "judge"):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        concurrency: int = 4,
+        what: str = "judge",
+    ):
         if not url.startswith(("http://", "https://")):
             raise UserError(f"{what} URL {url!r} is not http(s)://host[:port]/v1")
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else f"{url}/chat/completions"
-        self.model, self.api_key, self.timeout, self.concurrency, self.what = model, api_key, timeout, concurrency, what
+        self.model, self.api_key, self.timeout, self.concurrency, self.what = (
+            model,
+            api_key,
+            timeout,
+            concurrency,
+            what,
+        )
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps({"model": self.model, **body}).encode(),
-                                         headers=headers, method="POST")
+        request = urllib.request.Request(
+            self.url, data=json.dumps({"model": self.model, **body}).encode(), headers=headers, method="POST"
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:300].decode(errors="replace")
-            raise UserError(f"the {self.what} endpoint {self.url} answered HTTP {exc.code}: {detail}") from exc
+            raise UserError(
+                f"the {self.what} endpoint {self.url} answered HTTP {exc.code}: {detail}"
+            ) from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise UserError(f"cannot reach the {self.what} endpoint {self.url} ({exc}); start the server "
-                            "or fix its URL") from exc
+            raise UserError(
+                f"cannot reach the {self.what} endpoint {self.url} ({exc}); start the server or fix its URL"
+            ) from exc
 
     def _map(self, fn, items: Sequence[Any]) -> list[Any]:
         with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
@@ -203,18 +233,29 @@ class OpenAIJudge:
         def one(chat: Chat) -> str:
             reply = self._post({"messages": chat, "max_tokens": max_new_tokens, "temperature": 0})
             return reply["choices"][0]["message"].get("content") or ""
+
         return self._map(one, chats)
 
     def option_logprobs(self, chats: Sequence[Chat], options: Sequence[str]) -> np.ndarray:
         def one(chat: Chat) -> list[float]:
-            reply = self._post({"messages": chat, "max_tokens": 1, "temperature": 0, "logprobs": True,
-                                "top_logprobs": TOP_LOGPROBS})
+            reply = self._post(
+                {
+                    "messages": chat,
+                    "max_tokens": 1,
+                    "temperature": 0,
+                    "logprobs": True,
+                    "top_logprobs": TOP_LOGPROBS,
+                }
+            )
             choice = reply["choices"][0]
             content = (choice.get("logprobs") or {}).get("content") or []
             if not content:
-                raise UserError(f"the {self.what} endpoint {self.url} returned no logprobs; use a server that "
-                                "supports logprobs/top_logprobs (vLLM, llama.cpp server, OpenAI)")
+                raise UserError(
+                    f"the {self.what} endpoint {self.url} returned no logprobs; use a server that "
+                    "supports logprobs/top_logprobs (vLLM, llama.cpp server, OpenAI)"
+                )
             return option_scores(content[0].get("top_logprobs") or [], options)
+
         return np.asarray(self._map(one, chats), dtype=float).reshape(len(chats), len(options))
 
 
@@ -229,8 +270,15 @@ def option_scores(top: list[dict[str, Any]], options: Sequence[str]) -> list[flo
     return [v if math.isfinite(v) else floor for v in out]
 
 
-def make_judge(url: str | None, model: str | None, *, local: Any, api_key_env: str = "OPENAI_API_KEY",
-               what: str = "judge", batch_size: int = 16) -> Judge:
+def make_judge(
+    url: str | None,
+    model: str | None,
+    *,
+    local: Any,
+    api_key_env: str = "OPENAI_API_KEY",
+    what: str = "judge",
+    batch_size: int = 16,
+) -> Judge:
     """An OpenAIJudge for ``url``, else a LocalJudge on ``local`` (a LoadedModel)."""
     if url:
         if not model:

@@ -32,8 +32,12 @@ from workflows.judges import LocalJudge, OpenAIJudge, option_scores
 from workflows.models import load_model
 
 HOOK = "blocks.1.hook_resid_post"
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+# The slow control: latents (and as many random directions), held-out tokens scanned, the score compared.
+CONTROL_LATENTS, CONTROL_TOKENS, CONTROL_KEY = 16, 6000, "score"
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 # -- scoring math ---------------------------------------------------------------------------------
@@ -76,7 +80,11 @@ def test_render_marks_runs_and_keeps_spaces_outside():
 
 
 def test_option_scores_floor_for_unlisted_options():
-    top = [{"token": " Yes", "logprob": -0.5}, {"token": "No", "logprob": -1.5}, {"token": "x", "logprob": -4.0}]
+    top = [
+        {"token": " Yes", "logprob": -0.5},
+        {"token": "No", "logprob": -1.5},
+        {"token": "x", "logprob": -4.0},
+    ]
     assert option_scores(top, ["Yes", "No", "Maybe"]) == [-0.5, -1.5, -5.0]
 
 
@@ -116,17 +124,35 @@ class ChatServer(BaseHTTPRequestHandler):
         text = tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=body.get("max_tokens", 16), do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-        new = out.sequences[0, ids.shape[1]:].tolist()
-        choice = {"index": 0, "finish_reason": "stop",
-                  "message": {"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)}}
+            out = model.generate(
+                ids,
+                max_new_tokens=body.get("max_tokens", 16),
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out.sequences[0, ids.shape[1] :].tolist()
+        choice = {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": tok.decode(new, skip_special_tokens=True)},
+        }
         if body.get("logprobs"):
             lp = torch.log_softmax(out.logits[0][0].float(), -1)
             top = lp.topk(int(body.get("top_logprobs", 0)))
-            choice["logprobs"] = {"content": [{"token": tok.decode([new[0]]), "logprob": float(lp[new[0]]),
-                                               "top_logprobs": [{"token": tok.decode([i]), "logprob": float(v)}
-                                                                for v, i in zip(top.values.tolist(), top.indices.tolist())]}]}
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": tok.decode([new[0]]),
+                        "logprob": float(lp[new[0]]),
+                        "top_logprobs": [
+                            {"token": tok.decode([i]), "logprob": float(v)}
+                            for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                        ],
+                    }
+                ]
+            }
         data = json.dumps({"object": "chat.completion", "model": "tiny", "choices": [choice]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -146,9 +172,13 @@ def server(loaded):
     httpd.server_close()
 
 
-CHATS = [[{"role": "system", "content": "Answer Yes or No."},
-          {"role": "user", "content": f"Feature: animals\nText: {t}"}]
-         for t in ["the dog barked", "the meeting at noon", "a cat sat on the mat", "prices went up"]]
+CHATS = [
+    [
+        {"role": "system", "content": "Answer Yes or No."},
+        {"role": "user", "content": f"Feature: animals\nText: {t}"},
+    ]
+    for t in ["the dog barked", "the meeting at noon", "a cat sat on the mat", "prices went up"]
+]
 
 
 def test_local_judge_equals_plain_forward_and_generate(loaded):
@@ -157,14 +187,20 @@ def test_local_judge_equals_plain_forward_and_generate(loaded):
     options = [tok.decode([i]) for i in (40, 41, 42)]
     got = judge.option_logprobs(CHATS, options)
     texts = judge.generate(CHATS, 8)
-    for chat, row, text in zip(CHATS, got, texts):
-        ids = torch.tensor([tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
-                                add_special_tokens=False).input_ids])
+    for chat, row, text in zip(CHATS, got, texts, strict=True):
+        ids = torch.tensor(
+            [
+                tok(
+                    tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False,
+                ).input_ids
+            ]
+        )
         with torch.no_grad():
             lp = torch.log_softmax(loaded.model(input_ids=ids).logits[0, -1].float(), -1)
             ref = loaded.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         assert row == pytest.approx(lp[[40, 41, 42]].numpy(), abs=1e-4)
-        assert text == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        assert text == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_openai_client_against_a_local_server(loaded, server, monkeypatch):
@@ -178,12 +214,19 @@ def test_openai_client_against_a_local_server(loaded, server, monkeypatch):
     ids = torch.tensor([local.encode(CHATS[0])])
     with torch.no_grad():
         order = torch.argsort(loaded.model(input_ids=ids).logits[0, -1], descending=True).tolist()
-    clean = [i for i in order if tok(tok.decode([i]), add_special_tokens=False).input_ids == [i]
-             and tok.decode([i]).strip() and i not in tok.all_special_ids]
+    clean = [
+        i
+        for i in order
+        if tok(tok.decode([i]), add_special_tokens=False).input_ids == [i]
+        and tok.decode([i]).strip()
+        and i not in tok.all_special_ids
+    ]
     options = [tok.decode([i]) for i in (clean[0], clean[1], clean[-1])]
     want, got = local.option_logprobs(CHATS[:1], options), remote.option_logprobs(CHATS[:1], options)
     assert got[0, :2] == pytest.approx(want[0, :2], abs=1e-4)
-    assert got[0, 2] < got[0, :2].min() and want[0, 2] < got[0, :2].min()  # unlisted: the floor, below those listed
+    assert (
+        got[0, 2] < got[0, :2].min() and want[0, 2] < got[0, :2].min()
+    )  # unlisted: the floor, below those listed
     with pytest.raises(UserError, match="HTTP 404"):
         OpenAIJudge(server, "other").generate(CHATS[:1], 2)
     with pytest.raises(UserError, match="cannot reach"):
@@ -205,15 +248,28 @@ def setup(loaded, shakespeare):
 
 def test_examples_are_top_held_out_and_clean_negatives(loaded, setup):
     sae, windows = setup
-    cfg = AutoInterpConfig(n_latents=6, n_explain_top=4, n_explain_quantile=2, n_positives=4, n_negatives=4,
-                           top_k=8, n_samples=16, left=4, right=1, max_density=0.5)
+    cfg = AutoInterpConfig(
+        n_latents=6,
+        n_explain_top=4,
+        n_explain_quantile=2,
+        n_positives=4,
+        n_negatives=4,
+        top_k=8,
+        n_samples=16,
+        left=4,
+        right=1,
+        max_density=0.5,
+    )
     features = np.arange(64)
-    tracked, proj = scan(hook_batches(loaded.model, HOOK, windows, 8), sae.encode, features, cfg,
-                         torch.randn(48, 3))
+    tracked, proj = scan(
+        hook_batches(loaded.model, HOOK, windows, 8), sae.encode, features, cfg, torch.randn(48, 3)
+    )
     chosen = choose_latents(tracked, windows, cfg, np.random.default_rng(0), TokenStrings(loaded.tokenizer))
     assert len(chosen) == 6 and proj.shape == (*windows.token_ids.shape, 3)
     with torch.no_grad():
-        acts = run_with_hooks(loaded.model, torch.from_numpy(windows.token_ids).long(), capture=[HOOK]).activations[HOOK]
+        acts = run_with_hooks(
+            loaded.model, torch.from_numpy(windows.token_ids).long(), capture=[HOOK]
+        ).activations[HOOK]
         lat_WTF = (sae.encode(acts) * torch.from_numpy(windows.keep)[..., None]).numpy()
     T, span = windows.token_ids.shape[1], cfg.left + cfg.right
     for lx in chosen:
@@ -225,23 +281,39 @@ def test_examples_are_top_held_out_and_clean_negatives(loaded, setup):
             assert e.acts[e.peak] == pytest.approx(col[e.window, e.position], rel=1e-2, abs=1e-3)
         for p in lx.positives:
             assert col[p.window, p.position] > 0
-            assert all(not (p.window == e.window and abs(p.position - e.position) <= span) for e in lx.explain)
+            assert all(
+                not (p.window == e.window and abs(p.position - e.position) <= span) for e in lx.explain
+            )
         for n in lx.negatives:
             lo, hi = n.position - n.peak, n.position - n.peak + len(n.tokens)
             assert (col[n.window, lo:hi] == 0).all() and windows.keep[n.window, lo:hi].all()
     again = choose_latents(tracked, windows, cfg, np.random.default_rng(0), TokenStrings(loaded.tokenizer))
-    assert [(c.latent, [p.position for p in c.positives]) for c in again] == \
-           [(c.latent, [p.position for p in c.positives]) for c in chosen]
+    assert [(c.latent, [p.position for p in c.positives]) for c in again] == [
+        (c.latent, [p.position for p in c.positives]) for c in chosen
+    ]
     assert all(T > n.position for c in chosen for n in c.negatives)
 
 
 def test_pipeline_through_the_endpoint(loaded, setup, server):
     sae, windows = setup
     judge = OpenAIJudge(server, "tiny", concurrency=2)
-    cfg = AutoInterpConfig(n_latents=3, n_explain_top=3, n_explain_quantile=1, n_positives=3, n_negatives=3,
-                           top_k=6, n_samples=12, left=4, right=1, max_new_tokens=6, n_bootstrap=200,
-                           max_density=0.5)
-    report = run_autointerp(sae, loaded.model, loaded.tokenizer, HOOK, windows, explainer=judge, scorer=judge, cfg=cfg)
+    cfg = AutoInterpConfig(
+        n_latents=3,
+        n_explain_top=3,
+        n_explain_quantile=1,
+        n_positives=3,
+        n_negatives=3,
+        top_k=6,
+        n_samples=12,
+        left=4,
+        right=1,
+        max_new_tokens=6,
+        n_bootstrap=200,
+        max_density=0.5,
+    )
+    report = run_autointerp(
+        sae, loaded.model, loaded.tokenizer, HOOK, windows, explainer=judge, scorer=judge, cfg=cfg
+    )
     m = report.metrics
     assert m["n_latents"] == 3 and m["control_n_latents"] == 3 and len(report.control) == 3
     for key in ("score", "detection_auroc", "margin_score"):
@@ -265,11 +337,29 @@ def test_bench_metric_and_flags(loaded, setup, server):
     assert options == {"explainer_url": server, "explainer_model": "tiny", "n_latents": 2}
     bench = pytest.importorskip("workflows.bench")  # `sae bench` (workflows/bench.py) lands on another branch
     sae, windows = setup
-    small = {"n_explain_top": 3, "n_explain_quantile": 1, "n_positives": 3, "n_negatives": 3, "top_k": 6,
-             "n_samples": 12, "left": 4, "right": 1, "max_new_tokens": 4, "n_bootstrap": 100, "max_density": 0.5,
-             "control": False}
-    ctx = bench.BenchContext(sae=sae, sae_dir=None, loaded=loaded, hook=HOOK, windows=windows, seed=3,
-                             options={"autointerp": {**options, **small}})
+    small = {
+        "n_explain_top": 3,
+        "n_explain_quantile": 1,
+        "n_positives": 3,
+        "n_negatives": 3,
+        "top_k": 6,
+        "n_samples": 12,
+        "left": 4,
+        "right": 1,
+        "max_new_tokens": 4,
+        "n_bootstrap": 100,
+        "max_density": 0.5,
+        "control": False,
+    }
+    ctx = bench.BenchContext(
+        sae=sae,
+        sae_dir=None,
+        loaded=loaded,
+        hook=HOOK,
+        windows=windows,
+        seed=3,
+        options={"autointerp": {**options, **small}},
+    )
     result = bench.get_metric("autointerp")(ctx)
     assert result.metrics["n_latents"] == 2 and "margin_score" not in result.metrics
     assert json.loads(json.dumps(result.details))["config"]["seed"] == 3
@@ -277,3 +367,46 @@ def test_bench_metric_and_flags(loaded, setup, server):
     ctx.options = {"autointerp": {"n_latent": 2}}
     with pytest.raises(UserError, match="unknown autointerp option"):
         bench.get_metric("autointerp")(ctx)
+
+
+@pytest.mark.slow
+def test_smollm2_control_trained_latents_beat_random_directions(tmp_path, smollm2_store):
+    """The done-when check: a TopK SAE trained briefly on 16k tokens of SmolLM2 (blocks.6), explained and
+    scored by SmolLM2 itself on the next tokens of the corpus, beats as many density-matched random
+    directions on the same windows; the margin's 95% interval must lie above zero."""
+    import time
+
+    from sae_core.io import load_sae, save_sae
+    from sae_core.trainer import TrainConfig, Trainer
+    from workflows.evaluate import held_out_windows
+
+    hook, store = "blocks.6.hook_resid_post", smollm2_store
+    acts = store.read_hook(hook)
+    torch.manual_seed(0)
+    sae = build(make_config("topk", d_in=acts.shape[1], d_sae=1152, k=32))
+    trainer = Trainer(sae, TrainConfig(steps=150, batch_size=512, lr=1e-3, log_every=1000))
+    order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))
+    list(trainer.fit(acts[order[(i * 512) % (len(acts) - 512) :][:512]] for i in range(150)))
+    sae = load_sae(save_sae(sae, tmp_path / "sae", scaling_factor=trainer.scaling_factor)).eval()
+    model = load_model()
+    windows = held_out_windows(
+        model.tokenizer, corpus=None, context_size=128, n_tokens=CONTROL_TOKENS, skip_tokens=store.n_tokens
+    )
+    judge = LocalJudge(model.model, model.tokenizer)
+    start = time.perf_counter()
+    report = run_autointerp(
+        sae,
+        model.model,
+        model.tokenizer,
+        hook,
+        windows,
+        explainer=judge,
+        scorer=judge,
+        cfg=AutoInterpConfig(n_latents=CONTROL_LATENTS, seed=0),
+    )
+    print(f"\n{format_report(report.metrics)}\n({time.perf_counter() - start:.0f} s)")
+    for row in report.latents[:5]:
+        print(f"  latent {row['latent']}: {row['explanation']!r} detection {row['detection_auroc']:.2f}")
+    m = report.metrics
+    assert m["n_latents"] == CONTROL_LATENTS and m["control_n_latents"] == CONTROL_LATENTS
+    assert m[f"margin_{CONTROL_KEY}_lo"] > 0, format_report(m)
