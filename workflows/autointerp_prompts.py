@@ -11,6 +11,8 @@ made-up demonstrations (balanced Yes/No), which a small judge needs to answer in
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 
 from workflows.judges import Chat
@@ -19,19 +21,16 @@ OPTIONS = ("Yes", "No")
 
 EXPLAIN_SYSTEM = (
     "You study a feature of a language model. You see text snippets; the tokens where the feature is "
-    "active are marked like <<this>>. Reply with one short phrase saying what the marked tokens have in "
-    "common."
+    "active are marked like <<this>> and listed, most frequent first. Reply with one short line: the "
+    "most frequent marked tokens in quotes, then what they have in common."
 )
 EXPLAIN_DEMOS = [
     (
-        ["the old <<dog>> slept", "fed the <<cat>> twice", "two <<horses>> ran", "a <<bird>> sang"],
-        "names of animals",
+        ["the old <<dog>> slept", "fed the <<cat>> twice", "two <<dogs>> ran", "a <<bird>> sang"],
+        'words like "dog", "cat": animals',
     ),
-    (
-        ["call print<<(>>x", "if len<<(>>items", "return max<<(>>a, b"],
-        "an opening parenthesis after a function name",
-    ),
-    (["in <<1999>> the", "by <<2010>>,", "since <<1850>> there"], "years"),
+    (["call print<<(>>x", "if len<<(>>items", "return max<<(>>a, b"], 'words like "(": calls of functions'),
+    (["in <<1999>> the", "by <<2010>>,", "since <<1850>> there"], 'words like "1999", "2010": years'),
 ]
 
 DETECT_SYSTEM = (
@@ -39,10 +38,10 @@ DETECT_SYSTEM = (
     "what the feature describes, No if it does not."
 )
 DETECT_DEMOS = [
-    ("names of animals", "the old dog slept by the door", "Yes"),
-    ("years", "the meeting starts at noon today", "No"),
-    ("an opening parenthesis after a function name", "then call print(x) again", "Yes"),
-    ("names of animals", "prices went up in the market", "No"),
+    ('words like "dog", "cat": animals', "the old dog slept by the door", "Yes"),
+    ('words like "1999", "2010": years', "the meeting starts at noon today", "No"),
+    ('words like "(": calls of functions', "then call print(x) again", "Yes"),
+    ('words like "dog", "cat": animals', "prices went up in the market", "No"),
 ]
 
 FUZZ_SYSTEM = (
@@ -50,10 +49,10 @@ FUZZ_SYSTEM = (
     "Answer Yes if the marked tokens are what the feature describes, No if they are not."
 )
 FUZZ_DEMOS = [
-    ("names of animals", "the old <<dog>> slept by the door", "Yes"),
-    ("years", "in 1999 the <<meeting>> started", "No"),
-    ("years", "in <<1999>> the meeting started", "Yes"),
-    ("names of animals", "the old dog <<slept>> by the door", "No"),
+    ('words like "dog", "cat": animals', "the old <<dog>> slept by the door", "Yes"),
+    ('words like "1999", "2010": years', "in 1999 the <<meeting>> started", "No"),
+    ('words like "1999", "2010": years', "in <<1999>> the meeting started", "Yes"),
+    ('words like "dog", "cat": animals', "the old dog <<slept>> by the door", "No"),
 ]
 
 
@@ -80,8 +79,18 @@ def _snippets(texts: Sequence[str]) -> str:
     return "\n".join(f"{i + 1}. {t}" for i, t in enumerate(texts))
 
 
+def marked_tokens(texts: Sequence[str], limit: int = 8) -> list[str]:
+    """The distinct marked spans of ``texts``, most frequent first (ties: first seen)."""
+    spans = [m.strip() for t in texts for m in re.findall(r"<<(.*?)>>", t) if m.strip()]
+    return [m for m, _ in Counter(spans).most_common(limit)]
+
+
 def _explain_user(texts: Sequence[str]) -> str:
-    return f"Snippets:\n{_snippets(texts)}\nWhat do the marked tokens have in common?"
+    # Listing the marked tokens lets a small explainer copy them instead of echoing a demonstration.
+    listed = ", ".join(f'"{m}"' for m in marked_tokens(texts))
+    return (
+        f"Snippets:\n{_snippets(texts)}\nMarked tokens: {listed}\nWhat do the marked tokens have in common?"
+    )
 
 
 def explain_chat(texts: Sequence[str]) -> Chat:

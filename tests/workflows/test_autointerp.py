@@ -23,7 +23,7 @@ from workflows.autointerp import (
     run_autointerp,
     scan,
 )
-from workflows.autointerp_prompts import render
+from workflows.autointerp_prompts import marked_tokens, render
 from workflows.autointerp_stats import auroc, balanced_accuracy, bootstrap_ci, difference_ci
 from workflows.corpus import iter_documents, pack_windows
 from workflows.errors import UserError
@@ -77,6 +77,8 @@ def test_render_marks_runs_and_keeps_spaces_outside():
     assert render(tokens, {1, 2}) == "The <<New York>> times, again"
     assert render(tokens, {0, 5}) == "<<The>> New York times, <<again>>"
     assert render(tokens) == "The New York times, again"
+    assert render(["a", " ", "b"], {1}) == "a<< >>b"  # a whitespace token stays visible inside its marks
+    assert marked_tokens(["<<dog>> and <<cat>>", "a <<cat>>", "<< >>"]) == ["cat", "dog"]
 
 
 def test_option_scores_floor_for_unlisted_options():
