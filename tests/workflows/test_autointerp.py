@@ -385,10 +385,10 @@ def test_smollm2_control_trained_latents_beat_random_directions(tmp_path, smollm
     hook, store = "blocks.6.hook_resid_post", smollm2_store
     acts = store.read_hook(hook)
     torch.manual_seed(0)
-    sae = build(make_config("topk", d_in=acts.shape[1], d_sae=1152, k=32))
-    trainer = Trainer(sae, TrainConfig(steps=150, batch_size=512, lr=1e-3, log_every=1000))
+    sae = build(make_config("topk", d_in=acts.shape[1], d_sae=2304, k=32))  # test_evaluate's recipe
+    trainer = Trainer(sae, TrainConfig(steps=250, batch_size=1024, lr=1e-3, lr_decay_steps=60, log_every=1000))
     order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))
-    list(trainer.fit(acts[order[(i * 512) % (len(acts) - 512) :][:512]] for i in range(150)))
+    list(trainer.fit(acts[order[(i * 1024) % (len(acts) - 1024) :][:1024]] for i in range(250)))
     sae = load_sae(save_sae(sae, tmp_path / "sae", scaling_factor=trainer.scaling_factor)).eval()
     model = load_model()
     windows = held_out_windows(
