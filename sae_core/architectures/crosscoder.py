@@ -81,7 +81,7 @@ class Crosscoder(SparseAutoencoder):
         W_dec_FSD = torch.randn(F, S, D)
         W_dec_FSD *= cfg.init_scale / W_dec_FSD.flatten(1).norm(dim=1)[:, None, None]
         self.W_dec = nn.Parameter(W_dec_FSD)
-        self.W_enc = nn.Parameter(W_dec_FSD.permute(1, 2, 0).clone())
+        self.W_enc = nn.Parameter(W_dec_FSD.permute(1, 2, 0).contiguous())  # row-major, as its gradient
         self.b_dec = nn.Parameter(torch.zeros(S, D))
         self.path = PathChoice()
 
