@@ -45,6 +45,7 @@ PEERS = ("sae-lens==6.54.12", "eai-sparsify==1.3.3")
 """The versions this benchmark was written against (their trainers' APIs move between releases)."""
 TOOLS = ("sae train", "sparsify", "saelens")
 HERE = Path(__file__).resolve().parent
+COLLECT_ATTEMPTS = 3
 
 
 def peer_venv(path: Path) -> Path:
@@ -86,18 +87,25 @@ def collect(args: argparse.Namespace, store: Path, env: dict[str, str]) -> Activ
     except Exception:  # absent or unfinished: (re)collect, which resumes an unfinished store
         pass
     start = time.perf_counter()
-    sae_cli(
-        "collect",
-        "--hook",
-        args.hook,
-        "--tokens",
-        str(args.tokens),
-        "--corpus",
-        args.corpus,
-        "--out",
-        str(store),
-        env=env,
-    )
+    for attempt in range(COLLECT_ATTEMPTS):  # a loaded machine can miss Ray's 30 s startup; a rerun resumes
+        try:
+            sae_cli(
+                "collect",
+                "--hook",
+                args.hook,
+                "--tokens",
+                str(args.tokens),
+                "--corpus",
+                args.corpus,
+                "--out",
+                str(store),
+                env=env,
+            )
+            break
+        except SystemExit as failure:
+            if attempt == COLLECT_ATTEMPTS - 1:
+                raise
+            print(f"sae collect failed (attempt {attempt + 1}), retrying: {str(failure)[-300:]}", flush=True)
     print(f"collected {store} in {time.perf_counter() - start:.0f} s")
     return ActivationStore(store)
 
