@@ -198,7 +198,9 @@ def main() -> None:
         "--l0", type=int, default=32, help="set variable-L0 SAEs to about this L0; 0: as initialised"
     )
     parser.add_argument("--archs", nargs="*", default=None, help="default: every registered architecture")
-    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: this process's CPU time (see CLOCKS)")
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="wall", help="cpu: this process's CPU time (see CLOCKS)"
+    )
     args = parser.parse_args()
     global clock
     clock = CLOCKS[args.clock]
