@@ -196,7 +196,10 @@ class SparseAutoencoder(nn.Module):
         if getattr(cfg, "tied", False):
             self.register_parameter("W_enc", None)  # the encoder is W_dec.T
         else:
-            self.W_enc = nn.Parameter(W_dec_FD.T.clone())
+            # contiguous(), not clone(): a clone keeps the transpose's column-major strides, and a column-major
+            # W_enc costs a [D, F] copy in every AccumulateGrad and fused-Adam step (the kernels write its
+            # gradient row-major).
+            self.W_enc = nn.Parameter(W_dec_FD.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 

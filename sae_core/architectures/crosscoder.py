@@ -36,7 +36,7 @@ from sae_core.architectures.base import (
     require,
 )
 from sae_core.architectures.common import PathChoice, require_choice
-from sae_core.architectures.relu import weighted_l1
+from sae_core.architectures.relu import active_weighted_l1, weighted_l1
 from sae_core.architectures.topk import topk_dense
 from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
@@ -81,7 +81,7 @@ class Crosscoder(SparseAutoencoder):
         W_dec_FSD = torch.randn(F, S, D)
         W_dec_FSD *= cfg.init_scale / W_dec_FSD.flatten(1).norm(dim=1)[:, None, None]
         self.W_dec = nn.Parameter(W_dec_FSD)
-        self.W_enc = nn.Parameter(W_dec_FSD.permute(1, 2, 0).clone())
+        self.W_enc = nn.Parameter(W_dec_FSD.permute(1, 2, 0).contiguous())  # row-major, as its gradient
         self.b_dec = nn.Parameter(torch.zeros(S, D))
         self.path = PathChoice()
 
@@ -161,7 +161,9 @@ class Crosscoder(SparseAutoencoder):
         active = ActiveLatents(idx_BK, vals_BK, F)
         x_hat = self._layout(kernels.sparse_decode(idx_BK, vals_BK, W_dec_FN, self.b_dec.reshape(-1)).view_as(x_BSD))
         zero = x_hat.new_zeros(())
-        sparsity = zero if self.cfg.activation == "topk" else self.sparsity_loss(active.dense(), h_BF)
+        sparsity = zero
+        if self.cfg.activation != "topk":
+            sparsity = self.cfg.l1_coefficient * active_weighted_l1(active, self.decoder_norms(), self.cfg.d_in)
         return SAEOutput(x_hat, None, mse_loss(x_hat, x), sparsity, zero, active=active)
 
     # -- training mechanics: a latent's decoder row is [S, D] -------------------------------------

@@ -100,9 +100,11 @@ class _HeavisideFn(torch.autograd.Function):
         eps = ctx.bandwidth
         # rectangle((h - theta) / eps) != 0 exactly where |h - theta| < eps / 2: a mask, no float [B, F] kernel.
         window_BF = (h_BF - theta_F).abs_() < eps / 2
-        grad_theta_F = torch.where(window_BF, grad_BF, 0).sum(dim=0) * (-1.0 / eps)
+        grad_theta = torch.where(window_BF, grad_BF, 0)
+        # theta [F] is shared by the rows; a per-entry theta [B, K] (the sparse path) gets its own gradient.
+        grad_theta = (grad_theta if theta_F.dim() == 2 else grad_theta.sum(dim=0)) * (-1.0 / eps)
         # The gradient for h is zero by definition: none at all when h needs none (a detached h).
-        return (torch.zeros_like(h_BF) if ctx.needs_input_grad[0] else None), grad_theta_F, None
+        return (torch.zeros_like(h_BF) if ctx.needs_input_grad[0] else None), grad_theta, None
 
 
 def jumprelu(h_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
@@ -124,6 +126,13 @@ def target_l0_loss(h_BF: Tensor, theta_F: Tensor, bandwidth: float, cfg: TargetL
     it fires less, and is flat at the target, so the reconstruction's pull settles L0 just above it."""
     l0 = step(h_BF, theta_F, bandwidth).sum(dim=-1).mean()
     return cfg.target_l0_coefficient * (l0 / cfg.target_l0 - 1.0).pow(2)
+
+
+def at_selected(h_BK: Tensor, idx_BK: Tensor, theta_F: Tensor) -> tuple[Tensor, Tensor]:
+    """(h, theta) at the entries the sparse path selected, for :func:`jumprelu_sparsity` without a [B, F]:
+    it selects every entry above theta - bandwidth/2 (all that fire and the whole straight-through window),
+    so the sums over them equal the dense ones. Padding reads h = -inf (never fires, outside the window)."""
+    return torch.where(idx_BK >= 0, h_BK.detach(), -torch.inf), theta_F[idx_BK.clamp_min(0)]
 
 
 def jumprelu_sparsity(h_BF: Tensor, theta_F: Tensor, cfg: JumpReLUFields) -> Tensor:
@@ -192,11 +201,11 @@ class JumpReLUSAE(SparseAutoencoder):
         theta_F = self.threshold()
         lowest_F = (theta_F - self.cfg.bandwidth / 2).detach()
         input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
+        h_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
                                                        lambda h: self.path.entries(h > lowest_F), input_bias_D)
         active = ActiveLatents(idx_BK, jumprelu(h_BK, theta_F[idx_BK.clamp_min(0)], self.cfg.bandwidth), self.cfg.d_sae)
         x_hat_BD = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
-        sparsity = self.sparsity_loss(active.dense(), h_BF)
+        sparsity = jumprelu_sparsity(*at_selected(h_BK, idx_BK, theta_F), self.cfg)
         return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), sparsity, x_BD.new_zeros(()), active=active)
 
     def activation(self, h_BF: Tensor) -> Tensor:

@@ -54,6 +54,13 @@ def weighted_l1(acts_BF: Tensor, decoder_norms_F: Tensor, d_in: int) -> Tensor:
     return (acts_BF @ decoder_norms_F).mean() / d_in
 
 
+def active_weighted_l1(active: ActiveLatents, decoder_norms_F: Tensor, d_in: int) -> Tensor:
+    """:func:`weighted_l1` of ``active.dense()`` from the padded layout: B x K products, where the dense
+    form costs about five passes over [B, F] (scatter, GEMV, and their backward)."""
+    norms_BK = torch.where(active.idx_BK >= 0, decoder_norms_F[active.idx_BK.clamp_min(0)], 0)
+    return (active.vals_BK * norms_BK).sum() / (active.idx_BK.shape[0] * d_in)
+
+
 class ReLUSAE(SparseAutoencoder):
     saelens_architecture = "standard"
     homogeneous = True
@@ -74,11 +81,11 @@ class ReLUSAE(SparseAutoencoder):
             self.path.observe(out.latents_BF)
             return out
         input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
+        h_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
                                                        lambda h: self.path.entries(h > 0), input_bias_D)
         active = ActiveLatents(idx_BK, torch.relu(h_BK), self.cfg.d_sae)
         x_hat_BD = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
-        sparsity = self.sparsity_loss(active.dense(), h_BF)
+        sparsity = self.cfg.l1_coefficient * active_weighted_l1(active, self.decoder_norms(), self.cfg.d_in)
         return SAEOutput(x_hat_BD, None, mse_loss(x_hat_BD, x_BD), sparsity, x_BD.new_zeros(()), active=active)
 
     def sparsity_loss(self, latents_BF: Tensor, h_BF: Tensor) -> Tensor:

@@ -53,8 +53,8 @@ from sae_core.architectures.common import (
     saved_to_log_threshold,
     update_threshold_ema,
 )
-from sae_core.architectures.jumprelu import jumprelu, jumprelu_sparsity, thresholds_for_target
-from sae_core.architectures.relu import weighted_l1
+from sae_core.architectures.jumprelu import at_selected, jumprelu, jumprelu_sparsity, thresholds_for_target
+from sae_core.architectures.relu import active_weighted_l1, weighted_l1
 from sae_core.architectures.topk import auxk_term, topk_dense
 from sae_core.l0 import TargetL0Fields
 from sae_core.registry import register
@@ -155,15 +155,24 @@ class Transcoder(SparseAutoencoder):
             return jumprelu_sparsity(h_BF, self.log_threshold.exp(), self.cfg)
         return latents_BF.new_zeros(())
 
+    def active_sparsity(self, active: ActiveLatents, h_BK: Tensor | None) -> Tensor:
+        """:meth:`sparsity_loss` of the sparse path from its selected entries (no [B, F]); ``h_BK``: their
+        pre-activations (None for TopK)."""
+        if self.cfg.activation == "relu":
+            return self.cfg.l1_coefficient * active_weighted_l1(active, self.decoder_norms(), self.cfg.d_out)
+        if self.cfg.activation == "jumprelu":
+            return jumprelu_sparsity(*at_selected(h_BK, active.idx_BK, self.log_threshold.exp()), self.cfg)
+        return active.vals_BK.new_zeros(())
+
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None, target_BO: Tensor | None = None) -> SAEOutput:
         y_BO = x_BD if target_BO is None else target_BO
         if target_BO is None and self.cfg.d_out != self.cfg.d_in and self.training:
             raise ValueError(f"this transcoder maps d_in={self.cfg.d_in} to d_out={self.cfg.d_out}: training needs the "
                              "target, forward(x, target_BO=y)")
         act, batchwise = self.cfg.activation, self.training and self.cfg.activation in ("topk", "batchtopk")
-        active, h_BF = None, None
+        active, h_BF, h_BK = None, None, None
         if batchwise or (self.training and self.path.sparse()):  # the sparse kernels: no dense decode
-            active, h_BF = self._sparse_active(x_BD)
+            active, h_BK = self._sparse_active(x_BD)
             latents_BF = None
             y_hat_BO = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
         else:
@@ -182,13 +191,15 @@ class Transcoder(SparseAutoencoder):
         aux = auxk_term(self, x_BD, y_hat_BO, dead_mask_F, target_BD=y_BO) if batchwise else y_hat_BO.new_zeros(())
         if batchwise:
             sparsity = aux.new_zeros(())
+        elif latents_BF is None:
+            sparsity = self.active_sparsity(active, h_BK)
         else:
-            sparsity = self.sparsity_loss(active.dense() if latents_BF is None else latents_BF, h_BF)
+            sparsity = self.sparsity_loss(latents_BF, h_BF)
         return SAEOutput(y_hat_BO, latents_BF, mse_loss(y_hat_BO, y_BO), sparsity, aux, active=active)
 
     def _sparse_active(self, x_BD: Tensor) -> tuple[ActiveLatents, Tensor | None]:
-        """The training step's active latents without a dense decode (and the detached dense pre-activations
-        when the rule computed them): TopK through its fused kernel; BatchTopK, ReLU and JumpReLU (the active
+        """The training step's active latents without a dense decode (and the selected entries' pre-activations
+        when the rule selected them): TopK through its fused kernel; BatchTopK, ReLU and JumpReLU (the active
         entries and the straight-through window) selected on the pre-activations with a sparse encoder
         backward. Sets the batch's threshold estimate for the TopK family."""
         act, F = self.cfg.activation, self.cfg.d_sae
@@ -204,7 +215,7 @@ class Transcoder(SparseAutoencoder):
             theta_F = self.log_threshold.exp()
             lowest_F = (theta_F - self.cfg.bandwidth / 2).detach()
             select = lambda h: self.path.entries(h > lowest_F)  # noqa: E731
-        h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BD, self.W_enc, self.b_enc, select)
+        h_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.W_enc, self.b_enc, select)
         if act == "jumprelu":
             vals_BK = jumprelu(h_BK, theta_F[idx_BK.clamp_min(0)], self.cfg.bandwidth)
         else:
@@ -212,7 +223,7 @@ class Transcoder(SparseAutoencoder):
         if act == "batchtopk":  # BatchTopK's own rule: the smallest activation it kept (inf: none, ignored)
             kept_BK = vals_BK.detach()
             self._batch_threshold = torch.where(kept_BK > 0, kept_BK, torch.inf).min()
-        return ActiveLatents(idx_BK, vals_BK, F), h_BF
+        return ActiveLatents(idx_BK, vals_BK, F), h_BK
 
     @torch.no_grad()
     def _sampled_threshold(self, x_BD: Tensor) -> Tensor:

@@ -87,6 +87,17 @@ def test_gradients_reach_every_learnable_parameter(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_parameters_and_gradients_are_row_major(arch):
+    """A parameter in another layout than its gradient costs a full copy in AccumulateGrad and a clone in
+    the fused Adam step, every step (a transposed W_enc did: the sparse kernels write row-major)."""
+    sae = small_sae(arch).train()
+    sae(3 * torch.randn(64, D_IN), dead_mask_F=torch.ones(D_SAE, dtype=torch.bool)).loss().backward()
+    for name, param in sae.named_parameters():
+        assert param.is_contiguous(), f"{arch}: {name} has strides {param.stride()}"
+        assert param.grad is None or param.grad.is_contiguous(), f"{arch}: {name}'s gradient is not row-major"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scaling_factor", [1.0, 2.5])
 def test_save_load_round_trip(arch, scaling_factor, tmp_path):
     sae = perturbed(small_sae(arch)).eval()
