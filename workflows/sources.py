@@ -29,6 +29,9 @@ from workflows.errors import UserError
 from workflows.job import TrainJob
 
 DATA_MODES = ("direct", "ray")
+HELD_OUT_ROWS = 1 << 16
+"""At most about this many held-out rows of a store are evaluated on: whole row groups spread over the
+held-out range, so the held-out rows of a huge store are not read whole."""
 
 
 @dataclass(frozen=True)
@@ -115,14 +118,15 @@ class StoreSource:
                                        rank=rank, world=world, skip_batches=skip)
         return (examples(self.job, columns) for columns in rows)
 
-    def rows(self, start: int, stop: int):
-        return examples(self.job, {site: self.store.read_hook(site, start, stop) for site in self.job.sites()})
+    def rows(self, ranges: list[tuple[int, int]]):
+        return examples(self.job, {site: torch.cat([self.store.read_hook(site, lo, hi) for lo, hi in ranges])
+                                   for site in self.job.sites()})
 
     def init_sample(self, n_tokens: int):
-        return self.rows(0, min(n_tokens, self.train_rows))
+        return self.rows([(0, min(n_tokens, self.train_rows))])
 
     def held_out(self):
-        return self.rows(self.train_rows, self.total)
+        return self.rows(self.store.spread_ranges(self.train_rows, self.total, HELD_OUT_ROWS))
 
 
 class StreamSource:
