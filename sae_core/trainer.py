@@ -22,6 +22,7 @@ from sae_core import metrics
 from sae_core.architectures.base import Reducer, SAEOutput, SparseAutoencoder, no_reduce
 from sae_core.config import require, strict_from_dict
 from sae_core.l0 import sparsity_controller
+from sae_core.store import SHUFFLE_BUFFER
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ class TrainConfig:
     """Optimizer steps."""
     batch_size: int = 4096
     """Tokens per step (global, over all data-parallel ranks)."""
+    shuffle_buffer: int = SHUFFLE_BUFFER
+    """Rows of an activation store's sliding shuffle buffer, at least one batch: every batch is drawn
+    from it; memory (each data-parallel rank holds it, in the store's dtype) and how well batches mix
+    context windows grow with it (README, "A shuffle you can trust")."""
     lr: float = 4e-4
     """Peak Adam learning rate."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -64,6 +69,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.shuffle_buffer >= self.batch_size,
+                f"shuffle_buffer ({self.shuffle_buffer} rows) must hold at least one batch ({self.batch_size})")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(self.b_dec_init in ("geometric_median", "mean", "zeros"),
                 f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")

@@ -115,7 +115,7 @@ class StoreSource:
             return shard_batches(self.job, world, self.store.manifest.dtype)
         cfg = self.job.train
         rows = self.store.iter_batches(self.job.sites(), cfg.batch_size, seed=cfg.seed, stop=self.train_rows,
-                                       rank=rank, world=world, skip_batches=skip)
+                                       shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, skip_batches=skip)
         return (examples(self.job, columns) for columns in rows)
 
     def rows(self, ranges: list[tuple[int, int]]):

@@ -36,7 +36,7 @@ from workflows.tracking import MlflowTracker
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
 from workflows.training import Run, start_job_tracking, train_local
 
-TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed")
+TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed", "shuffle_buffer")
 """TrainConfig fields with a flag of their own (every other one through --set)."""
 RAY_FLAGS = ("use_gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "data")
 """DistributedOptions fields with a flag of their own (--workers is declared apart: omitting it trains here)."""
@@ -170,7 +170,7 @@ def run_local(job: TrainJob, args: argparse.Namespace) -> int:
 
 
 # -- several SAEs on one pass over the data (--grid) ------------------------------------------------------
-SHARED_TRAIN = ("batch_size", "seed", "init_sample_tokens", "normalize_activations", "b_dec_init")
+SHARED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "init_sample_tokens", "normalize_activations", "b_dec_init")
 """Training fields that decide the data or its initial estimates: the same for every SAE of a group."""
 
 
