@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from sae_core.store import SHUFFLE_BUFFER, ActivationStore
 
@@ -120,3 +121,25 @@ def shuffle_quality(store: ActivationStore, batch_size: int, *, shuffle_buffer: 
                           docs_per_batch=float(np.mean(docs)),
                           full_windows_per_batch=expected_distinct(sizes["window_id"], n_rows, batch_size),
                           full_docs_per_batch=expected_distinct(sizes["doc_id"], n_rows, batch_size))
+
+
+def training_fvu(store: ActivationStore, held_out_ND: torch.Tensor, *, shuffle_buffer: int, steps: int,
+                 batch_size: int, d_sae: int, k: int, lr: float = 3e-3, seed: int = 0, hook: str = "h") -> float:
+    """Held-out fraction of variance unexplained of a TopK SAE trained for ``steps`` batches read from
+    ``store`` through a shuffle buffer of ``shuffle_buffer`` rows (a buffer holding every row is a full
+    shuffle): how much a reader's shuffle costs the trainer. ``held_out_ND`` should be a uniform sample
+    of the data's distribution, not the store's last rows (in a document-ordered store those are a few
+    documents)."""
+    import sae_core
+    from sae_core.trainer import Trainer, TrainConfig, evaluate
+
+    torch.manual_seed(seed)
+    sae = sae_core.build(sae_core.make_config("topk", d_in=store.d(hook), d_sae=d_sae, k=k))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, shuffle_buffer=shuffle_buffer, seed=seed,
+                      log_every=steps)
+    trainer = Trainer(sae, cfg)
+    batches = store.iter_batches(hook, batch_size, seed=seed, shuffle_buffer=shuffle_buffer)
+    trainer.initialize(next(store.iter_batches(hook, cfg.init_sample_tokens, seed=seed + 1, shuffle_buffer=store.n_tokens)))
+    for _ in range(steps):
+        trainer.step(next(batches))
+    return evaluate(trainer.sae, held_out_ND, scaling_factor=trainer.scaling_factor)["fvu"]

@@ -174,3 +174,23 @@ def test_buffer_shuffle_is_within_15_percent_of_a_full_shuffle_on_a_document_ord
     # the full-shuffle expectation itself, against sampling: 4096 windows of 32 rows, batches of 256
     draws = [len(np.unique(np.random.default_rng(i).choice(131_072, 256, replace=False) // 32)) for i in range(200)]
     assert expected_distinct(np.full(4096, 32), 131_072, 256) == pytest.approx(np.mean(draws), rel=0.01)
+
+
+def test_training_on_the_buffer_shuffle_is_within_5_percent_of_a_full_shuffle(tmp_path):
+    """A TopK SAE trained one epoch on a document-ordered store whose documents each draw one of 16
+    topics (sae_core.synthetic.topic_activations): with a sliding buffer of 8192 rows (x = context 32 x
+    batch 256 / buffer = 1, as the default buffer at context 128 and batch 4096) its held-out FVU is
+    within 5% of a full shuffle's (measured +0.3%), while a buffer of one batch, which feeds the trainer
+    a document or two at a time, is more than 10% worse (measured +19%)."""
+    from sae_core.shuffle_quality import training_fvu
+    from sae_core.synthetic import document_rows, topic_activations, write_document_ordered_store
+
+    n_rows = 32_768
+    store = ActivationStore(write_document_ordered_store(tmp_path, n_rows, context_size=32, mean_doc=150, d=32,
+                                                         n_topics=16, rows_per_file=16_384))
+    held_out = torch.from_numpy(topic_activations(document_rows(16_384, mean_doc=150, seed=7), d=32, n_topics=16))
+    fvu = {buffer: training_fvu(store, held_out, shuffle_buffer=buffer, steps=128, batch_size=256, d_sae=128, k=4)
+           for buffer in (256, 8192, n_rows)}
+    full = fvu[n_rows]
+    assert fvu[8192] <= 1.05 * full, fvu
+    assert fvu[256] > 1.10 * full, fvu
