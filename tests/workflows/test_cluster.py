@@ -198,6 +198,28 @@ def test_every_mlflow_server_asks_for_a_password_and_every_pod_has_one():
     assert all("mlflow_auth.env" in cmd for cmd in starts if "ray start" in cmd)
 
 
+def test_the_cluster_jobs_keep_their_store_on_object_storage_with_credentials_from_a_secret():
+    """Every node reads one store: the train job's is an object-storage URI, the one collect writes and the
+    sweep reads; the run recipe's store is there too; every pod gets S3 credentials from a Secret."""
+    jobs = {d["metadata"]["name"]: d for p in YAMLS for d in yaml.safe_load_all(p.read_text())
+            if d and d.get("kind") == "RayJob"}
+
+    def flag(job: str, name: str) -> str:
+        tokens = shlex.split(jobs[job]["spec"]["entrypoint"])
+        return tokens[tokens.index(name) + 1]
+
+    store = flag("sae-train", "--activations")
+    assert re.fullmatch(r"(s3|gs)://[a-z0-9.-]+/\S+", store), store
+    assert flag("sae-collect", "--out") == store == flag("sae-sweep", "--activations")
+    assert re.match(r"(s3|gs)://", flag("sae-run", "--set").removeprefix("store="))
+    cluster = next(d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+                   if d and d.get("kind") == "RayCluster")
+    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "sae-ray-s3", name
+
+
 def test_launcher_config_passes_rays_schema():
     from ray.autoscaler._private.util import validate_config
 
