@@ -131,7 +131,7 @@ def training_fvu(store: ActivationStore, held_out_ND: torch.Tensor, *, shuffle_b
     of the data's distribution, not the store's last rows (in a document-ordered store those are a few
     documents)."""
     import sae_core
-    from sae_core.trainer import Trainer, TrainConfig, evaluate
+    from sae_core.trainer import TrainConfig, Trainer, evaluate
 
     torch.manual_seed(seed)
     sae = sae_core.build(sae_core.make_config("topk", d_in=store.d(hook), d_sae=d_sae, k=k))

@@ -131,7 +131,8 @@ class StoreSource:
 
 class StreamSource:
     """Activations of the live model, run by Ray Data actors: the last ``eval_fraction`` of the windows are
-    held out (run once at the end); the training windows are re-run through the model every epoch."""
+    held out (the first HELD_OUT_ROWS tokens of them run once at the end); the training windows are
+    packed and re-run through the model every epoch. The driver only counts the windows."""
 
     def __init__(self, job: TrainJob):
         from workflows.activations import CollectConfig, plan
@@ -143,7 +144,9 @@ class StreamSource:
         n_eval = max(1, int(n * job.eval_fraction))
         if n - n_eval < 1:
             raise UserError(f"--tokens {self.cfg.n_tokens} gives {n} window(s): too few to hold some out; raise --tokens")
-        self.train_ids, self.eval_ids = np.arange(n - n_eval), np.arange(n - n_eval, n)
+        # At most about HELD_OUT_ROWS held-out tokens are run and held for the evaluation.
+        n_held = min(n_eval, max(1, HELD_OUT_ROWS // self.cfg.context_size))
+        self.train_windows, self.eval_windows = (0, n - n_eval), (n - n_eval, n - n_eval + n_held)
 
     def widths(self) -> dict[str, int]:
         return dict(self.plan.d)
@@ -157,7 +160,7 @@ class StreamSource:
     def datasets(self) -> dict[str, Any]:
         from workflows.activations import activation_dataset
 
-        return {"train": activation_dataset(self.cfg, self.plan.windows, self.train_ids)}
+        return {"train": activation_dataset(self.cfg, self.train_windows)}
 
     def batches(self, rank: int, world: int, skip: int) -> Iterator[Any]:
         return shard_batches(self.job, world, self.cfg.dtype)
@@ -168,7 +171,7 @@ class StreamSource:
     def held_out(self):
         from workflows.activations import activation_dataset
 
-        ds = activation_dataset(self.cfg, self.plan.windows, self.eval_ids)
+        ds = activation_dataset(self.cfg, self.eval_windows)
         batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         return examples(self.job, {h: torch.cat([decode_values(np.asarray(b[h]), self.cfg.dtype) for b in batches])
                                    for h in self.job.sites()})

@@ -289,13 +289,20 @@ def test_submit_runs_a_job_on_a_local_multi_node_cluster(local_cluster, tiny_lla
     refused = submit({**env, "RAY_AUTH_TOKEN": "not-the-token"}, "synth", "--out", str(tmp_path / "x"))
     assert refused.returncode != 0 and not (tmp_path / "x").exists()
 
-    # The whole pipeline (`sae run`, tiny recipe on a tiny random Llama) as a cluster job.
-    run = tmp_path / "run"
+    # The whole pipeline (`sae run`, tiny recipe on a tiny random Llama) as a cluster job, its store on
+    # the cluster's S3 server (SeaweedFS on loopback): collected there, trained from there by two workers.
+    run, store = tmp_path / "run", "s3://sae-ray/tiny-run"
     done = submit(env, "run", "--recipe", "tiny", "--set", f"model={tiny_llama_dir}", "--set", f"corpus={shakespeare}",
-                  "--out", str(run), "--mlflow-uri", mlflow_uri, "--experiment", "cluster-test")
+                  "--set", f"store={store}", "--set", "workers=2", "--out", str(run), "--mlflow-uri", mlflow_uri,
+                  "--experiment", "cluster-test")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (run / "sae" / "cfg.json").is_file() and (run / "dashboard" / "index.html").is_file()
     assert "ce_loss_recovered" in json.loads((run / "eval" / "eval.json").read_text())
+    assert json.loads((run / "sae" / "job.json").read_text())["activations"] == store
+    assert not (run / "activations").exists()  # nothing of the store on local disk
+    verify = subprocess.run([sys.executable, "-m", CLI_MODULE, "store", "verify", store], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr
 
     from mlflow.tracking import MlflowClient
 
