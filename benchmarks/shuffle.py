@@ -78,8 +78,9 @@ def main() -> None:
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--mean-doc", type=int, default=600, help="mean document length in tokens")
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--buffers", type=int, nargs="+", default=[1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21])
-    p.add_argument("--batches", type=int, default=100, help="batches measured per buffer")
+    p.add_argument("--buffers", type=int, nargs="+", default=[1 << 18, 1 << 19, 1 << 20])
+    p.add_argument("--batches", type=int, default=300,
+                   help="batches measured per buffer (the buffer fills during its first buffer / batch_size)")
     p.add_argument("--loss", action="store_true", help="the training-loss comparison instead")
     p.add_argument("--x", type=float, nargs="+", default=[32, 8, 4, 2, 1, 0.5], help="--loss: buffers as x values")
     p.add_argument("--seeds", type=int, default=3, help="--loss: seeds per buffer")
