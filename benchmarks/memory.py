@@ -6,11 +6,14 @@
 
 For each size it writes a store of random float32 activations (same settings, only the row count
 differs), runs ``sae train`` in process on it (TopK, d_sae 1024, batch 4096, --steps) as a child
-process and reads the child's peak RSS; then it times ``iter_batches`` (the trainer's reader,
-default shuffle buffer, once its buffer is full and its read-ahead used up) against a plain pyarrow
+process and reads the child's peak RSS; then it times ``iter_batches`` (the trainer's reader, once its
+buffer is full and its read-ahead used up) against a plain pyarrow
 scan of the same files delivering the same number of float32 rows, the two interleaved. Every number
 is the median of --repeats runs with their min-max spread; a ratio is the median (and spread) of the
-repeat-by-repeat ratios. To time the code before a change, run this file with PYTHONPATH pointing at
+repeat-by-repeat ratios. Both stores use one --shuffle-buffer, by default 131072 rows (0.3 GB at
+d=576 float32), below the small store's 217k rows: with sae train's default of 524288 rows the 0.5 GB
+store would fit whole in its buffer, and the comparison would be buffer against buffer, not small
+store against large. To time the code before a change, run this file with PYTHONPATH pointing at
 the older checkout.
 """
 
@@ -47,11 +50,12 @@ def write_store(root: Path, rows: int, d: int) -> ActivationStore:
     return ActivationStore(root)
 
 
-def train_peak_rss_mb(store: Path, out: Path, steps: int) -> float:
+def train_peak_rss_mb(store: Path, out: Path, steps: int, shuffle_buffer: int) -> float:
     """Peak RSS (MB) of an in-process `sae train` child."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "workflows.cli", "train", "--activations", str(store), "--hook", HOOK, "--arch",
-           "topk", "--d-sae", "1024", "--k", "32", "--steps", str(steps), "--batch-size", "4096", "--out", str(out)]
+           "topk", "--d-sae", "1024", "--k", "32", "--steps", str(steps), "--batch-size", "4096", "--out", str(out),
+           "--shuffle-buffer", str(shuffle_buffer)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -70,8 +74,8 @@ def collect_peak_rss_mb(model: str, tokens: int, out: Path) -> float:
     return usage.ru_maxrss / 1024
 
 
-def reader_rows_per_s(store: ActivationStore, n_batches: int) -> float:
-    batches = store.iter_batches(HOOK, 4096, seed=0)
+def reader_rows_per_s(store: ActivationStore, n_batches: int, shuffle_buffer: int) -> float:
+    batches = store.iter_batches(HOOK, 4096, seed=0, shuffle_buffer=shuffle_buffer)
     # The buffer is filled before the first step; what counts is keeping up after it, once the row
     # groups read ahead and the batches queued meanwhile are used up.
     for _ in range(1 + READ_AHEAD * ROW_GROUP_ROWS // 4096 + QUEUED_BATCHES):
@@ -115,6 +119,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batches", type=int, default=100, help="batches timed per rows/s measurement")
     p.add_argument("--tmp", help="folder for the stores (default: the system's temp folder)")
+    p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER // 4,
+                   help="rows of the reader's buffer, for both stores: below the small store's rows, so that its "
+                        "buffer is as large as the large store's (default: a quarter of sae train's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--collect-model", help="measure `sae collect` with this (small) model instead of training")
     p.add_argument("--collect-tokens", type=int, nargs=2, default=[100_000, 1_000_000])
@@ -134,18 +141,18 @@ def main() -> None:
             rows = int(size * 1e9 / (args.d * 4))
             root = Path(folder) / f"store-{size}"
             store = write_store(root, rows, args.d)
-            peaks[size] = [train_peak_rss_mb(root, Path(folder) / f"sae-{size}-{i}", args.steps)
+            peaks[size] = [train_peak_rss_mb(root, Path(folder) / f"sae-{size}-{i}", args.steps, args.shuffle_buffer)
                            for i in range(args.repeats)]
             print(f"store {size:g} GB ({rows} rows, d={args.d}): sae train peak RSS {summary(peaks[size])} MB")
             ours, scan = [], []
             for _ in range(args.repeats):  # interleaved, so both see the same machine load
-                ours.append(reader_rows_per_s(store, args.batches))
+                ours.append(reader_rows_per_s(store, args.batches, args.shuffle_buffer))
                 scan.append(scan_rows_per_s(store, args.batches))
             print(f"  rows/s: iter_batches {summary(ours)}, plain pyarrow scan {summary(scan)}, "
                   f"ratio {ratios(ours, scan)} (target >= 0.8)")
             shutil.rmtree(root)
     small, large = (peaks[s] for s in args.sizes_gb)
-    buffer_mb = SHUFFLE_BUFFER * args.d * 4 / 1e6
+    buffer_mb = args.shuffle_buffer * args.d * 4 / 1e6
     print(f"peak RSS ratio large/small: {ratios(large, small)} (target <= 1.15); shuffle buffer {buffer_mb:.0f} MB, "
           f"large peak {statistics.median(large):.0f} MB (target <= buffer + 1500 MB = {buffer_mb + 1500:.0f} MB)")
 
