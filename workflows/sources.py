@@ -29,7 +29,7 @@ from workflows.errors import UserError
 from workflows.job import TrainJob
 
 DATA_MODES = ("direct", "ray")
-HELD_OUT_ROWS = 1 << 16
+HELD_OUT_ROWS = 1 << 15
 """At most about this many held-out rows of a store are evaluated on: whole row groups spread over the
 held-out range, so the held-out rows of a huge store are not read whole."""
 
