@@ -15,13 +15,13 @@ import os
 import threading
 import time
 
-import numpy as np
 import psutil
 import torch
 
 from workflows.activations import CollectConfig, activation_dataset, plan
+from workflows.corpus import iter_documents, pack_windows
 from workflows.hooks import run_with_hooks
-from workflows.models import DEFAULT_MODEL, load_model
+from workflows.models import DEFAULT_MODEL, load_model, load_tokenizer
 
 
 class TreeMonitor:
@@ -91,10 +91,11 @@ def run_loop(cfg: CollectConfig, windows) -> tuple[float, float, int]:
     return loaded - start, time.perf_counter() - loaded, rows
 
 
-def run_pipeline(cfg: CollectConfig, windows, on_first=lambda: None) -> tuple[float, float, int, int]:
-    """(total seconds, seconds after the first batch, rows, rows after the first batch) on Ray Data."""
+def run_pipeline(cfg: CollectConfig, on_first=lambda: None) -> tuple[float, float, int, int]:
+    """(total seconds, seconds after the first batch, rows, rows after the first batch) on Ray Data (the
+    corpus packed in its read task)."""
     start = time.perf_counter()
-    ds = activation_dataset(cfg, windows, np.arange(len(windows.token_ids)))
+    ds = activation_dataset(cfg)
     first, rows, rows_first = None, 0, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         if first is None:
@@ -118,21 +119,23 @@ def main() -> None:
     cfg = CollectConfig(model=args.model, hooks=[args.hook], corpus=args.corpus, n_tokens=args.tokens,
                         context_size=args.context_size, batch_size=args.batch_size, workers=args.workers)
     p = plan(cfg)
-    print(f"{p.n_windows} windows x {cfg.context_size} tokens, {int(p.windows.keep.sum())} stored rows, "
+    windows = pack_windows(iter_documents(cfg.corpus), load_tokenizer(cfg.model), context_size=cfg.context_size,
+                           n_tokens=cfg.n_tokens)  # the plain loop's input, packed beforehand
+    print(f"{p.n_windows} windows x {cfg.context_size} tokens, {int(windows.keep.sum())} stored rows, "
           f"hook {args.hook}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     with TreeMonitor() as loop_rss:
-        load_s, loop_s, rows = run_loop(cfg, p.windows)
+        load_s, loop_s, rows = run_loop(cfg, windows)
     print(f"loop:     {rows / loop_s:8.0f} tok/s  ({rows} rows in {loop_s:.1f} s; model load {load_s:.1f} s) "
           f"peak RSS {loop_rss.peak / 2**30:.2f} GiB, {loop_rss.cpu_seconds:.0f} CPU s")
     import ray
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     with TreeMonitor() as pipe_rss:
-        total_s, steady_s, rows, steady_rows = run_pipeline(cfg, p.windows, on_first=pipe_rss.mark)
+        total_s, steady_s, rows, steady_rows = run_pipeline(cfg, on_first=pipe_rss.mark)
     ray.shutdown()
     # The loop runs again after the pipeline, so a change in machine load hits both sides alike.
     with TreeMonitor() as loop2_rss:
-        load2_s, loop2_s, _ = run_loop(cfg, p.windows)
+        load2_s, loop2_s, _ = run_loop(cfg, windows)
     print(f"loop again: {rows / loop2_s:6.0f} tok/s  ({loop2_s:.1f} s), {loop2_rss.cpu_seconds:.0f} CPU s")
     loop_cpu = (loop_rss.cpu_seconds + loop2_rss.cpu_seconds) / 2
     load_s, loop_s = (load_s + load2_s) / 2, (loop_s + loop2_s) / 2

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from sae_core.store import SHUFFLE_BUFFER, ActivationStore
 
@@ -33,8 +34,6 @@ class ShuffleQuality:
     """Expected distinct windows in a batch of a uniform shuffle of the same rows."""
     full_docs_per_batch: float
     """Expected distinct documents in a batch of a uniform shuffle of the same rows."""
-    passes: int
-    """Passes per epoch the reader chose (see sae_core/store_batches.py)."""
 
     @property
     def window_ratio(self) -> float:
@@ -80,36 +79,67 @@ def _group_sizes(store: ActivationStore, start: int, stop: int) -> dict[str, np.
     return sizes
 
 
-def _pool_meta(store: ActivationStore, pieces) -> dict[str, np.ndarray]:
-    """window_id and doc_id of every position of a fill's pool (see BatchPlan.fills)."""
-    parts: dict[str, list[np.ndarray]] = {"window_id": [], "doc_id": []}
-    for group, rows in pieces:
-        table = store.read_group(group, list(parts))
-        for column, found in parts.items():
-            found.append(table.column(column).to_numpy()[rows.start : rows.stop : rows.step])
-    return {column: np.concatenate(found) for column, found in parts.items()}
+class _MetaCache:
+    """window_id and doc_id of any rows, read one row group at a time and kept (a measuring tool: it
+    holds the metadata of the row groups the measured batches touch)."""
+
+    def __init__(self, store: ActivationStore):
+        self.store, self.groups = store, store.row_groups()
+        self.starts = np.array([g.start for g in self.groups])
+        self.columns: dict[int, dict[str, np.ndarray]] = {}
+
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        owner = np.searchsorted(self.starts, rows, side="right") - 1
+        out = {"window_id": np.empty(len(rows), np.int64), "doc_id": np.empty(len(rows), np.int64)}
+        for k in np.unique(owner).tolist():
+            if k not in self.columns:
+                table = self.store.read_group(self.groups[k], list(out))
+                self.columns[k] = {c: table.column(c).to_numpy() for c in out}
+            mine = owner == k
+            for c in out:
+                out[c][mine] = self.columns[k][c][rows[mine] - self.groups[k].start]
+        return out
 
 
 def shuffle_quality(store: ActivationStore, batch_size: int, *, shuffle_buffer: int = SHUFFLE_BUFFER, seed: int = 0,
-                    start: int = 0, stop: int | None = None, max_batches: int = 200,
-                    passes: int | None = None) -> ShuffleQuality:
+                    start: int = 0, stop: int | None = None, max_batches: int = 200) -> ShuffleQuality:
     """Distinct windows/documents per batch of ``store.iter_batches(..., batch_size, seed=seed,
     start=start, stop=stop, shuffle_buffer=shuffle_buffer)`` over its first ``max_batches`` batches,
-    against a uniform shuffle of rows [start, stop). Reads only the metadata columns. ``passes``
-    overrides the reader's choice (e.g. 1, to see what whole row groups alone give)."""
-    plan = store.batch_plan(batch_size, seed=seed, start=start, stop=stop, shuffle_buffer=shuffle_buffer,
-                            passes=passes)
+    against a uniform shuffle of rows [start, stop). Reads only the metadata columns."""
+    plan = store.batch_plan(batch_size, seed=seed, start=start, stop=stop, shuffle_buffer=shuffle_buffer)
+    meta = _MetaCache(store)
     windows, docs = [], []
-    for fill, positions in plan.schedule(loop=False, skip_batches=0):
-        pool = _pool_meta(store, fill.pieces)
-        for batch in positions:
-            windows.append(len(np.unique(pool["window_id"][batch])))
-            docs.append(len(np.unique(pool["doc_id"][batch])))
+    for rows in plan.global_batches(0):
+        batch = meta(rows)
+        windows.append(len(np.unique(batch["window_id"])))
+        docs.append(len(np.unique(batch["doc_id"])))
         if len(windows) >= max_batches:
             break
     sizes = _group_sizes(store, plan.start, plan.stop)
     n_rows = plan.stop - plan.start
     return ShuffleQuality(batches=len(windows), windows_per_batch=float(np.mean(windows)),
-                          docs_per_batch=float(np.mean(docs)), passes=plan.passes,
+                          docs_per_batch=float(np.mean(docs)),
                           full_windows_per_batch=expected_distinct(sizes["window_id"], n_rows, batch_size),
                           full_docs_per_batch=expected_distinct(sizes["doc_id"], n_rows, batch_size))
+
+
+def training_fvu(store: ActivationStore, held_out_ND: torch.Tensor, *, shuffle_buffer: int, steps: int,
+                 batch_size: int, d_sae: int, k: int, lr: float = 3e-3, seed: int = 0, hook: str = "h") -> float:
+    """Held-out fraction of variance unexplained of a TopK SAE trained for ``steps`` batches read from
+    ``store`` through a shuffle buffer of ``shuffle_buffer`` rows (a buffer holding every row is a full
+    shuffle): how much a reader's shuffle costs the trainer. ``held_out_ND`` should be a uniform sample
+    of the data's distribution, not the store's last rows (in a document-ordered store those are a few
+    documents)."""
+    import sae_core
+    from sae_core.trainer import TrainConfig, Trainer, evaluate
+
+    torch.manual_seed(seed)
+    sae = sae_core.build(sae_core.make_config("topk", d_in=store.d(hook), d_sae=d_sae, k=k))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, shuffle_buffer=shuffle_buffer, seed=seed,
+                      log_every=steps)
+    trainer = Trainer(sae, cfg)
+    batches = store.iter_batches(hook, batch_size, seed=seed, shuffle_buffer=shuffle_buffer)
+    trainer.initialize(next(store.iter_batches(hook, cfg.init_sample_tokens, seed=seed + 1, shuffle_buffer=store.n_tokens)))
+    for _ in range(steps):
+        trainer.step(next(batches))
+    return evaluate(trainer.sae, held_out_ND, scaling_factor=trainer.scaling_factor)["fvu"]

@@ -54,8 +54,8 @@ logger = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 8192
 """Rows per Parquet row group written by :class:`StoreWriter`: the unit of reading and shuffling."""
 SHUFFLE_BUFFER = 1 << 19
-"""Default rows held by the batch reader (two fills of half): at context 128 and batches of 4096 its
-batches hold about 82% of the distinct windows of a full shuffle (benchmarks/shuffle.py, README)."""
+"""Default rows of the batch reader's shuffle buffer (the README's shuffle table and loss comparison
+chose it; benchmarks/shuffle.py measures it)."""
 FOOTER_READERS = 8
 """Threads reading Parquet footers of a store whose manifest does not list its row groups."""
 
@@ -340,6 +340,18 @@ class ActivationStore:
             out[at : at + hi - lo] = self.stored_values(self.read_group(group, [hook]), hook)[lo:hi]
         return self.to_float32(out, hook)
 
+    def spread_ranges(self, start: int, stop: int, max_rows: int) -> list[tuple[int, int]]:
+        """Row ranges covering [start, stop) when it holds at most ``max_rows`` rows; else whole row groups
+        (clipped to the range) spread evenly over it, about ``max_rows`` rows in all, so that a sample
+        of a huge range reads few row groups."""
+        stop = min(stop, self.n_tokens)
+        if stop - start <= max_rows:
+            return [(start, stop)] if start < stop else []
+        pieces = [(g.start + lo, g.start + hi) for g, lo, hi in self._groups_between(start, stop)]
+        mean = (stop - start) / len(pieces)
+        wanted = min(len(pieces), max(1, round(max_rows / mean)))
+        return [pieces[i] for i in np.linspace(0, len(pieces) - 1, wanted).round().astype(int).tolist()]
+
     def read_meta(self, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the metadata columns (token_id, window_id, position, doc_id)."""
         stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
@@ -371,16 +383,14 @@ class ActivationStore:
         The sequence of global batches of ``batch_size`` rows depends only on ``seed``, the rows and
         ``shuffle_buffer``; data-parallel rank ``rank`` of ``world`` gets rows [rank * b, (rank + 1) * b)
         of each, b = batch_size // world, so N ranks together see exactly what one would. The first
-        ``skip_batches`` global batches (already trained on, when resuming) are passed over without
-        reading their data.
+        ``skip_batches`` global batches (already trained on, when resuming) are not read again: the
+        plan is replayed on row indices and only the rows then in the buffer are read.
 
-        Memory is bounded by the buffer, not the store: each epoch visits the row groups in a seeded
-        order (in a few passes, each over a share of every row group, so a fill spans more context
-        windows), cut into fills of ``shuffle_buffer / 2`` rows (rounded down to whole batches); a
-        fill's rows are permuted and dealt into batches. A rank keeps only its share of a fill, in the
-        storage dtype, and a background thread reads the next fill (its row groups concurrently)
-        while this one is consumed: at most about shuffle_buffer / world rows are held. Each epoch
-        yields (stop - start) // batch_size batches. See sae_core/store_batches.py.
+        Memory is bounded by the buffer, not the store: each epoch streams the row groups once in a
+        seeded order through a sliding shuffle buffer of ``shuffle_buffer`` rows (held in the storage
+        dtype by every rank), each batch drawing uniformly from it; a background thread reads row
+        groups ahead, several at once. Each epoch yields (stop - start) // batch_size batches. See
+        sae_core/store_batches.py.
         """
         from sae_core.store_batches import stream_batches
 
@@ -394,21 +404,19 @@ class ActivationStore:
         return (b[hook] for b in batches) if single else batches
 
     def batch_plan(self, batch_size: int, *, seed: int = 0, start: int = 0, stop: int | None = None,
-                   shuffle_buffer: int = SHUFFLE_BUFFER, rank: int = 0, world: int = 1, passes: int | None = None):
-        """The :class:`sae_core.store_batches.BatchPlan` behind :meth:`iter_batches` (same arguments;
-        ``passes`` overrides :func:`~sae_core.store_batches.choose_passes`, for measurements)."""
-        from sae_core.store_batches import BatchPlan, choose_passes
+                   shuffle_buffer: int = SHUFFLE_BUFFER, rank: int = 0, world: int = 1):
+        """The :class:`sae_core.store_batches.BatchPlan` behind :meth:`iter_batches` (same arguments)."""
+        from sae_core.store_batches import BatchPlan
 
         stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
         if stop - start < batch_size:
             raise StoreError(f"store {self.location.display} has {stop - start} usable rows, fewer than one batch "
                              f"of {batch_size}", reason="too_few_rows")
-        fill_rows = shuffle_buffer // 2  # the fill being consumed and the next one, read ahead
-        if passes is None:
-            passes = choose_passes(context_size=self.manifest.context_size, batch_size=batch_size,
-                                   fill_rows=fill_rows, rows=stop - start)
+        if shuffle_buffer < batch_size:
+            raise StoreError(f"a shuffle buffer of {shuffle_buffer} rows cannot hold a batch of {batch_size}; "
+                             "make the buffer at least one batch", reason="buffer_too_small")
         return BatchPlan(groups=self.row_groups(), start=start, stop=stop, batch_size=batch_size, seed=seed,
-                         fill_rows=fill_rows, passes=passes, rank=rank, world=world)
+                         buffer_rows=shuffle_buffer, rank=rank, world=world)
 
     @property
     def complete(self) -> bool:

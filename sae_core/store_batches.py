@@ -1,40 +1,42 @@
-"""Shuffled training batches from an activation store in bounded memory.
+"""Shuffled training batches from an activation store in bounded memory: a sliding shuffle buffer.
 
-The order is planned on row indices alone, so it is cheap to skip, identical for every world size,
-and needs no data to compute:
+The order is planned on row indices alone (no data), identical for every world size, and replayable:
 
-- epoch ``e`` makes ``passes`` passes over the store's row groups (clipped to [start, stop)); pass
-  ``j`` visits them in a permutation seeded by (seed, e, j) and takes every ``passes``-th row of each
-  (a seeded offset per group and epoch decides which), so each pass holds a disjoint share of every
-  row group and the passes together hold every row once;
-- that row sequence is cut into *fills* of ``fill_rows`` rows rounded down to whole batches (the last
-  fill of an epoch takes the rest); fill ``f`` permutes its rows with a generator seeded by (seed, e,
-  f) and deals them into global batches; the remainder of an epoch (fewer rows than a batch) is left
-  out, so an epoch is exactly ``(stop - start) // batch_size`` batches;
+- epoch ``e`` streams the store's row groups (clipped to [start, stop)) once, in a permutation seeded by
+  (seed, e), each row group's rows in order;
+- a buffer of ``buffer_rows`` slots is filled from the stream; then each global batch takes
+  ``batch_size`` distinct slots drawn uniformly (a generator seeded by (seed, e) draws every batch of
+  the epoch in turn), and the stream's next rows refill those slots;
+- once the stream is spent, the rows left in the buffer are permuted and dealt into batches; the last
+  rows (fewer than a batch) are left out, so an epoch is exactly ``(stop - start) // batch_size``
+  batches and every row is in at most one of them;
 - rank ``r`` of ``world`` takes positions [r * b, (r + 1) * b) of each global batch, b = batch_size // world.
 
-Why passes: tokens of one context window are strongly correlated, and a fill of R whole row groups
-holds only R / context_size windows, so a batch of B rows drawn from it repeats windows (with
-x = context_size * B / R, a batch holds about (1 - e^-x) / x of the distinct windows a full shuffle
-would give). Taking 1/passes of each row group lets a fill span ``passes`` times as many windows in
-the same memory, at the price of reading each row group ``passes`` times per epoch.
-:func:`choose_passes` picks the smallest number that brings x to :data:`TARGET_X` (at most
-:data:`MAX_PASSES`); sae_core/shuffle_quality.py measures the result.
+Why a sliding buffer rather than shuffling fills one after another: tokens of one context window are
+strongly correlated. A row stays in the buffer for a geometric time (mean ``buffer_rows`` rows of
+stream), so a batch mixes rows of every window read over the last few buffers, most of them
+represented by one row: with x = context_size * batch_size / buffer_rows, a batch holds about
+Ein(x) / x of the distinct windows a full shuffle gives (Ein(x) = the integral of (1 - e^-t) / t from
+0 to x; 0.80 at x = 1, 0.89 at x = 0.5), where shuffling independent fills of F rows gives
+(1 - e^-x') / x' with x' = context_size * batch_size / F (0.63 at x' = 1), and each row group is read
+once per epoch. sae_core/shuffle_quality.py measures the result.
 
-Reading: a rank reads the row groups of a fill (several at once, on a thread pool) but keeps only
-the rows its slices need, in the storage dtype; a background thread reads fill f + 1 while fill f is
-consumed. Every rank still reads each fill's row groups whole: a row of any row group can land in
-any rank's slice (splitting them by rank would need batches sorted by row group, and then each
-rank's slice would come from 1/world of the fill's windows, which biases per-rank statistics).
+Reading: every rank mirrors the whole buffer (``buffer_rows`` rows in the storage dtype: which rows a
+rank needs is known only when they leave the buffer, long after they are read), and a background
+thread executes the plan: it reads upcoming row groups on a thread pool (several at once; pyarrow
+releases the GIL, and object storage likes parallel GETs), scatters new rows into the slots a batch
+freed, and hands out this rank's slices as float32 tensors through a short queue, so the training
+step waits on I/O only when the disk is slower than the trainer. Resuming at global batch k replays
+the plan to k (indices only) and reads just the row groups holding the rows then in the buffer.
 """
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -45,35 +47,105 @@ if TYPE_CHECKING:
     from sae_core.store import ActivationStore, RowGroup
 
 READERS = 4
-"""Row groups of one fill read at once (pyarrow releases the GIL; object storage likes parallel GETs)."""
-TARGET_X = 0.25
-"""context_size * batch_size / (passes * fill rows) aimed at: a batch then holds about 88% of the
-distinct windows of a full shuffle."""
-MAX_PASSES = 4
-"""At most this many reads of each row group per epoch: the reader's rows/s is about a plain scan's
-divided by the passes, so more would starve a fast (GPU) trainer."""
+"""Row groups read at once."""
+READ_AHEAD = 2 * READERS
+"""Row groups read (or being read) ahead of the one being scattered into the buffer."""
+QUEUED_BATCHES = 4
+"""Finished batches waiting for the trainer."""
+PLANNED_AHEAD = 512
+"""At most this many planned operations waiting (their index arrays), however few row groups they read."""
 
 
-def choose_passes(*, context_size: int, batch_size: int, fill_rows: int, rows: int) -> int:
-    """Passes per epoch for :data:`TARGET_X`; 1 when the fill holds every row (a full shuffle already)
-    or the window length is unknown (``context_size`` 0)."""
-    if fill_rows >= rows or context_size <= 0:
-        return 1
-    wanted = math.ceil(context_size * batch_size / (TARGET_X * fill_rows))
-    return max(1, min(wanted, MAX_PASSES, math.ceil(rows / fill_rows)))
+class Take(NamedTuple):
+    """Global batch ``batch`` is the rows now in ``slots`` (in batch order)."""
+
+    batch: int
+    slots: np.ndarray
 
 
 class Fill(NamedTuple):
-    """A run of rows shuffled together: pieces of row groups, in the order they fill the pool."""
+    """Rows ``rows`` of ``group`` go into ``slots``; ``before`` is the first global batch that sees them."""
 
-    epoch: int
-    index: int
-    """Its index inside the epoch (part of its permutation's seed)."""
-    first_batch: int
-    """Global index of its first batch, counted from the first epoch."""
-    pieces: list[tuple[RowGroup, range]]
-    """(row group, rows of that group), concatenated in this order."""
-    rows: int
+    group: RowGroup
+    rows: slice | np.ndarray
+    slots: np.ndarray
+    before: int
+
+
+class _Epoch:
+    """One epoch of the plan as a sequence of Fill and Take operations. The buffer state (``ids``, the
+    global row in each slot, and ``live``, whether a slot still holds a row to hand out) is the state
+    *before* the operation last yielded: its effect is applied when the next one is asked for."""
+
+    def __init__(self, plan: BatchPlan, epoch: int):
+        self.plan, self.epoch = plan, epoch
+        self.first = epoch * plan.batches_per_epoch
+        self.ids = np.full(plan.capacity, -1, dtype=np.int64)
+        self.live = np.zeros(plan.capacity, dtype=bool)
+
+    def stream(self) -> list[tuple[RowGroup, int, int]]:
+        """(group, lo, hi): the epoch's row groups, clipped, in their seeded order."""
+        p = self.plan
+        clipped = [(g, max(p.start - g.start, 0), min(p.stop - g.start, g.rows)) for g in p.groups]
+        clipped = [c for c in clipped if c[1] < c[2]]
+        return [clipped[k] for k in np.random.default_rng([p.seed, self.epoch, 0]).permutation(len(clipped))]
+
+    def _fills(self, pieces: Iterator[tuple[RowGroup, int, int]], pending: list, slots: np.ndarray,
+               before: int) -> Iterator[Fill]:
+        """Fills of ``len(slots)`` stream rows (``pending`` holds the unread rest of the current piece)."""
+        at = 0
+        while at < len(slots):
+            if not pending:
+                pending.append(next(pieces))
+            group, lo, hi = pending.pop()
+            take = min(hi - lo, len(slots) - at)
+            fill = Fill(group, slice(lo, lo + take), slots[at : at + take], before)
+            yield fill
+            self.ids[fill.slots] = group.start + np.arange(lo, lo + take)
+            self.live[fill.slots] = True
+            at += take
+            if lo + take < hi:
+                pending.append((group, lo + take, hi))
+
+    def __iter__(self) -> Iterator[Fill | Take]:
+        p = self.plan
+        stream = self.stream()
+        remaining = sum(hi - lo for _, lo, hi in stream)
+        pieces, pending = iter(stream), []
+        rng = np.random.default_rng([p.seed, self.epoch, 1])
+        yield from self._fills(pieces, pending, np.arange(p.capacity), self.first)
+        remaining -= p.capacity
+        batch = self.first
+        while remaining > 0:
+            slots = rng.choice(p.capacity, p.batch_size, replace=False)
+            yield Take(batch, slots)
+            self.live[slots] = False
+            refill = slots[: min(remaining, p.batch_size)]
+            yield from self._fills(pieces, pending, refill, batch + 1)
+            remaining -= len(refill)
+            batch += 1
+        rest = rng.permutation(np.flatnonzero(self.live))
+        for i in range(len(rest) // p.batch_size):
+            slots = rest[i * p.batch_size : (i + 1) * p.batch_size]
+            yield Take(batch, slots)
+            self.live[slots] = False
+            batch += 1
+        if batch != self.first + p.batches_per_epoch:
+            raise AssertionError(f"epoch {self.epoch} planned {batch - self.first} batches")
+
+    def restore(self, batch: int) -> list[Fill]:
+        """Fills putting back, slot for slot, the live rows of the buffer's current state (to resume at
+        global batch ``batch``), one per row group holding some."""
+        slots = np.flatnonzero(self.live)
+        ids = self.ids[slots]
+        starts = np.array([g.start for g in self.plan.groups])
+        owner = np.searchsorted(starts, ids, side="right") - 1
+        fills = []
+        for k in np.unique(owner).tolist():
+            mine = owner == k
+            group = self.plan.groups[k]
+            fills.append(Fill(group, ids[mine] - group.start, slots[mine], batch))
+        return fills
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,136 +162,148 @@ class BatchPlan:
     """Rows per global batch."""
     seed: int
     """Seed of the whole order."""
-    fill_rows: int
-    """Rows shuffled together (rounded down to whole batches, at least one)."""
-    passes: int = 1
-    """Passes per epoch, each over a 1/passes share of every row group (see the module docstring)."""
+    buffer_rows: int
+    """Slots of the shuffle buffer (at least one batch)."""
     rank: int = 0
     """This reader's data-parallel rank."""
     world: int = 1
     """Number of data-parallel ranks."""
+
+    def __post_init__(self) -> None:
+        if self.buffer_rows < self.batch_size:
+            raise ValueError(f"a shuffle buffer of {self.buffer_rows} rows cannot hold a batch of {self.batch_size}")
 
     @property
     def batches_per_epoch(self) -> int:
         return (self.stop - self.start) // self.batch_size
 
     @property
+    def capacity(self) -> int:
+        """Slots actually used: the buffer, or every row when the rows fit in it (a full shuffle)."""
+        return min(self.buffer_rows, self.stop - self.start)
+
+    @property
     def local(self) -> int:
         """Rows of each global batch this rank takes."""
         return self.batch_size // self.world
 
-    def pieces(self, epoch: int) -> Iterator[tuple[RowGroup, range]]:
-        """The epoch's row sequence: (row group, its rows in this pass), pass after pass."""
-        clipped = [(g, max(self.start - g.start, 0), min(self.stop - g.start, g.rows)) for g in self.groups]
-        clipped = [c for c in clipped if c[1] < c[2]]
-        offsets = np.random.default_rng([self.seed, epoch, 2]).integers(0, self.passes, len(clipped))
-        for j in range(self.passes):
-            for k in np.random.default_rng([self.seed, epoch, 0, j]).permutation(len(clipped)):
-                group, lo, hi = clipped[k]
-                rows = range(lo + (int(offsets[k]) + j) % self.passes, hi, self.passes)
-                if len(rows):
-                    yield group, rows
+    def epoch(self, epoch: int) -> _Epoch:
+        return _Epoch(self, epoch)
 
-    def fills(self, epoch: int) -> Iterator[Fill]:
-        size = max(1, self.fill_rows // self.batch_size) * self.batch_size
-        current: list[tuple[RowGroup, range]] = []
-        have, index, first = 0, 0, epoch * self.batches_per_epoch
-        for group, rows in self.pieces(epoch):
-            while len(rows):
-                take = min(len(rows), size - have)
-                current.append((group, rows[:take]))
-                have, rows = have + take, rows[take:]
-                if have == size:
-                    yield Fill(epoch, index, first, current, have)
-                    current, have, index, first = [], 0, index + 1, first + size // self.batch_size
-        if have >= self.batch_size:
-            yield Fill(epoch, index, first, current, have)
-
-    def rank_positions(self, fill: Fill) -> np.ndarray:
-        """[n_batches, local] positions in the fill's pool of the rows this rank takes, batch by batch."""
-        perm = np.random.default_rng([self.seed, fill.epoch, 1, fill.index]).permutation(fill.rows)
-        n_batches = fill.rows // self.batch_size
-        batches = perm[: n_batches * self.batch_size].reshape(n_batches, self.batch_size)
-        return batches[:, self.rank * self.local : (self.rank + 1) * self.local]
-
-    def schedule(self, *, loop: bool, skip_batches: int) -> Iterator[tuple[Fill, np.ndarray]]:
-        """(fill, positions of this rank's remaining batches in it), from global batch ``skip_batches`` on."""
+    def schedule(self, *, loop: bool, skip_batches: int) -> Iterator[Fill | Take]:
+        """The operations that yield global batches ``skip_batches``, ``skip_batches + 1``, ...: those of
+        the epoch holding ``skip_batches`` from that batch on (after fills that restore the buffer if it
+        is inside the epoch), then, with ``loop``, the following epochs."""
         epoch = skip_batches // self.batches_per_epoch if loop else 0
         while True:
-            for fill in self.fills(epoch):
-                n_batches = fill.rows // self.batch_size
-                if fill.first_batch + n_batches > skip_batches:
-                    yield fill, self.rank_positions(fill)[max(skip_batches - fill.first_batch, 0) :]
+            plan = self.epoch(epoch)
+            resuming = skip_batches > plan.first
+            for op in plan:
+                if resuming:
+                    if isinstance(op, Fill) or op.batch < skip_batches:
+                        continue
+                    yield from plan.restore(op.batch)
+                    resuming = False
+                yield op
             if not loop:
                 return
             epoch += 1
 
-
-def _read_rows(store: ActivationStore, hooks: list[str], fill: Fill, positions_BL: np.ndarray,
-               pool: ThreadPoolExecutor) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """This rank's rows of a fill, in the storage dtype and sorted by pool position, and for each
-    (batch, slot) the index of its row in them."""
-    wanted = positions_BL.reshape(-1)
-    order = np.argsort(wanted, kind="stable")
-    sorted_pos = wanted[order]
-    slot = np.empty_like(order)
-    slot[order] = np.arange(len(order))
-    from sae_core.store import storage_numpy_dtype
-
-    dtype = storage_numpy_dtype(store.manifest.dtype)
-    out = {h: np.empty((len(wanted), store.d(h)), dtype=dtype) for h in hooks}
-
-    def read(group: RowGroup, rows: np.ndarray, i0: int) -> None:
-        table = store.read_group(group, hooks)
-        for h in hooks:
-            out[h][i0 : i0 + len(rows)] = store.stored_values(table, h)[rows]
-
-    jobs, offset = [], 0
-    for group, rows in fill.pieces:
-        i0, i1 = np.searchsorted(sorted_pos, [offset, offset + len(rows)])
-        if i0 < i1:
-            jobs.append(pool.submit(read, group, rows.start + (sorted_pos[i0:i1] - offset) * rows.step, int(i0)))
-        offset += len(rows)
-    for job in jobs:
-        job.result()
-    return out, slot.reshape(positions_BL.shape)
+    def global_batches(self, epoch: int = 0) -> Iterator[np.ndarray]:
+        """The global row indices of each batch of an epoch, in order (no data read)."""
+        plan = self.epoch(epoch)
+        for op in plan:
+            if isinstance(op, Take):
+                yield plan.ids[op.slots]
 
 
-class _Prefetcher:
-    """Reads the next fill on a background thread; at most one fill waits while one is consumed."""
+class _Producer:
+    """Runs a schedule on a background thread: reads row groups ahead on a thread pool, keeps the
+    buffer, and queues this rank's batches as float32 tensors."""
 
-    def __init__(self, store: ActivationStore, hooks: list[str], schedule: Iterator[tuple[Fill, np.ndarray]]):
-        self._ready: queue.Queue = queue.Queue()
-        self._slot = threading.Semaphore(1)
+    def __init__(self, store: ActivationStore, hooks: list[str], plan: BatchPlan,
+                 schedule: Iterator[Fill | Take]):
+        self.store, self.hooks, self.plan = store, hooks, plan
+        self._ready: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(store, hooks, schedule), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(schedule,), daemon=True)
         self._thread.start()
 
-    def _run(self, store: ActivationStore, hooks: list[str], schedule: Iterator[tuple[Fill, np.ndarray]]) -> None:
+    def _read(self, group: RowGroup) -> dict[str, np.ndarray]:
+        table = self.store.read_group(group, self.hooks)
+        return {h: self.store.stored_values(table, h) for h in self.hooks}
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():  # wakes up to notice an abandoned reader
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self, schedule: Iterator[Fill | Take]) -> None:
         try:
             with ThreadPoolExecutor(READERS) as pool:
-                for fill, positions in schedule:
-                    while not self._slot.acquire(timeout=0.1):  # wakes up to notice an abandoned reader
-                        if self._stop.is_set():
-                            return
-                    if self._stop.is_set():
-                        return
-                    self._ready.put(_read_rows(store, hooks, fill, positions, pool))
-            self._ready.put(None)
+                if self._execute(schedule, pool):
+                    self._put(None)
         except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-            self._ready.put(exc)
+            self._put(exc)
 
-    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    def _execute(self, schedule: Iterator[Fill | Take], pool: ThreadPoolExecutor) -> bool:
+        from sae_core.store import storage_numpy_dtype
+
+        dtype = storage_numpy_dtype(self.store.manifest.dtype)
+        buffer = {h: np.empty((self.plan.capacity, self.store.d(h)), dtype=dtype) for h in self.hooks}
+        ahead: deque[Fill | Take] = deque()
+        reads: dict[RowGroup, tuple[Future, int]] = {}  # group -> (its read, fills still to use it)
+        ops = iter(schedule)
+        lo, hi = self.plan.rank * self.plan.local, (self.plan.rank + 1) * self.plan.local
+
+        def want(fill: Fill) -> None:
+            future, uses = reads.get(fill.group, (None, 0))
+            reads[fill.group] = (future or pool.submit(self._read, fill.group), uses + 1)
+
+        def look_ahead() -> bool:
+            """Pull operations until READ_AHEAD groups are wanted; False once the schedule is spent."""
+            while not ahead or (len(reads) < READ_AHEAD and len(ahead) < PLANNED_AHEAD):
+                op = next(ops, None)
+                if op is None:
+                    return bool(ahead)
+                ahead.append(op)
+                if isinstance(op, Fill):
+                    want(op)
+            return True
+
+        def scatter(fill: Fill) -> None:
+            future, uses = reads[fill.group]
+            values = future.result()
+            for h in self.hooks:
+                buffer[h][fill.slots] = values[h][fill.rows]
+            if uses > 1:
+                reads[fill.group] = (future, uses - 1)
+            else:
+                del reads[fill.group]
+
+        while look_ahead():
+            op = ahead.popleft()
+            if isinstance(op, Take):
+                mine = op.slots[lo:hi]
+                if not self._put({h: self.store.to_float32(buffer[h][mine], h) for h in self.hooks}):
+                    return False
+            else:
+                scatter(op)
+        return True
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
             while True:
                 item = self._ready.get()
-                self._slot.release()  # the previous fill is dropped: the thread may read the next
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                del item
         finally:
             self._stop.set()
 
@@ -227,7 +311,4 @@ class _Prefetcher:
 def stream_batches(store: ActivationStore, hooks: list[str], plan: BatchPlan, *, loop: bool,
                    skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's float32 batches {hook: [local, d]} in the plan's order (NaN/Inf rows are an error)."""
-    for rows, slots_BL in _Prefetcher(store, hooks, plan.schedule(loop=loop, skip_batches=skip_batches)):
-        for slots in slots_BL:
-            yield {h: store.to_float32(rows[h][slots], h) for h in hooks}
-        del rows, slots_BL  # before the next fill is asked for, so at most two are held
+    yield from _Producer(store, hooks, plan, plan.schedule(loop=loop, skip_batches=skip_batches))

@@ -27,7 +27,8 @@ class StoreError(ReasonedError):
     """A store that cannot be read or written as asked; the message names the problem, ``reason`` its kind:
     "not_a_store", "store_exists" (another store is in the way), "missing_part", "too_few_rows",
     "bad_location" (a URI the filesystem layer cannot open), "incomplete" (its writer has not finished it),
-    "bad_part" (a part of another size or content than the manifest records)."""
+    "bad_part" (a part of another size or content than the manifest records), "buffer_too_small" (a shuffle
+    buffer under a batch)."""
 
 
 def locate(root: str | Path) -> Location:

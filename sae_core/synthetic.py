@@ -109,21 +109,50 @@ def write_synthetic_store(out: str | Path, cfg: SyntheticConfig, n_tokens: int, 
     return writer.root
 
 
-def write_document_ordered_store(out: str | Path, n_tokens: int, *, context_size: int, mean_doc: int, seed: int = 0,
-                                 rows_per_file: int = 1 << 20) -> Path | str:
-    """A store shaped like a collected one for measuring shuffles: documents of geometric length (mean
-    ``mean_doc`` tokens) packed in order into windows of ``context_size`` rows; the one hook ``h`` is
-    1 wide and zero (only ``window_id`` and ``doc_id`` matter)."""
+def topic_activations(doc_of_row: np.ndarray, *, d: int, n_topics: int, seed: int = 0) -> np.ndarray:
+    """Activations [N, d] whose statistics depend on the document: each document draws one of
+    ``n_topics`` topics, each topic owns 8 of the 8 * n_topics unit features; a row fires each of its
+    topic's features with probability 1/2 and each other feature with probability 1/(8 * n_topics),
+    coefficients uniform in [0.5, 1.5]. Consecutive rows of one document are thus strongly correlated,
+    as a language model's are, and a reader that does not mix documents feeds a trainer few topics at
+    a time."""
+    rng = np.random.default_rng([seed, 1])
+    n_features = 8 * n_topics
+    dictionary = rng.standard_normal((n_features, d)).astype(np.float32)
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    topic = rng.integers(0, n_topics, int(doc_of_row.max()) + 1)[doc_of_row]
+    own = (np.arange(n_features)[None, :] // 8) == topic[:, None]
+    fires = rng.random((len(doc_of_row), n_features)) < np.where(own, 0.5, 1 / n_features)
+    coeffs = np.where(fires, rng.uniform(0.5, 1.5, fires.shape), 0).astype(np.float32)
+    return coeffs @ dictionary
+
+
+def document_rows(n_tokens: int, *, mean_doc: int, seed: int = 0) -> np.ndarray:
+    """The document of each of ``n_tokens`` rows: documents of geometric length (mean ``mean_doc``), in order."""
     rng = np.random.default_rng(seed)
     doc_lengths = rng.geometric(1 / mean_doc, size=n_tokens // mean_doc * 2 + 10)
-    doc_of_row = np.repeat(np.arange(len(doc_lengths)), doc_lengths)[:n_tokens]
-    manifest = Manifest(model="none", hooks={"h": {"d": 1}}, dtype="float16", context_size=context_size,
-                        corpus=f"document-ordered:{mean_doc}:{seed}", extra={"complete": False})
+    return np.repeat(np.arange(len(doc_lengths)), doc_lengths)[:n_tokens]
+
+
+def write_document_ordered_store(out: str | Path, n_tokens: int, *, context_size: int, mean_doc: int, seed: int = 0,
+                                 rows_per_file: int = 1 << 20, d: int = 1, n_topics: int = 0) -> Path | str:
+    """A store shaped like a collected one for measuring shuffles: documents of geometric length (mean
+    ``mean_doc`` tokens) packed in order into windows of ``context_size`` rows. Its one hook ``h`` is
+    1 wide and zero (only ``window_id`` and ``doc_id`` matter), or with ``n_topics``, ``d`` wide
+    :func:`topic_activations` (to train on)."""
+    doc_of_row = document_rows(n_tokens, mean_doc=mean_doc, seed=seed)
+    if n_topics:
+        values = topic_activations(doc_of_row, d=d, n_topics=n_topics, seed=seed)
+        dtype = "float32"
+    else:
+        values, dtype = np.zeros((n_tokens, 1), dtype=np.float16), "float16"
+    manifest = Manifest(model="none", hooks={"h": {"d": values.shape[1]}}, dtype=dtype, context_size=context_size,
+                        corpus=f"document-ordered:{mean_doc}:{seed}:{n_topics}", extra={"complete": False})
     with StoreWriter(out, manifest) as writer:
         for part, lo in enumerate(range(0, n_tokens, rows_per_file)):
             rows = np.arange(lo, min(lo + rows_per_file, n_tokens))
             meta = {"token_id": np.zeros(len(rows)), "window_id": rows // context_size,
                     "position": rows % context_size, "doc_id": doc_of_row[rows]}
-            writer.write_part(part, make_table(meta, {"h": np.zeros((len(rows), 1), dtype=np.float16)}, "float16"))
+            writer.write_part(part, make_table(meta, {"h": values[rows]}, dtype))
         writer.finish()
     return writer.root

@@ -22,6 +22,7 @@ from sae_core import metrics
 from sae_core.architectures.base import Reducer, SAEOutput, SparseAutoencoder, no_reduce
 from sae_core.config import require, strict_from_dict
 from sae_core.l0 import sparsity_controller
+from sae_core.store import SHUFFLE_BUFFER
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ class TrainConfig:
     """Optimizer steps."""
     batch_size: int = 4096
     """Tokens per step (global, over all data-parallel ranks)."""
+    shuffle_buffer: int = SHUFFLE_BUFFER
+    """Rows of an activation store's sliding shuffle buffer, at least one batch: every batch is drawn
+    from it; memory (each data-parallel rank holds it, in the store's dtype) and how well batches mix
+    context windows grow with it (README, "A shuffle you can trust")."""
     lr: float = 4e-4
     """Peak Adam learning rate."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -64,6 +69,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.shuffle_buffer >= self.batch_size,
+                f"shuffle_buffer ({self.shuffle_buffer} rows) must hold at least one batch ({self.batch_size})")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(self.b_dec_init in ("geometric_median", "mean", "zeros"),
                 f"b_dec_init must be geometric_median, mean or zeros, got {self.b_dec_init!r}")
@@ -356,6 +363,8 @@ def evaluate(sae: SparseAutoencoder, acts_ND: Tensor, *, scaling_factor: float =
     device = next(sae.parameters()).device
     counts_F = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     sq_err = torch.zeros(targets.shape[1:], dtype=torch.float64)
+    # The targets' variance from running sums (float64), so no float64 copy of the whole sample is made.
+    sum_y, sum_y2 = torch.zeros_like(sq_err), torch.zeros_like(sq_err)
     l0_sum, n = 0.0, 0
     for start in range(0, len(acts_ND), batch_size):
         x = acts_ND[start : start + batch_size].to(device, torch.float32)
@@ -363,23 +372,25 @@ def evaluate(sae: SparseAutoencoder, acts_ND: Tensor, *, scaling_factor: float =
         extra = {} if targets_NO is None else {"target_BO": y * out_scale}
         out = sae(x * scaling_factor, **extra)
         sq_err += (out.x_hat_BD / out_scale - y).double().pow(2).sum(dim=0).cpu()
+        y64 = y.double().cpu()
+        sum_y += y64.sum(dim=0)
+        sum_y2 += y64.pow(2).sum(dim=0)
         fired_F = out.fire_counts().cpu()
         l0_sum += float(fired_F.sum())
         counts_F += fired_F
         n += len(x)
     sae.train(was_training)
-    ys = targets.double()
-    var = (ys - ys.mean(dim=0)).pow(2).sum(dim=0)
+    var = (sum_y2 - sum_y.pow(2) / max(n, 1)).clamp_min(0)
     freq_F = metrics.firing_frequency(counts_F, n)
     result = {
         "l0": l0_sum / max(n, 1),
-        "mse": float(sq_err.sum()) / max(ys.numel(), 1),
+        "mse": float(sq_err.sum()) / max(targets.numel(), 1),
         "fvu": float(sq_err.sum()) / max(float(var.sum()), 1e-12),
         "dead_fraction": float(metrics.dead_fraction(counts_F)),
         "dense_fraction": float(metrics.dense_fraction(freq_F)),
         "n_tokens": n,
     }
-    if ys.dim() == 3:
+    if targets.dim() == 3:
         for s, (err, total) in enumerate(zip(sq_err.sum(dim=1), var.sum(dim=1), strict=True)):
             result[f"fvu_source_{s}"] = float(err) / max(float(total), 1e-12)
     return result

@@ -1,7 +1,7 @@
 """Activation collection on Ray Data: corpus windows -> frozen-model actor pool -> store or stream.
 
-The driver packs the corpus into context windows (workflows/corpus.py), Ray Data feeds them in
-batches to an actor pool of :class:`ActivationMapper` (each holds the frozen model and stops the
+A Ray Data read task packs the corpus into context windows as a stream (workflows/corpus_stream.py),
+Ray Data feeds them in batches to an actor pool of :class:`ActivationMapper` (each holds the frozen model and stops the
 forward pass at the deepest hook), and the rows come back to one of two sinks:
 
 - :func:`collect` writes the activation store (sae_core/store.py). Part ``i`` holds windows
@@ -40,10 +40,8 @@ from sae_core.store import (
 from workflows.corpus import (
     DEFAULT_CORPUS,
     EXCLUDED,
-    Windows,
     iter_documents,
     iter_window_chunks,
-    pack_windows,
     special_ids,
 )
 from workflows.errors import UserError
@@ -128,17 +126,13 @@ class CollectConfig:
 
 @dataclass(kw_only=True)
 class Plan:
-    """The windows to run and the facts the manifest needs, computed on the driver."""
+    """How many windows the corpus packs into and the facts the manifest needs, computed on the driver."""
 
-    windows: Windows
+    n_windows: int
     d: dict[str, int]
     bos: int
     sep: int
     pad: int
-
-    @property
-    def n_windows(self) -> int:
-        return len(self.windows.token_ids)
 
 
 @dataclass(kw_only=True)
@@ -164,13 +158,13 @@ def _model_facts(cfg: CollectConfig) -> tuple[dict[str, int], tuple[int, int, in
 
 
 def plan(cfg: CollectConfig) -> Plan:
-    """Check hooks against the model config and pack the whole corpus in memory (for the live stream;
-    :func:`collect` packs as it goes)."""
+    """Check hooks against the model config and count the windows the corpus packs into, packing it as a
+    stream (one chunk held at a time: the driver does not hold the corpus)."""
     d, (bos, sep, pad) = _model_facts(cfg)
     docs = iter_documents(cfg.corpus, text_field=cfg.text_field)
-    windows = pack_windows(docs, load_tokenizer(cfg.model, cfg.cache_dir), context_size=cfg.context_size,
-                           n_tokens=cfg.n_tokens)
-    return Plan(windows=windows, d=d, bos=bos, sep=sep, pad=pad)
+    chunks = iter_window_chunks(docs, load_tokenizer(cfg.model, cfg.cache_dir), context_size=cfg.context_size,
+                                n_tokens=cfg.n_tokens, chunk_windows=cfg.part_windows)
+    return Plan(n_windows=sum(len(chunk.token_ids) for chunk in chunks), d=d, bos=bos, sep=sep, pad=pad)
 
 
 class ActivationMapper:
@@ -217,15 +211,13 @@ def _through_model(cfg: CollectConfig, ds):
                           compute=pool, batch_format="numpy", **resources)
 
 
-def activation_dataset(cfg: CollectConfig, windows: Windows, window_ids: np.ndarray):
-    """Ray Data dataset of the given windows (packed in memory) mapped through the actor pool."""
-    import ray
+def activation_dataset(cfg: CollectConfig, windows: tuple[int, int] | None = None):
+    """Ray Data dataset of the corpus's windows (those of ids in [lo, hi) given ``windows``), packed as a
+    stream in a read task and mapped through the actor pool."""
+    from workflows.corpus_stream import window_dataset
 
     ensure_ray()
-    items = [{"window_id": int(w), "token_ids": windows.token_ids[w], "doc_ids": windows.doc_ids[w],
-              "keep": windows.keep[w]} for w in window_ids]
-    blocks = max(1, min(len(items) // cfg.batch_size, 256))
-    return _through_model(cfg, ray.data.from_items(items, override_num_blocks=blocks))
+    return _through_model(cfg, window_dataset(cfg.to_dict(), set(), windows))
 
 
 def _manifest(cfg: CollectConfig, d: dict[str, int], ids: tuple[int, int, int]) -> Manifest:
@@ -351,9 +343,8 @@ def stream_activations(cfg: CollectConfig) -> Iterator[dict[str, torch.Tensor]]:
 
     Batches come in completion order, not window order; each row carries its window_id and position.
     """
-    p = plan(cfg)
-    ds = activation_dataset(cfg, p.windows, np.arange(p.n_windows))
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    _model_facts(cfg)  # hooks checked, a GGUF converted once, before the actors start
+    for batch in activation_dataset(cfg).iter_batches(batch_size=None, batch_format="numpy"):
         out = {k: torch.from_numpy(np.array(batch[k])) for k in META}
         out.update({h: decode_values(np.asarray(batch[h]), cfg.dtype) for h in cfg.hooks})
         yield out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sae_core.fs import is_uri
 from sae_core.io import is_finished_sae
 from sae_core.store import read_manifest
 from sae_core.trainer import TrainConfig
@@ -62,12 +63,19 @@ class Stopwatch:
         return result
 
 
-def collect_stage(recipe: Recipe, out: Path) -> Path:
+def store_of(recipe: Recipe, out: Path) -> str:
+    """The recipe's store as an absolute path or a URI."""
+    if is_uri(recipe.store):
+        return recipe.store
+    return str(Path(recipe.store).resolve() if recipe.store else out / "activations")
+
+
+def collect_stage(recipe: Recipe, out: Path) -> str:
     """Write the activation store, or reuse a complete one with the same settings (collect resumes)."""
-    store = out / "activations"
+    store = store_of(recipe, out)
     hooks = set_hooks(parse_layers(recipe.layers)) if recipe.layers else [recipe.hook]
     cfg = CollectConfig(hooks=hooks, n_tokens=recipe.tokens, model=recipe.model, corpus=recipe.corpus,
-                        context_size=recipe.context_size, out=str(store), dtype=recipe.store_dtype,
+                        context_size=recipe.context_size, out=store, dtype=recipe.store_dtype,
                         workers=recipe.collect_workers)
     manifest = complete_manifest(store)
     if manifest is not None:
@@ -87,12 +95,12 @@ def collect_stage(recipe: Recipe, out: Path) -> Path:
     return store
 
 
-def train_job(recipe: Recipe, store: Path, out: Path) -> TrainJob:
-    return TrainJob(activations=str(store.resolve()), hook=recipe.hook, arch=recipe.arch, sae=dict(recipe.sae),
+def train_job(recipe: Recipe, store: str, out: Path) -> TrainJob:
+    return TrainJob(activations=store, hook=recipe.hook, arch=recipe.arch, sae=dict(recipe.sae),
                     train=TrainConfig.from_dict(dict(recipe.train)), out=str((out / "sae").resolve()))
 
 
-def train_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: str,
+def train_stage(recipe: Recipe, store: str, out: Path, uri: str, experiment: str,
                 overwrite: bool = False) -> tuple[Path, str]:
     """Train on Ray Train; reuse a finished SAE of exactly the same job, resume an unfinished one; an SAE or
     a run of other settings is refused (naming the settings that differ) unless ``overwrite``."""
@@ -116,7 +124,7 @@ def train_stage(recipe: Recipe, store: Path, out: Path, uri: str, experiment: st
     return sae_dir, result["mlflow_run_id"]
 
 
-def sweep_stage(recipe: Recipe, store: Path, out: Path, uri: str,
+def sweep_stage(recipe: Recipe, store: str, out: Path, uri: str,
                 experiment: str) -> tuple[Path, str, Path | None, str]:
     """A small Tune sweep over ``recipe.sweep``; the lowest-FVU trial's SAE is fetched for the later stages.
     Also returns the correct-L0 diagnostic's picks (empty when the sweep varies no L0)."""
@@ -128,7 +136,7 @@ def sweep_stage(recipe: Recipe, store: Path, out: Path, uri: str,
     train = dict(recipe.train)
     sets = {k: v for k, v in train.items() if k not in ("steps", "batch_size", "lr")}
     sets.update({k: v for k, v in recipe.sae.items() if k not in recipe.sweep})
-    spec = SweepSpec(activations=str(store.resolve()), hook=recipe.hook, archs=[recipe.arch],
+    spec = SweepSpec(activations=store, hook=recipe.hook, archs=[recipe.arch],
                      grid={k: list(v) for k, v in recipe.sweep.items()}, steps=recipe.sweep_steps,
                      experiment=experiment, mlflow_uri=uri, sets=sets, out=str(out / "sweeps"),
                      cpus_per_trial=recipe.cpus_per_worker, **{k: train[k] for k in ("batch_size", "lr") if k in train})
@@ -143,7 +151,7 @@ def sweep_stage(recipe: Recipe, store: Path, out: Path, uri: str,
     return target / "sae", best.run_id, plots[0] if plots else None, format_picks(l0_picks(result.finished))
 
 
-def eval_stage(recipe: Recipe, sae_dir: Path, store: Path, tracker: MlflowTracker) -> dict[str, float]:
+def eval_stage(recipe: Recipe, sae_dir: Path, store: str, tracker: MlflowTracker) -> dict[str, float]:
     """CE loss recovered and friends on fresh windows after the training tokens."""
     from sae_core.io import load_sae
     from workflows.evaluate import evaluate_sae, held_out_windows, write_outputs

@@ -40,6 +40,9 @@ class Recipe:
     """Training tokens to collect into the store."""
     store_dtype: str = "float16"
     """Storage dtype of the activations."""
+    store: str = ""
+    """Where the activation store lives: a folder or an object-storage URI (s3://, gs://, ...) every node
+    reads; empty: <run folder>/activations."""
     collect_workers: int = 1
     """Model actors collecting activations."""
     arch: str = "topk"

@@ -29,6 +29,9 @@ from workflows.errors import UserError
 from workflows.job import TrainJob
 
 DATA_MODES = ("direct", "ray")
+HELD_OUT_ROWS = 1 << 15
+"""At most about this many held-out rows of a store are evaluated on: whole row groups spread over the
+held-out range, so the held-out rows of a huge store are not read whole."""
 
 
 @dataclass(frozen=True)
@@ -126,22 +129,24 @@ class StoreSource:
             return shard_batches(self.job, world, self.store.manifest.dtype)
         cfg = self.job.train
         rows = self.store.iter_batches(self.job.sites(), cfg.batch_size, seed=cfg.seed, stop=self.train_rows,
-                                       rank=rank, world=world, skip_batches=skip)
+                                       shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, skip_batches=skip)
         return (examples(self.job, columns) for columns in rows)
 
-    def rows(self, start: int, stop: int):
-        return examples(self.job, {site: self.store.read_hook(site, start, stop) for site in self.job.sites()})
+    def rows(self, ranges: list[tuple[int, int]]):
+        return examples(self.job, {site: torch.cat([self.store.read_hook(site, lo, hi) for lo, hi in ranges])
+                                   for site in self.job.sites()})
 
     def init_sample(self, n_tokens: int):
-        return self.rows(0, min(n_tokens, self.train_rows))
+        return self.rows([(0, min(n_tokens, self.train_rows))])
 
     def held_out(self):
-        return self.rows(self.train_rows, self.total)
+        return self.rows(self.store.spread_ranges(self.train_rows, self.total, HELD_OUT_ROWS))
 
 
 class StreamSource:
     """Activations of the live model, run by Ray Data actors: the last ``eval_fraction`` of the windows are
-    held out (run once at the end); the training windows are re-run through the model every epoch."""
+    held out (the first HELD_OUT_ROWS tokens of them run once at the end); the training windows are
+    packed and re-run through the model every epoch. The driver only counts the windows."""
 
     def __init__(self, job: TrainJob):
         from workflows.activations import CollectConfig, plan
@@ -153,7 +158,9 @@ class StreamSource:
         n_eval = max(1, int(n * job.eval_fraction))
         if n - n_eval < 1:
             raise UserError(f"--tokens {self.cfg.n_tokens} gives {n} window(s): too few to hold some out; raise --tokens")
-        self.train_ids, self.eval_ids = np.arange(n - n_eval), np.arange(n - n_eval, n)
+        # At most about HELD_OUT_ROWS held-out tokens are run and held for the evaluation.
+        n_held = min(n_eval, max(1, HELD_OUT_ROWS // self.cfg.context_size))
+        self.train_windows, self.eval_windows = (0, n - n_eval), (n - n_eval, n - n_eval + n_held)
 
     def widths(self) -> dict[str, int]:
         return dict(self.plan.d)
@@ -167,7 +174,7 @@ class StreamSource:
     def datasets(self) -> dict[str, Any]:
         from workflows.activations import activation_dataset
 
-        return {"train": activation_dataset(self.cfg, self.plan.windows, self.train_ids)}
+        return {"train": activation_dataset(self.cfg, self.train_windows)}
 
     def batches(self, rank: int, world: int, skip: int) -> Iterator[Any]:
         return shard_batches(self.job, world, self.cfg.dtype)
@@ -178,7 +185,7 @@ class StreamSource:
     def held_out(self):
         from workflows.activations import activation_dataset
 
-        ds = activation_dataset(self.cfg, self.plan.windows, self.eval_ids)
+        ds = activation_dataset(self.cfg, self.eval_windows)
         batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
         return examples(self.job, {h: torch.cat([decode_values(np.asarray(b[h]), self.cfg.dtype) for b in batches])
                                    for h in self.job.sites()})

@@ -74,6 +74,8 @@ class SweepSpec:
     """Tokens per step."""
     lr: float = TrainConfig.lr
     """Adam learning rate."""
+    shuffle_buffer: int = TrainConfig.shuffle_buffer
+    """Rows of the store reader's shuffle buffer, in every trial (each trial holds one)."""
     sets: dict[str, Any] = field(default_factory=dict)
     """Other architecture or training fields, the same for every trial."""
     out: str = "runs/sweeps"
@@ -139,8 +141,8 @@ def job_for(spec: SweepSpec, config: Mapping[str, Any], out: str) -> TrainJob:
     sae_knobs, train_knobs = map_knobs(arch, {k: v for k, v in config.items() if k != "arch"})
     train_sets = {k: v for k, v in spec.sets.items() if k in TRAIN_FIELDS}
     sae_sets = {k: v for k, v in spec.sets.items() if k not in TRAIN_FIELDS}
-    train = TrainConfig.from_dict({"steps": spec.steps, "batch_size": spec.batch_size, "lr": spec.lr, **train_sets,
-                                   **train_knobs})
+    train = TrainConfig.from_dict({"steps": spec.steps, "batch_size": spec.batch_size, "lr": spec.lr,
+                                   "shuffle_buffer": spec.shuffle_buffer, **train_sets, **train_knobs})
     return TrainJob(activations=spec.activations, hook=spec.hook, arch=arch, sae={**sae_sets, **sae_knobs},
                     train=train, out=out)
 
@@ -277,6 +279,7 @@ def start_parent(spec: SweepSpec, uri: str, model: str, groups: list[list[dict[s
     parent = MlflowTracker.create(uri, spec.experiment, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags)
     parent.log_params({"grid": {k: ",".join(map(str, v)) for k, v in spec.grid.items()}, "archs": ",".join(spec.archs),
                        "steps": spec.steps, "batch_size": spec.batch_size, "lr": spec.lr, "samples": spec.samples,
+                       "shuffle_buffer": spec.shuffle_buffer,
                        "set": spec.sets, "activations": spec.activations, "hook": spec.hook,
                        "trials": len(spec.archs) * spec.samples * math.prod(len(v) for v in spec.grid.values())})
     return parent

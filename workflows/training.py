@@ -185,7 +185,7 @@ def log_final(tracker: NullTracker, job: TrainJob, metrics: dict[str, Any], step
 
 
 # -- in this process ---------------------------------------------------------------------------------
-SHARED_TRAIN = ("batch_size", "seed", "init_sample_tokens", "normalize_activations", "b_dec_init")
+SHARED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "init_sample_tokens", "normalize_activations", "b_dec_init")
 """Training fields that decide the data or its initial estimates: the same for every SAE of a group."""
 
 

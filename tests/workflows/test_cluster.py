@@ -198,6 +198,28 @@ def test_every_mlflow_server_asks_for_a_password_and_every_pod_has_one():
     assert all("mlflow_auth.env" in cmd for cmd in starts if "ray start" in cmd)
 
 
+def test_the_cluster_jobs_keep_their_store_on_object_storage_with_credentials_from_a_secret():
+    """Every node reads one store: the train job's is an object-storage URI, the one collect writes and the
+    sweep reads; the run recipe's store is there too; every pod gets S3 credentials from a Secret."""
+    jobs = {d["metadata"]["name"]: d for p in YAMLS for d in yaml.safe_load_all(p.read_text())
+            if d and d.get("kind") == "RayJob"}
+
+    def flag(job: str, name: str) -> str:
+        tokens = shlex.split(jobs[job]["spec"]["entrypoint"])
+        return tokens[tokens.index(name) + 1]
+
+    store = flag("sae-train", "--activations")
+    assert re.fullmatch(r"(s3|gs)://[a-z0-9.-]+/\S+", store), store
+    assert flag("sae-collect", "--out") == store == flag("sae-sweep", "--activations")
+    assert re.match(r"(s3|gs)://", flag("sae-run", "--set").removeprefix("store="))
+    cluster = next(d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+                   if d and d.get("kind") == "RayCluster")
+    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "sae-ray-s3", name
+
+
 def test_launcher_config_passes_rays_schema():
     from ray.autoscaler._private.util import validate_config
 
@@ -267,13 +289,20 @@ def test_submit_runs_a_job_on_a_local_multi_node_cluster(local_cluster, tiny_lla
     refused = submit({**env, "RAY_AUTH_TOKEN": "not-the-token"}, "synth", "--out", str(tmp_path / "x"))
     assert refused.returncode != 0 and not (tmp_path / "x").exists()
 
-    # The whole pipeline (`sae run`, tiny recipe on a tiny random Llama) as a cluster job.
-    run = tmp_path / "run"
+    # The whole pipeline (`sae run`, tiny recipe on a tiny random Llama) as a cluster job, its store on
+    # the cluster's S3 server (SeaweedFS on loopback): collected there, trained from there on the cluster.
+    run, store = tmp_path / "run", "s3://sae-ray/tiny-run"
     done = submit(env, "run", "--recipe", "tiny", "--set", f"model={tiny_llama_dir}", "--set", f"corpus={shakespeare}",
-                  "--out", str(run), "--mlflow-uri", mlflow_uri, "--experiment", "cluster-test")
+                  "--set", f"store={store}", "--out", str(run), "--mlflow-uri", mlflow_uri, "--experiment",
+                  "cluster-test")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (run / "sae" / "cfg.json").is_file() and (run / "dashboard" / "index.html").is_file()
     assert "ce_loss_recovered" in json.loads((run / "eval" / "eval.json").read_text())
+    assert json.loads((run / "sae" / "job.json").read_text())["activations"] == store
+    assert not (run / "activations").exists()  # nothing of the store on local disk
+    verify = subprocess.run([sys.executable, "-m", CLI_MODULE, "store", "verify", store], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr
 
     from mlflow.tracking import MlflowClient
 

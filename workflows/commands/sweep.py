@@ -11,7 +11,8 @@ from workflows.errors import UserError
 from workflows.options import add_field_flags, add_tracking_flags, field_values, parse_grid
 from workflows.recipes import parse_overrides
 
-SPEC_FLAGS = ("samples", "scheduler", "asha_metric", "steps", "batch_size", "lr", "cpus_per_trial", "model", "pack")
+SPEC_FLAGS = ("samples", "scheduler", "asha_metric", "steps", "batch_size", "lr", "shuffle_buffer", "cpus_per_trial",
+              "model", "pack")
 """SweepSpec fields with a flag of their own: help and default come from the field."""
 
 

@@ -36,7 +36,7 @@ from workflows.tracking import MlflowTracker
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
 from workflows.training import Run, start_job_tracking, train_local
 
-TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed")
+TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed", "shuffle_buffer")
 """TrainConfig fields with a flag of their own (every other one through --set)."""
 RAY_FLAGS = ("use_gpu", "cpus_per_worker", "checkpoint_every", "max_failures", "data")
 """DistributedOptions fields with a flag of their own (--workers is declared apart: omitting it trains here)."""
