@@ -300,14 +300,14 @@ def load_set(path: str | Path, device: str | torch.device = "cpu") -> dict[int, 
 
 
 # -- `sae run` on a recipe with layers ---------------------------------------------------------------------
-def set_pipeline(recipe: Any, store: Path, out: Path, uri: str, experiment: str, clock: Any) -> Any:
+def set_pipeline(recipe: Any, store: str, out: Path, uri: str, experiment: str, clock: Any) -> Any:
     """The rest of `sae run` for a set recipe: train the set (Tune trials), then evaluate it spliced whole."""
     from workflows.links import runs_view_url
     from workflows.pipeline import PipelineResult
     from workflows.set_eval import evaluate_set_folder
 
     spec = SetSpec(
-        activations=str(store.resolve()),
+        activations=store,  # an absolute path or a URI (pipeline.store_of)
         layers=parse_layers(recipe.layers),
         out=str(out / "set"),
         arch=recipe.arch,
