@@ -1,0 +1,76 @@
+"""Absorption and sparse probing on planted cases, where the right answer is known by construction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from workflows.absorption import LETTERS, absorption_scores, split_and_probe
+
+D = 96
+
+
+class PlantedSAE(nn.Module):
+    """One main latent per letter (encoder = the letter's direction) plus one token-specific latent per
+    absorbed word of letter 'a' (encoder = that word's own direction). Where a word latent fires, the
+    main 'a' latent is silenced: the word latent has absorbed the letter. With ``letter_in_decoder`` its
+    decoder row carries the letter's direction too (absorption); without, it does not (the control)."""
+
+    def __init__(self, U_CD: torch.Tensor, W_ND: torch.Tensor, letter_in_decoder: bool):
+        super().__init__()
+        self.U, self.Wabs = U_CD, W_ND
+        dec_abs = W_ND + U_CD[0] if letter_in_decoder else W_ND
+        self.W_dec = nn.Parameter(torch.cat([U_CD, dec_abs / dec_abs.norm(dim=1, keepdim=True)]))
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        main = torch.relu(x_BD @ self.U.T - 1.0)
+        words = torch.relu(x_BD @ self.Wabs.T - 1.0)
+        main[:, 0] = main[:, 0] * (words.sum(1) == 0)
+        return torch.cat([main, words], dim=1)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(D, D, generator=g))[0].T  # orthonormal rows
+    U = basis[: len(LETTERS)]
+    n_a, n_other, absorbed_every = 90, 30, 3  # every 3rd 'a' word is absorbed: a third of them
+    W = basis[len(LETTERS) : len(LETTERS) + n_a // absorbed_every]
+    acts, labels, words = [], [], []
+    for c in range(len(LETTERS)):
+        for i in range(n_a if c == 0 else n_other):
+            x = 4.0 * U[c] + 0.05 * torch.randn(D, generator=g)
+            name = f"{LETTERS[c]}{i}"
+            if c == 0 and i % absorbed_every == 0:
+                x = x + 4.0 * W[i // absorbed_every]
+                name += "*"
+            acts.append(x)
+            labels.append(c)
+            words.append(name)
+    data = split_and_probe(words, torch.stack(acts), torch.tensor(labels), test_fraction=0.5, seed=0)
+    return U, W, data
+
+
+def test_absorption_flags_a_latent_planted_to_absorb_a_letter(planted):
+    U, W, data = planted
+    result = absorption_scores(PlantedSAE(U, W, letter_in_decoder=True), data)
+    letters = result.details["letters"]
+    a = letters["a"]
+    absorbed_tp = sum(w.endswith("*") for w in a["absorbed_words"])
+    # A third of the 'a' words are absorbed; exactly those are flagged, by their own word latents.
+    assert 0.2 < a["full_absorption_rate"] < 0.5, a
+    assert a["mean_absorption_fraction"] == pytest.approx(a["full_absorption_rate"], abs=0.05)
+    assert absorbed_tp == len(a["absorbed_words"]) > 0
+    assert all(latent >= len(LETTERS) for latent in a["absorbing_latents"])
+    assert a["main_latents"] == [0]
+    others = [r["full_absorption_rate"] for k, r in letters.items() if k != "a" and not r.get("skipped")]
+    assert len(others) >= 20 and max(others) == 0.0
+    assert result.metrics["mean_full_absorption"] == pytest.approx(a["full_absorption_rate"] / (len(others) + 1))
+
+
+def test_absorption_control_without_the_letter_in_the_decoder_is_not_flagged(planted):
+    U, W, data = planted
+    result = absorption_scores(PlantedSAE(U, W, letter_in_decoder=False), data)
+    assert result.details["letters"]["a"]["full_absorption_rate"] == 0.0
+    assert result.metrics["mean_absorption_fraction"] == 0.0
