@@ -74,3 +74,28 @@ def test_absorption_control_without_the_letter_in_the_decoder_is_not_flagged(pla
     result = absorption_scores(PlantedSAE(U, W, letter_in_decoder=False), data)
     assert result.details["letters"]["a"]["full_absorption_rate"] == 0.0
     assert result.metrics["mean_absorption_fraction"] == 0.0
+
+
+def test_sparse_probe_on_a_planted_feature_reaches_the_expected_accuracy():
+    """Texts carry a planted direction u iff their (10%-noisy) label says so: the best any probe can do is
+    90% accuracy. The latent reading u must be ranked first and its 1-sparse probe must reach ~90%; the
+    other latents are noise, so a 1-sparse probe on any of them sits near chance."""
+    from workflows.probing import probe_scores
+
+    g = torch.Generator().manual_seed(1)
+    n, d, flip = 3000, 32, 0.1
+    feature = torch.rand(n, generator=g) < 0.5
+    label = feature ^ (torch.rand(n, generator=g) < flip)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    acts = torch.randn(n, d, generator=g) * 0.3 + 3.0 * feature[:, None].float() * u
+    other = torch.randn(d, 15, generator=g)
+    other = torch.nn.functional.normalize(other - u[:, None] * (u @ other), dim=0)
+    lat = torch.relu(acts @ torch.cat([u[:, None], other], dim=1) - 0.3)  # latent 0 reads u, the others not
+    train, test = slice(0, 2000), slice(2000, n)
+    out = probe_scores(acts[train], label[train], acts[test], label[test], lat[train], lat[test], ks=[1, 2])
+    expected = 1 - flip
+    assert out["top_latents"][0] == 0
+    assert out["top_1_accuracy"] == pytest.approx(expected, abs=0.03)
+    assert out["llm_accuracy"] == pytest.approx(expected, abs=0.03)
+    noise_only = probe_scores(acts[train], label[train], acts[test], label[test], lat[train, 1:], lat[test, 1:], ks=[1])
+    assert noise_only["top_1_accuracy"] < 0.65
