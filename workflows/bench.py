@@ -114,7 +114,7 @@ class BenchResult:
 MetricFn = Callable[[BenchContext], BenchResult]
 
 METRICS: dict[str, str | MetricFn] = {
-    "core": "workflows.bench_core:core",
+    "core": "workflows.bench:core",
     "absorption": "workflows.absorption:absorption",
     "sparse_probing": "workflows.probing:sparse_probing",
     "autointerp": "workflows.autointerp:autointerp",
@@ -146,6 +146,21 @@ def get_metric(name: str) -> MetricFn:
         raise UserError(f"bench metric {name!r} needs {module}, which this checkout lacks") from exc
     METRICS[name] = fn
     return fn
+
+
+def core(ctx: BenchContext) -> BenchResult:
+    """``sae eval``'s metrics on the context's windows: L0, MSE, FVU, dead/dense fractions, CE loss
+    (clean, spliced, zero-ablated), CE loss recovered and KL; per-site FVU for SAEs that read several sites."""
+    from workflows.evaluate import evaluate_per_site, evaluate_sae
+
+    batch_size = int(ctx.opts("core").get("batch_size", 8))
+    if not ctx.sae.wiring.splices:
+        hooks = ctx.metadata.get("hook_names") or []
+        return BenchResult(metrics=evaluate_per_site(ctx.sae, ctx.loaded.model, hooks, ctx.windows,
+                                                     batch_size=batch_size), details={"hooks": hooks})
+    result = evaluate_sae(ctx.sae, ctx.loaded.model, ctx.hook, ctx.windows, batch_size=batch_size,
+                          out_hook=ctx.out_hook)
+    return BenchResult(metrics=result.metrics(), details={"n_tokens": result.n_tokens})
 
 
 def parse_metrics(spec: str | None) -> list[str]:
