@@ -13,7 +13,7 @@ from workflows.cli import main
 
 HOOK = "blocks.1.hook_resid_post"
 EXPERIMENT = "bench-test"
-OPTIONS = ["--option", "absorption.max_words=150", "--option", "absorption.n_icl=2",
+OPTIONS = ["--option", "absorption.max_words=100", "--option", "absorption.n_icl=2",
            "--option", "sparse_probing.max_per_class=20", "--option", "sparse_probing.max_tokens=24",
            "--option", "sparse_probing.tasks=builtin:stdlib-packages", "--option", "sparse_probing.ks=[1,2]"]
 
@@ -25,19 +25,23 @@ def uri(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def sweep(local_ray, tiny_llama_dir, uri, tmp_path_factory) -> Path:
+    import time
+
     root = tmp_path_factory.mktemp("bench")
+    start = time.perf_counter()
     store = root / "acts"
-    assert main(["collect", "--model", str(tiny_llama_dir), "--hook", HOOK, "--tokens", "3000", "--context-size",
+    assert main(["collect", "--model", str(tiny_llama_dir), "--hook", HOOK, "--tokens", "2000", "--context-size",
                  "64", "--out", str(store)]) == 0
     assert main(["sweep", "--activations", str(store), "--hook", HOOK, "--arch", "topk", "--grid", "d_sae=48,96",
-                 "--grid", "k=4,8", "--steps", "20", "--batch-size", "64", "--cpus-per-trial", "1",
+                 "--grid", "k=4,8", "--steps", "10", "--batch-size", "64", "--cpus-per-trial", "0.5",
                  "--experiment", EXPERIMENT, "--mlflow-uri", uri, "--out", str(root / "sweep")]) == 0
+    print(f"setup {time.perf_counter() - start:.1f} s")
     return root
 
 
 def test_bench_experiment_fills_every_child_run_concurrently(sweep, uri, capsys):
     capsys.readouterr()
-    rc = main(["bench", "--experiment", EXPERIMENT, "--mlflow-uri", uri, "--workers", "2", "--tokens", "400",
+    rc = main(["bench", "--experiment", EXPERIMENT, "--mlflow-uri", uri, "--workers", "2", "--tokens", "256",
                "--json", *OPTIONS])
     out = capsys.readouterr().out
     assert rc == 0, out
