@@ -88,7 +88,7 @@ def build_prompts(tokenizer: Any, words: list[tuple[int, str]], pool: list[tuple
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     rng = random.Random(seed)
     prompts, positions = [], []
-    for token_id, text in words:
+    for token_id, _ in words:
         ids = list(bos)
         for ex_id, ex_text in rng.sample(pool, min(n_icl, len(pool))):
             ids += [ex_id, *suffix, *answers[first_letter(ex_text)], *sep]
