@@ -175,18 +175,20 @@ def run_metric(name: str, ctx) -> tuple[dict[str, Any], float, str | None]:
 
 def write_bench_file(sae_dir: Path, out: dict[str, Any], cfg: BenchConfig) -> Path:
     """``bench.json`` in the SAE folder, merged with an earlier one (metrics measured again are replaced)."""
+    from sae_core.lock import locked
     from sae_core.publish import atomic_write_bytes
 
     path = sae_dir / BENCH_FILE
-    try:
-        previous = json.loads(path.read_text())
-    except (OSError, ValueError):
-        previous = {}
-    results = {**previous.get("results", {}), **out["results"]}
-    doc = {"format": "sae-ray-bench/1", "model": out.get("model"), "hook": out.get("hook"),
-           "config": {k: v for k, v in cfg.to_dict().items() if k not in ("workers", "cpus_per_worker")},
-           "results": results, "seconds": {**previous.get("seconds", {}), **out["seconds"]}}
-    atomic_write_bytes(path, json.dumps(doc, indent=1, default=_json_default).encode())
+    with locked(sae_dir, purpose="writing bench.json", timeout=60.0):  # two benches merge, never clobber
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        results = {**previous.get("results", {}), **out["results"]}
+        doc = {"format": "sae-ray-bench/1", "model": out.get("model"), "hook": out.get("hook"),
+               "config": {k: v for k, v in cfg.to_dict().items() if k not in ("workers", "cpus_per_worker")},
+               "results": results, "seconds": {**previous.get("seconds", {}), **out["seconds"]}}
+        atomic_write_bytes(path, json.dumps(doc, indent=1, default=_json_default).encode())
     return path
 
 
