@@ -104,6 +104,23 @@ def test_bench_metrics_are_frontier_axes(sweep, uri, capsys):
     assert (sweep / "front" / "frontier_l0_bench-sparse_probing-top_1_accuracy.csv").is_file()
 
 
+def test_runs_without_a_folder_tag_are_found_through_their_sae_artifact(sweep, uri, tmp_path):
+    from workflows.bench_run import experiment_targets
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    run = client.search_runs([experiment.experiment_id], "tags.sweep_trial = 'true'")[0]
+    client.delete_tag(run.info.run_id, "sae_dir")  # e.g. trained on another machine
+    try:
+        targets = {t.run_id: t for t in experiment_targets(EXPERIMENT, uri=uri, download_dir=tmp_path)}
+    finally:
+        client.set_tag(run.info.run_id, "sae_dir", run.data.tags["sae_dir"])
+    assert len(targets) == 4
+    fetched = Path(targets[run.info.run_id].sae_dir)
+    assert fetched.is_relative_to(tmp_path) and (fetched / "sae_weights.safetensors").is_file()
+    assert sum(Path(t.sae_dir).is_relative_to(tmp_path) for t in targets.values()) == 1
+
+
 def test_bench_refuses_bad_input(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
