@@ -7,12 +7,14 @@ the SAEs it took and its busy seconds; then per worker count the median SAEs/hou
 (this machine is shared: read the spread).
 
     .venv/bin/python benchmarks/bench.py [--saes 4 --workers 1 2 --repeats 2 --metrics core,absorption,sparse_probing]
+    .venv/bin/python benchmarks/bench.py --tiny     # a random 3-layer Llama (the tests' tiny model): the machinery
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,8 +58,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cpus-per-worker", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny random Llama instead of --model")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-bench-"))
+    if args.tiny:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.workflows.conftest import make_tiny_model, make_tokenizer
+
+        make_tokenizer(root / "tokenizer")
+        args.model = str(make_tiny_model(root / "tiny", "llama", root / "tokenizer"))
+        args.hook, args.d_sae, args.k = "blocks.1.hook_resid_post", 192, 8
     folders = make_saes(root, args.saes, args.model, args.hook, args.d_sae, args.k)
     ensure_ray()
     rates: dict[int, list[float]] = {w: [] for w in args.workers}
