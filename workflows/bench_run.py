@@ -1,17 +1,19 @@
 """``sae bench`` on Ray: many SAEs, a pool of actors each holding one model copy, results into MLflow and
 each SAE's folder.
 
-The driver sorts the SAEs by (model, hook) and hands them to an ``ActorPool`` of :class:`BenchWorker`
-actors (fractional CPUs, or a GPU each) as actors free up. An actor keeps the models and held-out
-windows it loaded, and one ``shared`` cache per (model, hook): SAE-independent work (the absorption
-prompts' activations and letter probe, the probing tasks' pooled activations) runs once per actor and
-hook, and every later SAE on that hook reuses it. Each actor writes ``bench.json`` into the SAE's
+The driver sorts the SAEs by (model, hook) and hands them to :class:`BenchWorker` actors (fractional
+CPUs, or a GPU each). An actor keeps the models and held-out windows it loaded, and one ``shared`` cache
+per (model, hook) of SAE-independent work (the absorption prompts' activations and letter probe, the
+probing tasks' pooled activations). The first SAE of each (model, hook) is evaluated first and its
+actor's cache is copied to the other actors, so that work runs once per hook, not once per actor; then
+the remaining SAEs go to whichever actor is free (``ActorPool``). Each actor writes ``bench.json`` into the SAE's
 folder (atomically, merged with the metrics an earlier bench left there); the driver logs
 ``bench/<metric>/<key>`` and the ``bench/bench.json`` artifact into the SAE's MLflow run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -114,6 +116,17 @@ class BenchWorker:
             self.windows[key] = held_out_windows(loaded.tokenizer, corpus=corpus, context_size=context,
                                                  n_tokens=self.cfg.n_tokens, skip_tokens=skip)
         return self.windows[key]
+
+    def warm(self, target: dict[str, Any]) -> None:
+        """Load what ``target`` needs (model, windows) ahead of its evaluation; errors surface there."""
+        with contextlib.suppress(Exception):
+            self.context(Target(**target))
+
+    def export_shared(self, model: str, hook: str) -> dict[str, Any]:
+        return self.shared.get((model, hook), {})
+
+    def import_shared(self, model: str, hook: str, shared: dict[str, Any]) -> None:
+        self.shared.setdefault((model, hook), {}).update(shared)
 
     def evaluate(self, target: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
@@ -235,7 +248,11 @@ def target_metadata(target: Target) -> Target:
 
 def run_bench(targets: list[Target], cfg: BenchConfig, *, mlflow_uri: str | None = None,
               progress: Callable[[str], None] = print) -> BenchSummary:
-    """Evaluate every target on an actor pool; log each into its MLflow run as it finishes."""
+    """Evaluate every target on an actor pool; log each into its MLflow run as it finishes.
+
+    With several actors, the first SAE of each (model, hook) runs first while the other actors load their
+    models; its actor's SAE-independent work (``BenchContext.shared``) is then copied to every actor, so
+    no other actor repeats it, and the remaining SAEs go to whichever actor is free."""
     import ray
     from ray.util import ActorPool
 
@@ -248,10 +265,10 @@ def run_bench(targets: list[Target], cfg: BenchConfig, *, mlflow_uri: str | None
     n = min(cfg.workers, len(targets))
     resources = {"num_gpus": 1} if cfg.device.startswith("cuda") else {}
     actor_cls = ray.remote(BenchWorker).options(num_cpus=cfg.cpus_per_worker, **resources)
-    pool = ActorPool([actor_cls.remote(cfg.to_dict()) for _ in range(n)])
-    start = time.perf_counter()
-    results = []
-    for out in pool.map_unordered(lambda actor, t: actor.evaluate.remote(dataclasses.asdict(t)), targets):
+    actors = [actor_cls.remote(cfg.to_dict()) for _ in range(n)]
+    start, results = time.perf_counter(), []
+
+    def finished(out: dict[str, Any]) -> None:
         results.append(out)
         log_to_mlflow(out, mlflow_uri)
         done, elapsed = len(results), time.perf_counter() - start
@@ -259,7 +276,35 @@ def run_bench(targets: list[Target], cfg: BenchConfig, *, mlflow_uri: str | None
         status = "failed: " + "; ".join(f"{k}: {v}" for k, v in out["errors"].items()) if out["errors"] else "ok"
         progress(f"[{done}/{len(targets)}] {out['target']['name']} {status} ({out.get('total_seconds', 0):.1f} s "
                  f"on {out['worker']}); elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
+
+    rest = seed_shared(actors, targets, finished) if n > 1 else targets
+    for out in ActorPool(actors).map_unordered(lambda a, t: a.evaluate.remote(dataclasses.asdict(t)), rest):
+        finished(out)
     return BenchSummary(results=results, wall_seconds=time.perf_counter() - start, workers=n)
+
+
+def seed_shared(actors: list, targets: list[Target], finished: Callable[[dict[str, Any]], None]) -> list[Target]:
+    """Evaluate the first target of each (model, hook) group (one per actor at a time; idle actors load their
+    models meanwhile), copy each seed actor's shared cache to every other actor; returns the other targets."""
+    import ray
+
+    seeds = list({(t.model, t.hook): t for t in reversed(targets)}.values())[::-1]
+    rest = [t for t in targets if t not in seeds]
+    for start in range(0, len(seeds), len(actors)):
+        batch = seeds[start : start + len(actors)]
+        calls = [actors[i].evaluate.remote(dataclasses.asdict(t)) for i, t in enumerate(batch)]
+        warm = [actors[i].warm.remote(dataclasses.asdict(batch[0])) for i in range(len(batch), len(actors))]
+        outs = ray.get(calls)
+        ray.get(warm)
+        imports = []
+        for i, out in enumerate(outs):
+            finished(out)
+            if "hook" in out:
+                shared = actors[i].export_shared.remote(out["model"], out["hook"])
+                imports += [a.import_shared.remote(out["model"], out["hook"], shared) for j, a in enumerate(actors)
+                            if j != i]
+        ray.get(imports)
+    return rest
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
