@@ -99,3 +99,16 @@ def test_sparse_probe_on_a_planted_feature_reaches_the_expected_accuracy():
     assert out["llm_accuracy"] == pytest.approx(expected, abs=0.03)
     noise_only = probe_scores(acts[train], label[train], acts[test], label[test], lat[train, 1:], lat[test, 1:], ks=[1])
     assert noise_only["top_1_accuracy"] < 0.65
+
+
+def test_builtin_probing_tasks_take_labels_from_the_source(shakespeare):
+    from workflows.probing import DEFAULTS
+    from workflows.probing_tasks import load_task, shakespeare_speakers
+
+    texts, labels = shakespeare_speakers(shakespeare)
+    text = shakespeare.read_text(encoding="utf-8")
+    i = labels.index("ROMEO")
+    assert f"ROMEO:\n{texts[i].split()[0]}" in text  # the speech follows its speaker's heading in the play
+    texts, labels = load_task("builtin:stdlib-packages", DEFAULTS, seed=0)  # the 4 largest packages, <= 240 each
+    assert {"email", "asyncio", "xml"} <= set(labels) and len(set(labels)) == 4 and all(len(t) >= 200 for t in texts)
+    assert max(labels.count(x) for x in set(labels)) <= 2 * DEFAULTS["max_per_class"]
