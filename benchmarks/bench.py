@@ -75,7 +75,7 @@ def main() -> None:
         for workers in args.workers:
             cfg = BenchConfig(metrics=parse_metrics(args.metrics), options=OPTIONS, n_tokens=args.tokens,
                               workers=workers, cpus_per_worker=args.cpus_per_worker)
-            summary = run_bench([Target(sae_dir=str(f)) for f in folders], cfg, progress=lambda line: None)
+            summary = run_bench([Target(sae_dir=str(f)) for f in folders], cfg, progress=lambda line: print("   ", line))
             if summary.failed:
                 raise SystemExit(f"bench failed: {summary.failed[0]['errors']}")
             rate = len(folders) / summary.wall_seconds * 3600
