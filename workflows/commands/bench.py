@@ -54,7 +54,7 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workflows.bench import parse_metrics
+    from workflows.bench import get_metric, parse_metrics
     from workflows.bench_run import Target, experiment_targets, run_bench
     from workflows.errors import UserError
     from workflows.options import field_values
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--mlflow-run-id goes with exactly one SAE_DIR")
     values = field_values(args, CONFIG_FLAGS)
     cfg = BenchConfig(metrics=parse_metrics(args.metrics), options=parse_options(args.option), **values)
+    for name in cfg.metrics:  # a metric whose module this checkout lacks fails here, before Ray starts
+        get_metric(name)
     if args.experiment:
         targets = experiment_targets(args.experiment, uri=args.mlflow_uri, parent_run_id=args.parent_run_id,
                                      download_dir=args.download_dir)
