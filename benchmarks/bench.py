@@ -80,10 +80,12 @@ def main() -> None:
                 raise SystemExit(f"bench failed: {summary.failed[0]['errors']}")
             rate = len(folders) / summary.wall_seconds * 3600
             rates[workers].append(rate)
+            ends = sorted(r["finished"] for r in summary.results)
+            marginal = (len(ends) - 1) / max(ends[-1] - ends[0], 1e-9) * 3600 if len(ends) > 1 else float("nan")
             split = ", ".join(f"{w.split(':')[-1]}: {row['saes']} SAEs {row['seconds']:.0f} s busy"
                               for w, row in sorted(summary.per_worker().items()))
             print(f"repeat {r}, {workers} actor(s): {len(folders)} SAEs in {summary.wall_seconds:.1f} s = "
-                  f"{rate:.0f} SAEs/hour; split {split}", flush=True)
+                  f"{rate:.0f} SAEs/hour ({marginal:.0f}/hour after the hook's first SAE); split {split}", flush=True)
     for workers, values in rates.items():
         spread = f" (min {min(values):.0f}, max {max(values):.0f})" if len(values) > 1 else ""
         print(f"{workers} actor(s): median {statistics.median(values):.0f} SAEs/hour{spread}")
