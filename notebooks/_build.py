@@ -56,22 +56,34 @@ assert len(table) > 0'''),
 ]
 
 PARETO = [
-    new_markdown_cell("# 02 — Reading a sweep from MLflow and plotting its Pareto frontier\n\n"
-                      "A small Ray Tune sweep over k and width on a synthetic store with planted features, "
-                      "then the (L0, FVU) frontier rebuilt from the MLflow runs alone, as `sae frontier` does."),
+    new_markdown_cell("# 02 — Finding the L0 for your data: a sweep over L0, its frontiers, the correct-L0 pick\n\n"
+                      "L0 (latents active per token) is the setting that matters most. This notebook does what "
+                      "`sae sweep --grid target_l0=...` and `sae frontier` do, in Python: a small Ray Tune sweep over "
+                      "`target_l0` on a synthetic store with planted features (so the true L0 is known), the "
+                      "(L0, FVU) frontier rebuilt from the MLflow runs alone, a frontier on another metric pair, "
+                      "and the L0 the correct-L0 diagnostic (Chanin & Garriga-Alonso 2025) picks from the "
+                      "decoders. On your data, replace the store with your activations."),
     new_code_cell(SETTINGS),
-    new_code_cell('''from sae_core.synthetic import SyntheticConfig, write_synthetic_store
+    new_code_cell('''from sae_core.synthetic import SyntheticConfig, SyntheticData, write_synthetic_store
 
-store = write_synthetic_store(WORK / "pareto-store", SyntheticConfig(d=64, n_features=256, mean_active=6),
-                              20_000 if TINY else 200_000)'''),
+planted = SyntheticConfig(d=64, n_features=256, mean_active=6)
+store = write_synthetic_store(WORK / "pareto-store", planted, 20_000 if TINY else 200_000)
+true_l0 = float(SyntheticData(planted).prob_N.sum())  # the mean number of planted features active per token
+print(f"true L0 of the planted data: {true_l0:.1f}")'''),
+    new_markdown_cell("## A sweep over L0\n\n`target_l0` works for every architecture (`k` for the TopK "
+                      "family, a target loss for JumpReLU, a coefficient controller for ReLU and Gated). The "
+                      "trials share the store and step count, so the sweep packs them into as many Tune trials "
+                      "as run at once, each training its SAEs on one read of the store; every SAE still gets its "
+                      "own MLflow run."),
     new_code_cell('''from workflows.sweep import SweepSpec, run_sweep
 
-spec = SweepSpec(activations=str(store), hook="synthetic", archs=["topk"],
-                 grid={"k": [2, 4, 8, 16], "d_sae": [256] if TINY else [256, 512]},
-                 steps=40 if TINY else 400, batch_size=256, lr=5e-3, experiment="notebook-pareto",
+spec = SweepSpec(activations=str(store), hook="synthetic", archs=["batchtopk"],
+                 grid={"target_l0": [2, 4, 6, 9, 14, 20], "d_sae": [256] if TINY else [256, 512]},
+                 steps=60 if TINY else 1500, batch_size=256, lr=5e-3, experiment="notebook-pareto",
                  mlflow_uri=MLFLOW_URI, out=str(WORK / "sweeps"), cpus_per_trial=1.0)
 sweep = run_sweep(spec)
-print(f"{len(sweep.finished)} trials finished, {sweep.failed} failed; parent run {sweep.parent_run_id}")'''),
+print(f"{len(sweep.finished)} of {sweep.trials} SAEs finished in {sweep.tune_trials} Tune trials, "
+      f"{sweep.failed} failed; parent run {sweep.parent_run_id}")'''),
     new_code_cell('''import mlflow
 import pandas as pd
 
@@ -79,7 +91,8 @@ mlflow.set_tracking_uri(MLFLOW_URI)
 runs = mlflow.search_runs(experiment_names=["notebook-pareto"],
                           filter_string="tags.mlflow.parentRunId != ''")
 runs = runs[runs["status"] == "FINISHED"]
-points = runs[["run_id", "params.sae.k", "params.sae.d_sae", "metrics.final/l0", "metrics.final/fvu"]]
+points = runs[["run_id", "params.sae.k", "params.sae.d_sae", "metrics.final/l0", "metrics.final/fvu",
+               "metrics.final/decoder_cosine"]]
 points'''),
     new_code_cell('''from workflows.pareto import pareto_front
 
@@ -95,6 +108,34 @@ ax.set_xlabel("L0 (active latents per token)"); ax.set_ylabel("FVU"); ax.legend(
 plt.show()
 tagged = set(runs[runs["tags.pareto"] == "true"]["run_id"])
 assert tagged == set(frontier["run_id"]), "MLflow's pareto tags disagree with the frontier rebuilt here"'''),
+    new_markdown_cell("## A frontier on any two metrics\n\n`sae frontier --x dead_fraction --y fvu` (or "
+                      "`--y ce_loss_recovered:max` when the sweep measured it with `--model`): any two `final/*` "
+                      "metrics, each minimised or maximised."),
+    new_code_cell('''from workflows.frontier import collect_trials, format_table, frontier as pareto, kind_for, parse_axis
+
+trials = collect_trials("notebook-pareto", uri=MLFLOW_URI, parent_run_id=sweep.parent_run_id)
+kind = kind_for(parse_axis("dead_fraction"), parse_axis("fvu"))
+print(format_table(trials, kind))
+assert pareto(trials, kind)[1], "no frontier on (dead_fraction, fvu)"'''),
+    new_markdown_cell("## The L0 the decoders point to\n\nToo low an L0 makes latents merge correlated "
+                      "features, too high an L0 makes them mix; both show as decoder rows that are less "
+                      "orthogonal. The diagnostic logs `final/decoder_cosine` (mean |cosine| between decoder "
+                      "rows) for every SAE and picks, per architecture and width, the L0 where it is smallest, "
+                      "with a confidence (0 when the minimum sits at an end of the sweep: extend it). It needs "
+                      "well-trained SAEs: the tiny CI run's pick means little; the full run's lands near the "
+                      "true L0 printed above."),
+    new_code_cell('''from workflows.frontier_report import format_picks, l0_picks
+
+fig, ax = plt.subplots(figsize=(6, 4))
+for d_sae, group in points.groupby("params.sae.d_sae"):
+    group = group.sort_values("metrics.final/l0")
+    ax.plot(group["metrics.final/l0"], group["metrics.final/decoder_cosine"], "o-", label=f"d_sae {d_sae}")
+ax.axvline(true_l0, color="grey", ls="--", label="true L0")
+ax.set_xscale("log"); ax.set_xlabel("L0"); ax.set_ylabel("decoder cosine (lower: less mixing)"); ax.legend()
+plt.show()
+picks = l0_picks(trials)
+print(format_picks(picks))
+assert picks and all(min(spec.grid["target_l0"]) <= p.pick.l0 <= max(spec.grid["target_l0"]) for p in picks)'''),
 ]
 
 STEERING = [

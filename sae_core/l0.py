@@ -6,11 +6,15 @@ Each architecture meets ``target_l0`` (the field group :class:`TargetL0Fields`) 
 - jumprelu (and jumprelu transcoders): the L0 penalty becomes a target loss
   ``target_l0_coefficient * (L0_batch / target - 1)^2`` (the STE-trained L0 of the batch, as in the
   JumpReLU literature's target-sparsity variant), which pulls L0 towards the target from both sides.
-  Adam moves each log-threshold by at most about lr per step, so from ``init_threshold`` the target is
-  reached after roughly |log(theta_needed / init_threshold)| / lr steps: on the synthetic benchmark
-  (target 12) 1200 steps at lr 3e-3 from the default 0.1, 600 from 0.5; on SmolLM2 blocks.6 (d_sae
-  1152, target 32) the L0 was still 130 after 400 steps at lr 3e-3 from 0.1. For short runs, start
-  ``init_threshold`` near the threshold expected;
+  Adam moves each log-threshold by at most about lr per step, while the encoder moves the pre-activations
+  by up to about lr x |x| = lr x sqrt(d_in): thresholds starting at ``init_threshold`` needed 1200 steps
+  at lr 3e-3 to reach target 12 on the synthetic benchmark, and on SmolLM2 blocks.6 (d_sae 1152, target
+  32) the L0 was still 130 after 400 steps. So with a target the thresholds start at it (each latent's
+  (1 - target / d_sae) quantile of pre-activations on the init sample: ``init_from_sample``, initial L0
+  = the target) and train at ``target_l0_threshold_lr`` (10) times the learning rate. At 1x the encoder
+  outruns them (the synthetic L0 fell from 12 to 4 within 100 steps, 8.4 at step 400; SmolLM2 ended at
+  18 after 300 steps); at 10x it lands 12.5 in 400 steps and 32.8 held-out on SmolLM2 in 200 steps of
+  256 at lr 2e-3; at 30x latents die (30% dead on the synthetic benchmark);
 - kl_sparse: rho = target_l0 / d_sae (its sigmoid latents are never exactly zero; see kl_sparse.py);
 - relu and gated (and relu transcoders/crosscoders): the penalty has no L0 it aims at, so the trainer
   adapts the sparsity coefficient with :class:`SparsityController`.
@@ -63,6 +67,9 @@ class TargetL0Fields:
     log((L0 + 1) / (target + 1)) (sae_core/l0.py describes the dynamics)."""
     target_l0_coefficient: float = 1.0
     """jumprelu activations: weight of the target loss (L0 / target_l0 - 1)^2."""
+    target_l0_threshold_lr: float = 10.0
+    """jumprelu activations: learning rate of the log-thresholds as a multiple of the configured one, so
+    they keep up with the encoder while it trains (sae_core/l0.py)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]
@@ -72,6 +79,8 @@ class TargetL0Fields:
                 f"target_l0 must be in (0, d_sae={d_sae}] or None, got {target!r}")
         require(self.target_l0_gain > 0, f"target_l0_gain must be > 0, got {self.target_l0_gain}")
         require(self.target_l0_coefficient > 0, f"target_l0_coefficient must be > 0, got {self.target_l0_coefficient}")
+        require(self.target_l0_threshold_lr > 0,
+                f"target_l0_threshold_lr must be > 0, got {self.target_l0_threshold_lr}")
 
     def controlled_target(self) -> float | None:
         """The L0 the trainer must hold by adapting the sparsity coefficient; None when the architecture

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from sae_core.fs import is_uri
+from sae_core.fs import Location, is_uri
+from sae_core.lock import FileLock
 from sae_core.store_format import (
     DTYPES,
     FORMAT,
@@ -44,7 +46,7 @@ from sae_core.store_format import (
 __all__ = [  # the store's public names, whichever module defines them
     "DTYPES", "FORMAT", "MANIFEST", "META_COLUMNS", "ROW_GROUP_ROWS", "SHUFFLE_BUFFER", "ActivationStore", "Manifest",
     "RowGroup", "StoreError", "StoreProblem", "StoreWriter", "decode_values", "encode_values",
-    "has_manifest", "locate", "make_table", "read_manifest", "sha256_file", "storage_numpy_dtype", "write_manifest",
+    "has_manifest", "locate", "make_table", "read_manifest", "sha256_file", "storage_numpy_dtype", "store_lock", "write_manifest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,17 +69,61 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _NoLock:
+    """Object storage: no lock file (a writer there must be the only one by arrangement)."""
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def store_lock(root: str | Path | Location) -> FileLock | _NoLock:
+    """The writer's lock of a store (a FileLock beside a local store; nothing for object storage), for a
+    caller that must read the store before opening its :class:`StoreWriter` (which takes it again)."""
+    location = root if isinstance(root, Location) else locate(root)
+    if not location.local:
+        return _NoLock()
+    return FileLock(location.path, purpose="writing an activation store")
+
+
 class StoreWriter:
-    """Writes parts atomically and keeps the manifest true after each one.
+    """Writes parts atomically and keeps the manifest true after each one; one writer per store.
 
     A part is published whole (temp file + rename locally, one upload on object storage), then the
-    manifest is rewritten (also atomically), so a reader never sees a listed part that is not there.
-    A writer opened on an existing store resumes it: finished parts are kept, never rewritten.
+    manifest is rewritten (also atomically), so a reader never sees a listed part that is not there;
+    each part's entry records its rows, byte size and sha256. A writer opened on an existing store
+    resumes it: finished parts are kept, never rewritten.
+
+    A local store is written by one process at a time: the writer holds the store's lock
+    (sae_core/lock.py) from opening to :meth:`close` (or :meth:`finish`, or its end as a context
+    manager or object); a second writer gets a LockError naming the holder, and a dead holder's lock is
+    taken over. Object storage has no such lock. A writer whose manifest says ``"complete": false``
+    marks the store unfinished until :meth:`finish`, and readers refuse to train on it
+    (:meth:`ActivationStore.check_ready`); a manifest without the key (another writer's) counts as
+    finished.
     """
 
     def __init__(self, root: str | Path, manifest: Manifest):
         self.location = locate(root)
         self.root: Path | str = root if is_uri(root) else Path(root)
+        lock = store_lock(self.location)
+        lock.acquire()  # before the old manifest is read: the store is ours until close()
+        self._release = weakref.finalize(self, lock.release)
+        try:
+            self._open(manifest)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, manifest: Manifest) -> None:
         self.location.makedirs()
         if has_manifest(self.location):
             old = read_manifest(self.location)
@@ -87,9 +133,25 @@ class StoreWriter:
                                      f"not {getattr(manifest, key)!r}", reason="store_exists")
             manifest.files = old.files
             manifest.n_tokens = old.n_tokens
-        self.location.remove_stale(".part-*.tmp")  # left by a local writer killed mid-part
+        self.location.remove_stale(".part-*.tmp")  # left by a killed writer: we hold the lock, no one else writes
         self.manifest = manifest
         write_manifest(self.location, manifest)
+
+    def close(self) -> None:
+        """Release the store's lock (the store stays as it is: unfinished if it was)."""
+        self._release()
+
+    def finish(self) -> None:
+        """Mark the store complete (``"complete": true``) and release it."""
+        self.manifest.extra["complete"] = True
+        write_manifest(self.location, self.manifest)
+        self.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def done_parts(self) -> set[str]:
@@ -118,12 +180,13 @@ class StoreWriter:
         try:
             # Dictionary pages suit the id columns, not activations (pyarrow would try one and fall back).
             pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, use_dictionary=list(META_COLUMNS))
-            digest = sha256_file(Path(tmp))
+            digest, size = sha256_file(Path(tmp)), Path(tmp).stat().st_size
             groups = [min(ROW_GROUP_ROWS, table.num_rows - s) for s in range(0, table.num_rows, ROW_GROUP_ROWS)]
             self.location.publish_file(tmp, name)
         finally:
             Path(tmp).unlink(missing_ok=True)
-        self.manifest.files.append({"path": name, "rows": table.num_rows, "sha256": digest, "row_groups": groups})
+        self.manifest.files.append({"path": name, "rows": table.num_rows, "bytes": size, "sha256": digest,
+                                    "row_groups": groups})
         self.manifest.files.sort(key=lambda f: f["path"])
         self.manifest.n_tokens = sum(f["rows"] for f in self.manifest.files)
         write_manifest(self.location, self.manifest)
@@ -347,16 +410,58 @@ class ActivationStore:
         return BatchPlan(groups=self.row_groups(), start=start, stop=stop, batch_size=batch_size, seed=seed,
                          fill_rows=fill_rows, passes=passes, rank=rank, world=world)
 
+    @property
+    def complete(self) -> bool:
+        """False while the store's writer has not finished it (its manifest says ``"complete": false``)."""
+        return self.manifest.extra.get("complete") is not False
+
+    def part_sizes(self) -> list[int | None]:
+        """Each listed part's size in bytes from the filesystem's file info (one request per part on object
+        storage, no data read); None for a part that is not there."""
+        import pyarrow.fs as pafs
+
+        infos = self.location.fs.get_file_info([self.location.join(f["path"]) for f in self.manifest.files])
+        return [info.size if info.type == pafs.FileType.File else None for info in infos]
+
+    def check_ready(self, *, verify: bool = False) -> None:
+        """Refuse (StoreError) a store to train on that its writer has not finished (reason "incomplete"), or
+        whose listed parts are missing or not of the byte size the manifest records ("missing_part",
+        "bad_part"); with ``verify``, also any problem :meth:`verify` finds (sha256, rows, schema).
+        Parts listed without a size (stores of other writers) are checked for presence only."""
+        where = self.location.display
+        if not self.complete:
+            raise StoreError(f"store {where} is incomplete: its writer stopped before finishing it",
+                             reason="incomplete")
+        for entry, size in zip(self.manifest.files, self.part_sizes(), strict=True):
+            path = self.location.join(entry["path"])
+            if size is None:
+                raise StoreError(f"store file {path} listed in the manifest is missing", reason="missing_part")
+            if entry.get("bytes") is not None and size != entry["bytes"]:
+                raise StoreError(f"store file {path} is {size} bytes, the manifest says {entry['bytes']}",
+                                 reason="bad_part")
+        if verify:
+            problems = self.verify()
+            if problems:
+                more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+                raise StoreError(f"store file {self.location.join(problems[0].path)}: {problems[0].problem}{more}",
+                                 reason="bad_part")
+
     def verify(self) -> list[StoreProblem]:
-        """Check every listed file exists, has the manifest's row count and sha256, and the schema."""
+        """Check the store is finished and every listed file exists, has the manifest's byte size, row count
+        and sha256, and the schema."""
         import pyarrow.parquet as pq
 
         problems: list[StoreProblem] = []
+        if not self.complete:
+            problems.append(StoreProblem(MANIFEST, "incomplete: its writer stopped before finishing it"))
         total = 0
-        for entry in self.manifest.files:
+        for entry, size in zip(self.manifest.files, self.part_sizes(), strict=True):
             name = entry["path"]
-            if not self.location.exists(name):
+            if size is None:
                 problems.append(StoreProblem(name, "missing"))
+                continue
+            if entry.get("bytes") is not None and size != entry["bytes"]:
+                problems.append(StoreProblem(name, f"{size} bytes, manifest says {entry['bytes']}"))
                 continue
             digest = self.location.sha256(name)
             if entry.get("sha256") and digest != entry["sha256"]:

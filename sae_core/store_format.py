@@ -26,7 +26,8 @@ DTYPES = ("float16", "float32", "bfloat16")
 class StoreError(ReasonedError):
     """A store that cannot be read or written as asked; the message names the problem, ``reason`` its kind:
     "not_a_store", "store_exists" (another store is in the way), "missing_part", "too_few_rows",
-    "bad_location" (a URI the filesystem layer cannot open)."""
+    "bad_location" (a URI the filesystem layer cannot open), "incomplete" (its writer has not finished it),
+    "bad_part" (a part of another size or content than the manifest records)."""
 
 
 def locate(root: str | Path) -> Location:
@@ -82,7 +83,8 @@ class Manifest:
     corpus: str = ""
     """Where the text came from."""
     files: list[dict[str, Any]] = field(default_factory=list)
-    """[{"path", "rows", "sha256"}] in order; our writer adds "row_groups" (rows per row group)."""
+    """[{"path", "rows", "sha256"}] in order; our writer adds "bytes" (the part's size) and "row_groups" (rows
+    per row group)."""
     excluded: list[str] = field(default_factory=list)
     """Kinds of positions not stored (bos, pad, special)."""
     bos_token_id: int | None = None
@@ -146,6 +148,9 @@ def check_file_entries(files: Any) -> None:
             raise StoreError(f"manifest files[{i}]: path {path!r} is not a file inside the store")
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0 or not isinstance(entry.get("sha256", ""), str):
             raise StoreError(f"manifest files[{i}] ({path}): needs an integer 'rows' >= 0 (and 'sha256' a string)")
+        size = entry.get("bytes")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise StoreError(f"manifest files[{i}] ({path}): 'bytes' must be an integer >= 0, got {size!r}")
 
 
 def read_manifest(root: str | Path | Location) -> Manifest:

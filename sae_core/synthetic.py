@@ -94,17 +94,18 @@ def write_synthetic_store(out: str | Path, cfg: SyntheticConfig, n_tokens: int, 
     data = SyntheticData(cfg)
     manifest = Manifest(model="synthetic", hooks={hook: {"d": cfg.d}}, dtype=dtype, context_size=context_size,
                         corpus=f"synthetic:{cfg.to_dict()}", excluded=[], bos_token_id=None,
-                        extra={"synthetic": cfg.to_dict()})
-    writer = StoreWriter(out, manifest)
-    for index, start in enumerate(range(0, n_tokens, rows_per_file)):
-        rows = min(rows_per_file, n_tokens - start)
-        acts, _ = data.sample(rows)
-        row_ids = np.arange(start, start + rows)
-        meta = {"token_id": np.zeros(rows), "window_id": row_ids // context_size,
-                "position": row_ids % context_size, "doc_id": row_ids // context_size}
-        writer.write_part(index, make_table(meta, {hook: acts.numpy()}, dtype))
-    truth = {"dictionary": data.dictionary_ND.contiguous(), "firing_probability": data.prob_N.contiguous()}
-    writer.location.write_bytes(GROUND_TRUTH_FILE, save(truth))
+                        extra={"synthetic": cfg.to_dict(), "complete": False})
+    with StoreWriter(out, manifest) as writer:  # resumes a store a killed run left; finished by finish()
+        for index, start in enumerate(range(0, n_tokens, rows_per_file)):
+            rows = min(rows_per_file, n_tokens - start)
+            acts, _ = data.sample(rows)
+            row_ids = np.arange(start, start + rows)
+            meta = {"token_id": np.zeros(rows), "window_id": row_ids // context_size,
+                    "position": row_ids % context_size, "doc_id": row_ids // context_size}
+            writer.write_part(index, make_table(meta, {hook: acts.numpy()}, dtype))
+        truth = {"dictionary": data.dictionary_ND.contiguous(), "firing_probability": data.prob_N.contiguous()}
+        writer.location.write_bytes(GROUND_TRUTH_FILE, save(truth))
+        writer.finish()
     return writer.root
 
 
@@ -116,11 +117,13 @@ def write_document_ordered_store(out: str | Path, n_tokens: int, *, context_size
     rng = np.random.default_rng(seed)
     doc_lengths = rng.geometric(1 / mean_doc, size=n_tokens // mean_doc * 2 + 10)
     doc_of_row = np.repeat(np.arange(len(doc_lengths)), doc_lengths)[:n_tokens]
-    writer = StoreWriter(out, Manifest(model="none", hooks={"h": {"d": 1}}, dtype="float16", context_size=context_size,
-                                       corpus=f"document-ordered:{mean_doc}:{seed}"))
-    for part, lo in enumerate(range(0, n_tokens, rows_per_file)):
-        rows = np.arange(lo, min(lo + rows_per_file, n_tokens))
-        meta = {"token_id": np.zeros(len(rows)), "window_id": rows // context_size,
-                "position": rows % context_size, "doc_id": doc_of_row[rows]}
-        writer.write_part(part, make_table(meta, {"h": np.zeros((len(rows), 1), dtype=np.float16)}, "float16"))
+    manifest = Manifest(model="none", hooks={"h": {"d": 1}}, dtype="float16", context_size=context_size,
+                        corpus=f"document-ordered:{mean_doc}:{seed}", extra={"complete": False})
+    with StoreWriter(out, manifest) as writer:
+        for part, lo in enumerate(range(0, n_tokens, rows_per_file)):
+            rows = np.arange(lo, min(lo + rows_per_file, n_tokens))
+            meta = {"token_id": np.zeros(len(rows)), "window_id": rows // context_size,
+                    "position": rows % context_size, "doc_id": doc_of_row[rows]}
+            writer.write_part(part, make_table(meta, {"h": np.zeros((len(rows), 1), dtype=np.float16)}, "float16"))
+        writer.finish()
     return writer.root

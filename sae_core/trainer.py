@@ -105,6 +105,17 @@ def geometric_median(points_ND: Tensor, iters: int = 100, tol: float = 1e-6) -> 
     return median_D
 
 
+def param_groups(sae: SparseAutoencoder) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: everything at the configured learning rate (``lr_scale`` 1), then
+    one group per parameter the architecture trains at a multiple of it (``SparseAutoencoder.lr_scales``)."""
+    scales = sae.lr_scales()
+    named = dict(sae.named_parameters())
+    unknown = sorted(set(scales) - set(named))
+    require(not unknown, f"lr_scales names no parameter of the SAE: {unknown}")
+    rest = [{"params": [p for name, p in named.items() if name not in scales], "lr_scale": 1.0}]
+    return rest + [{"params": [named[name]], "lr_scale": float(scale)} for name, scale in scales.items()]
+
+
 class DeadLatentTracker:
     """Tokens since each latent last fired, kept identical across ranks through ``reduce``."""
 
@@ -136,7 +147,7 @@ class Trainer:
         self.world_size = world_size
         self.device = next(sae.parameters()).device
         # The fused kernel exists on CPU too and beats foreach there (benchmarks/kernels.py times both).
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
+        self.optimizer = torch.optim.Adam(param_groups(sae), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
         self.tracker = DeadLatentTracker(sae.cfg.d_sae, cfg.dead_after_tokens, self.device)
         self.l0_control = sparsity_controller(sae.cfg, cfg.lr)
         """Scales the sparsity coefficient to hold the config's ``target_l0`` (multiplier 1 without one)."""
@@ -163,7 +174,7 @@ class Trainer:
         sample = sample_ND.to(self.device, torch.float32)
         if self.cfg.normalize_activations:
             self.scaling_factor = self._scale_for(sample)
-        sample = sample * self.scaling_factor
+        sample = inputs = sample * self.scaling_factor
         if target is not None:
             target = target.to(self.device, torch.float32)
             self.output_scaling_factor = self._scale_for(target) if self.cfg.normalize_activations else 1.0
@@ -175,6 +186,7 @@ class Trainer:
             self.sae.b_dec.copy_((self.reduce(center, "sum") / self.world_size).view_as(self.sae.b_dec))
         self.sae.set_decoder_norm_to_unit_norm()
         self.sae.init_encoder_from_decoder()
+        self.sae.init_from_sample(inputs, self.reduce, self.world_size)
         self.initialized = True
 
     # -- one step ---------------------------------------------------------------------------------
@@ -225,7 +237,7 @@ class Trainer:
         inputs). ``step`` uses it with the reconstruction loss; other losses (workflows/e2e.py) bring
         their own ``compute``. Nothing here waits for the device except on logging steps."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr * lr_factor(self.step_count, self.cfg)
+            group["lr"] = self.cfg.lr * lr_factor(self.step_count, self.cfg) * group["lr_scale"]
         self.sae.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast_bf16):
             loss, out, x_BD = compute()

@@ -35,7 +35,7 @@ from sae_core.store import (
     has_manifest,
     make_table,
     read_manifest,
-    write_manifest,
+    store_lock,
 )
 from workflows.corpus import (
     DEFAULT_CORPUS,
@@ -314,16 +314,28 @@ def collect(cfg: CollectConfig, progress: Callable[[int], None] = lambda n: None
     docs = iter_documents(cfg.corpus, text_field=cfg.text_field)
     next(iter_window_chunks(docs, load_tokenizer(cfg.model, cfg.cache_dir), context_size=cfg.context_size,
                             n_tokens=cfg.n_tokens, chunk_windows=1))
-    writer, complete = _open_writer(cfg, _manifest(cfg, d, ids))
-    done = {int(name[len("part-"):-len(".parquet")]) for name in writer.done_parts}
-    progress(writer.manifest.n_tokens)
-    written = 0 if complete else _write_parts(cfg, writer, done, progress)
-    last = ActivationStore(writer.location.display).read_meta(max(writer.manifest.n_tokens - 1, 0))["window_id"]
-    writer.manifest.extra["n_windows"] = int(last[-1]) + 1 if len(last) else 0  # windows holding stored rows
-    writer.manifest.extra["complete"] = True
-    write_manifest(writer.location, writer.manifest)
+    with store_lock(cfg.out):  # one writer: held from reading the old manifest to the finished store
+        writer, complete = _open_writer(cfg, _manifest(cfg, d, ids))
+        with writer:
+            done = {int(name[len("part-"):-len(".parquet")]) for name in writer.done_parts}
+            progress(writer.manifest.n_tokens)
+            written = 0 if complete else _write_parts(cfg, writer, done, progress)
+            _check_every_part_arrived(writer)
+            last = ActivationStore(writer.location.display).read_meta(max(writer.manifest.n_tokens - 1, 0))["window_id"]
+            writer.manifest.extra["n_windows"] = int(last[-1]) + 1 if len(last) else 0  # windows holding stored rows
+            writer.finish()
     return CollectResult(path=str(writer.root), n_tokens=writer.manifest.n_tokens, parts_written=written,
                          parts_skipped=len(done), seconds=time.perf_counter() - start)
+
+
+def _check_every_part_arrived(writer: StoreWriter) -> None:
+    """Refuse to mark a store complete when its parts are not exactly part-0 .. part-(n-1): a part the actor
+    pool never delivered leaves a gap that the rows of the other parts would hide."""
+    indices = sorted(int(name[len("part-"):-len(".parquet")]) for name in writer.done_parts)
+    missing = sorted(set(range(indices[-1] + 1)) - set(indices)) if indices else []
+    if missing:
+        raise UserError(f"{writer.location.display}: parts {missing[:5]} never arrived from the actor pool; "
+                        "the store stays unfinished, rerun the same `sae collect` to write them")
 
 
 def complete_manifest(store: str | Path) -> Manifest | None:

@@ -37,15 +37,18 @@ def add_field_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, c
                     choices: Mapping[str, list[Any]] | None = None) -> None:
     """One flag per field of the dataclass ``cls``: ``--field-name`` (or the name ``fields`` maps it to),
     its type from the annotation, its default the field's default, its help the field's docstring.
-    A bool field becomes an on-switch. ``required`` fields get no default and must be given."""
+    A bool field becomes a switch: ``--field-name`` when it is off by default, ``--no-field-name`` when it is
+    on. ``required`` fields get no default and must be given."""
     names = dict(fields) if isinstance(fields, Mapping) else {f: f for f in fields}
     docs, required = field_docs(cls), set(required)
     for field, alias in names.items():
         kind, default = _base_type(cls, field), field_default(cls, field)
         help_text = docs.get(field, "")
         kwargs: dict[str, Any] = {"dest": field, "help": help_text}
-        if kind is bool:  # an on-switch: its default is off
-            kwargs["action"] = "store_true"
+        if kind is bool:  # a switch that turns the default around
+            kwargs.update(action="store_false" if default else "store_true", default=bool(default))
+            if default:
+                alias, kwargs["help"] = f"no_{alias}", f"{help_text} (on by default; this turns it off)"
         elif field in required:
             kwargs.update(type=kind, required=True)
         else:

@@ -26,6 +26,7 @@ from workflows.links import runs_view_url
 from workflows.recipes import Recipe
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
+from workflows.transcoder_set import parse_layers, set_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class Stopwatch:
 def collect_stage(recipe: Recipe, out: Path) -> Path:
     """Write the activation store, or reuse a complete one with the same settings (collect resumes)."""
     store = out / "activations"
-    cfg = CollectConfig(hooks=[recipe.hook], n_tokens=recipe.tokens, model=recipe.model, corpus=recipe.corpus,
+    hooks = set_hooks(parse_layers(recipe.layers)) if recipe.layers else [recipe.hook]
+    cfg = CollectConfig(hooks=hooks, n_tokens=recipe.tokens, model=recipe.model, corpus=recipe.corpus,
                         context_size=recipe.context_size, out=str(store), dtype=recipe.store_dtype,
                         workers=recipe.collect_workers)
     manifest = complete_manifest(store)
@@ -72,7 +74,7 @@ def collect_stage(recipe: Recipe, out: Path) -> Path:
         recorded = {"model": manifest.model, "hooks": list(manifest.hooks), "corpus": manifest.corpus,
                     "context_size": manifest.context_size, "dtype": manifest.dtype,
                     "tokens": manifest.extra.get("collect", {}).get("n_tokens")}
-        wanted = {"model": recipe.model, "hooks": [recipe.hook], "corpus": recipe.corpus,
+        wanted = {"model": recipe.model, "hooks": hooks, "corpus": recipe.corpus,
                   "context_size": recipe.context_size, "dtype": recipe.store_dtype, "tokens": recipe.tokens}
         differ = sorted(k for k in wanted if recorded[k] != wanted[k])
         if not differ:
@@ -196,6 +198,10 @@ def run_pipeline(recipe: Recipe, *, out: str | Path, sweep: bool = False, mlflow
     experiment = experiment or f"sae-run-{recipe.name}"
     clock = Stopwatch()
     store = clock.stage("collect", collect_stage, recipe, out)
+    if recipe.layers:
+        from workflows.transcoder_set import set_pipeline
+
+        return set_pipeline(recipe, store, out, uri, experiment, clock)
     plot, picks = None, ""
     if sweep:
         sae_dir, run_id, plot, picks = clock.stage("sweep", sweep_stage, recipe, store, out, uri, experiment)
@@ -218,7 +224,7 @@ def summary(result: PipelineResult) -> str:
     lines = ["", "=" * 72, "sae run: summary", "=" * 72]
     lines += [f"  {k:<22s} {m[k]:.4f}" for k in ("l0", "fvu", "mse", "ce_loss_recovered", "kl_div",
                                                     "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero",
-                                                    "dead_fraction", "dense_fraction") if k in m]
+                                                    "dead_fraction", "dense_fraction", "top1_agreement") if k in m]
     lines.append("  stage timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
                  + f" (total {sum(result.timings.values()):.1f} s)")
     lines.append(f"  SAE (SAELens folder):   {result.sae_dir}")

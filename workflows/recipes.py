@@ -31,6 +31,9 @@ class Recipe:
     """Text source."""
     hook: str = "blocks.6.hook_resid_post"
     """Hook point the SAE reads."""
+    layers: list[int] | str = field(default_factory=list)
+    """Transcoder sets: train one transcoder per layer's MLP (hook_mlp_in -> hook_mlp_out) instead of one SAE
+    at ``hook``; a list or a range string ("0-5,8"). Empty: one SAE."""
     context_size: int = DEFAULT_CONTEXT_SIZE
     """Tokens per window."""
     tokens: int = 120_000
@@ -107,6 +110,21 @@ def smollm2_large() -> Recipe:
                   sweep={"d_sae": [4608, 9216, 18432], "k": [32, 64, 128]}, sweep_steps=5000)
 
 
+def smollm2_transcoders() -> Recipe:
+    """A skip transcoder per MLP of SmolLM2 (all 30 layers; --set layers=0-3 for fewer), for circuit tracing
+    (`sae attribute`). Each layer trains as its own Tune trial; sized for a cluster, not `make demo`."""
+    return Recipe(name="smollm2-transcoders", layers="0-29", arch="skip_transcoder", tokens=60_000,
+                  sae={"d_sae": 2304, "k": 32}, train={"steps": 400, "batch_size": 1024, "lr": 1e-3, "log_every": 25},
+                  cpus_per_worker=1.0, dashboard_features=0)
+
+
+def tiny_transcoders() -> Recipe:
+    """`tiny` for transcoder sets (tests): every layer of a tiny model (--set model=...; --set layers=...)."""
+    return Recipe(name="tiny-transcoders", layers="0-2", arch="skip_transcoder", context_size=32, tokens=2000,
+                  store_dtype="float32", sae={"d_sae": 96, "k": 8}, cpus_per_worker=0.5, eval_tokens=256,
+                  train={"steps": 40, "batch_size": 128, "lr": 3e-3, "log_every": 10}, dashboard_features=0)
+
+
 def tiny() -> Recipe:
     """Seconds-scale settings for tests and CI; point ``model`` at a small model with --set model=..."""
     return Recipe(name="tiny", hook="blocks.1.hook_resid_post", context_size=32, tokens=3000, store_dtype="float32",
@@ -120,7 +138,9 @@ RECIPES: dict[str, Callable[[], Recipe]] = {
     "smollm2-batchtopk": smollm2_batchtopk,
     "smollm2-jumprelu": smollm2_jumprelu,
     "smollm2-large": smollm2_large,
+    "smollm2-transcoders": smollm2_transcoders,
     "tiny": tiny,
+    "tiny-transcoders": tiny_transcoders,
 }
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sae_core.architectures.base import Wiring
-from sae_core.store import ActivationStore, decode_values
+from sae_core.store import ActivationStore, StoreError, decode_values
 from workflows.corpus import DEFAULT_CORPUS, Windows, iter_documents, pack_windows
 from workflows.errors import UserError
 from workflows.job import TrainJob
@@ -71,12 +71,26 @@ def shard_batches(job: TrainJob, world: int, dtype: str = "float32") -> Iterator
         epoch += 1
 
 
+def ready_store(root: str, *, verify: bool = False) -> ActivationStore:
+    """The store at ``root``, refused unless its writer finished it and every part has the byte size its
+    manifest records (with ``verify`` also the sha256, rows and schema: ``sae store verify``)."""
+    store = ActivationStore(root)
+    try:
+        store.check_ready(verify=verify)
+    except StoreError as exc:
+        fix = ("finish it by rerunning the `sae collect` (or `sae synth`) that writes it"
+               if exc.reason == "incomplete" else f"see `sae store verify {root}`, and collect the store again")
+        raise UserError(f"{exc}; {fix}") from None
+    return store
+
+
 class StoreSource:
-    """An activation store: the last ``eval_fraction`` of its rows are held out."""
+    """An activation store, finished and checked (:func:`ready_store`): the last ``eval_fraction`` of its
+    rows are held out."""
 
     def __init__(self, job: TrainJob, data: str = "direct"):
         self.job, self.data = job, data
-        self.store = ActivationStore(job.activations)
+        self.store = ready_store(job.activations)
         for site in job.sites():
             self.store.check_hook(site)
         total = self.store.n_tokens

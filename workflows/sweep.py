@@ -2,7 +2,10 @@
 
 Each Tune trial trains in its own Ray actor with ``train_local`` on the shared activation store (the
 store is read, never recomputed), reports every logged training row through ``ray.tune.report`` (so
-ASHA can stop a bad trial) and finally one row of held-out metrics. A trial whose hyperparameters
+ASHA can stop a bad trial) and finally one row of held-out metrics. When the sweep has more trials than
+run at once, trials that read the same data are packed: one Tune trial trains a group of them on one read
+of the store, each SAE still with its own MLflow run and folder (workflows/sweep_pack.py; ``pack=False``
+turns it off). A trial whose hyperparameters
 are impossible (k > d_sae) or whose loss goes NaN fails alone: its MLflow run ends FAILED with an
 ``error`` tag, and the sweep goes on.
 
@@ -34,6 +37,7 @@ from workflows.frontier_report import describe_frontier
 from workflows.job import TrainJob
 from workflows.options import resolve_knobs
 from workflows.sources import StoreSource
+from workflows.sweep_pack import plan_groups, run_group_trial
 from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
 from workflows.training import Run, start_job_tracking, train_local
 
@@ -78,6 +82,9 @@ class SweepSpec:
     """Base model: when given, every trial also measures CE loss recovered on held-out text."""
     cpus_per_trial: float = 1.0
     """CPUs reserved per trial: trials run concurrently as the cluster's CPUs allow."""
+    pack: bool = True
+    """Train trials that share the data (steps, batch size, seed) in groups, one Tune trial per group, on one
+    read of the store, when there are more trials than run at once (fifo only; workflows/sweep_pack.py)."""
 
     def __post_init__(self) -> None:
         if not self.archs:
@@ -164,6 +171,10 @@ class RunHeldOpen(NullTracker):
     def log_artifact(self, local_file, artifact_path=None):
         self.inner.log_artifact(local_file, artifact_path)
 
+    def fail(self, exc):
+        self.inner.fail(exc)  # a failure does end the run
+        self.ended = True
+
 
 def run_trial(config: dict[str, Any], *, spec: dict[str, Any], parent_run_id: str, uri: str) -> None:
     """One Tune trial: a child MLflow run, train_local with tune.report per row, held-out metrics last."""
@@ -227,7 +238,9 @@ class SweepResult:
     parent_run_id: str
     """The sweep's MLflow parent run."""
     trials: int
-    """Trials Tune ran."""
+    """Trials (SAEs) the sweep ran."""
+    tune_trials: int
+    """Tune trials that ran them: fewer than ``trials`` when trials were packed into groups."""
     finished: list[fr.Trial]
     """Trials that finished, with held-out metrics."""
     failed: int
@@ -258,9 +271,9 @@ def make_scheduler(spec: SweepSpec):
                          grace_period=min(max(spec.steps // 4, log_every), spec.steps), reduction_factor=2)
 
 
-def start_parent(spec: SweepSpec, uri: str, model: str) -> MlflowTracker:
+def start_parent(spec: SweepSpec, uri: str, model: str, groups: list[list[dict[str, Any]]] | None) -> MlflowTracker:
     tags = {"sweep": "true", "hook": spec.hook, "archs": ",".join(spec.archs), "model": model,
-            "scheduler": spec.scheduler}
+            "scheduler": spec.scheduler, "packed_groups": str(len(groups)) if groups else "none"}
     parent = MlflowTracker.create(uri, spec.experiment, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", tags)
     parent.log_params({"grid": {k: ",".join(map(str, v)) for k, v in spec.grid.items()}, "archs": ",".join(spec.archs),
                        "steps": spec.steps, "batch_size": spec.batch_size, "lr": spec.lr, "samples": spec.samples,
@@ -279,15 +292,20 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
     uri = resolve_tracking_uri(spec.mlflow_uri)
     ensure_ray()
     check_cpus(spec)
-    parent = start_parent(spec, uri, probe_source(spec).facts().model_name)
+    groups = plan_groups(spec, slots=concurrent_trials(spec))
+    parent = start_parent(spec, uri, probe_source(spec).facts().model_name, groups)
     out = Path(spec.out).resolve() / f"sweep-{parent.run_id[:8]}"
     trial_spec = {**spec.to_dict(), "out": str(out)}
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=trial_spec, parent_run_id=parent.run_id, uri=uri),
-        {"cpu": spec.cpus_per_trial})
+    if groups is None:
+        trainable = tune.with_parameters(run_trial, spec=trial_spec, parent_run_id=parent.run_id, uri=uri)
+        space, samples = param_space(spec), spec.samples
+    else:
+        trainable = tune.with_parameters(run_group_trial, spec=trial_spec, groups=groups, parent_run_id=parent.run_id,
+                                         uri=uri)
+        space, samples = {"group": tune.grid_search(list(range(len(groups))))}, 1
     errors = trial_errors_callback()
-    tuner = tune.Tuner(trainable, param_space=param_space(spec),
-                       tune_config=tune.TuneConfig(num_samples=spec.samples, scheduler=make_scheduler(spec),
+    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": spec.cpus_per_trial}), param_space=space,
+                       tune_config=tune.TuneConfig(num_samples=samples, scheduler=make_scheduler(spec),
                                                    reuse_actors=True),  # torch and mlflow import once per actor
                        run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0, callbacks=[errors],
                                                  failure_config=tune.FailureConfig(max_failures=0)))
@@ -296,7 +314,15 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
     except BaseException:
         parent.end("KILLED")
         raise
-    return finish_sweep(spec, parent, grid, errors.errors, out)
+    n_trials = len(grid) if groups is None else sum(map(len, groups))
+    return finish_sweep(spec, parent, grid, errors.errors, out, n_trials)
+
+
+def concurrent_trials(spec: SweepSpec) -> int:
+    """Trials the Ray cluster runs at once: its CPUs / ``cpus_per_trial``."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 0) // spec.cpus_per_trial))
 
 
 def check_cpus(spec: SweepSpec) -> None:
@@ -343,7 +369,8 @@ def settle_runs(spec: SweepSpec, parent: MlflowTracker, errors: Mapping[str, str
     return failed, stopped
 
 
-def finish_sweep(spec: SweepSpec, parent: MlflowTracker, grid, errors: Mapping[str, str], out: Path) -> SweepResult:
+def finish_sweep(spec: SweepSpec, parent: MlflowTracker, grid, errors: Mapping[str, str], out: Path,
+                 n_trials: int) -> SweepResult:
     failed, stopped = settle_runs(spec, parent, errors)
     trials = fr.collect_trials(spec.experiment, uri=parent.uri, parent_run_id=parent.run_id)
     on_front = fr.frontier_run_ids(trials)
@@ -355,8 +382,8 @@ def finish_sweep(spec: SweepSpec, parent: MlflowTracker, grid, errors: Mapping[s
     if trials:
         parent.log_artifacts(fr.write_frontier_files(trials, out / "frontier")[0].parent, "frontier")
         describe_frontier(parent.uri, spec.experiment, parent.run_id)
-    parent.log_metrics({"trials": len(grid), "finished": len(trials), "failed": failed, "stopped": stopped,
-                        "pareto_size": len(on_front["l0_fvu"])}, step=0)
+    parent.log_metrics({"trials": n_trials, "tune_trials": len(grid), "finished": len(trials), "failed": failed,
+                        "stopped": stopped, "pareto_size": len(on_front["l0_fvu"])}, step=0)
     parent.end("FINISHED" if trials else "FAILED")
-    return SweepResult(parent_run_id=parent.run_id, trials=len(grid), finished=trials, failed=failed,
-                       stopped=stopped, out=out)
+    return SweepResult(parent_run_id=parent.run_id, trials=n_trials, tune_trials=len(grid), finished=trials,
+                       failed=failed, stopped=stopped, out=out)

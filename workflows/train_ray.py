@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sae_core.io import load_checkpoint, save_checkpoint
+from sae_core.io import SAEFormatError, load_checkpoint, save_checkpoint
 from sae_core.publish import atomic_write_bytes
 from workflows.errors import UserError
 from workflows.job import TrainJob, saved_job_differences
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 RAY_RUN_NAME = "ray-train"
 JOB_FILE = "job.json"
 RUN_FILE = "run.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Where Ray Train records the checkpoints it has registered, in ``RUN_DIR/ray-train``."""
 
 
 @dataclass(kw_only=True)
@@ -111,6 +113,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             states = member_states(load_checkpoint(folder))
+    elif config.get("resume_from"):  # killed before Ray recorded its checkpoints: see latest_checkpoint
+        states = member_states(load_checkpoint(config["resume_from"]))
     last = max(run.job.train.steps for run in runs)
 
     def on_step(step: int) -> None:
@@ -178,6 +182,28 @@ def prepare_run_dir(job: TrainJob, resume: bool) -> Path:
     return run_dir
 
 
+def newest_checkpoint(run_dir: Path) -> tuple[str, list[dict[str, Any]]] | None:
+    """The newest checkpoint in ``run_dir`` that loads, with its trainer states (None: there is none).
+    Checkpoints are written whole (save_checkpoint), but one being copied into Ray's storage when the
+    driver was killed may be cut short: it does not load and the one before it is taken."""
+    for folder in sorted((run_dir / RAY_RUN_NAME).glob("checkpoint_*"), reverse=True):  # names hold the time
+        try:
+            return str(folder), member_states(load_checkpoint(folder))
+        except (FileNotFoundError, SAEFormatError):
+            logger.warning("skipping unreadable checkpoint %s", folder)
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """On ``--resume``, the checkpoint the workers start from when Ray Train has no record of one: Ray
+    writes a checkpoint's folder before it records it in its snapshot, so a driver killed in between
+    (SIGKILL, a lost machine) leaves checkpoints Ray would ignore, and the run would restart at step 0."""
+    if (run_dir / RAY_RUN_NAME / RAY_SNAPSHOT).is_file():
+        return None  # Ray restores its own latest recorded checkpoint
+    newest = newest_checkpoint(run_dir)
+    return newest[0] if newest is not None else None
+
+
 def start_tracking(run: Run, opts: DistributedOptions, run_dir: Path) -> MlflowTracker:
     """The run's MLflow run: created once, found again through run.json on resume."""
     run_file = run_dir / RUN_FILE
@@ -225,6 +251,12 @@ def train_group_distributed(runs: list[Run], opts: DistributedOptions, *, resume
 def _train_group_distributed(runs: list[Run], opts: DistributedOptions, resume: bool,
                              trackers: list[MlflowTracker] | None) -> list[dict[str, Any]]:
     runs[0].source.check_world(opts.workers)
+    if resume:  # killed while finishing, after the last checkpoint: finish from it, without Ray
+        run_dir = prepare_run_dir(runs[0].job, resume)
+        newest = newest_checkpoint(run_dir)
+        if newest is not None and all(int(state["step"]) >= run.job.train.steps
+                                      for run, state in zip(runs, newest[1], strict=True)):
+            return _finish_all(runs, newest[1], trackers or [start_tracking(runs[0], opts, run_dir)])
     ensure_ray()
     datasets = runs[0].source.datasets()
     check_resources(opts, ray_data=datasets is not None, stream=not runs[0].job.activations)
@@ -233,13 +265,23 @@ def _train_group_distributed(runs: list[Run], opts: DistributedOptions, resume: 
         prepare_run_dir(run.job, resume)
     trackers = trackers or [start_tracking(runs[0], opts, run_dir)]
     config = {"runs": runs, "options": asdict(opts), "run_ids": [t.run_id for t in trackers],
-              "mlflow_uri": trackers[0].uri}
+              "mlflow_uri": trackers[0].uri, "resume_from": latest_checkpoint(run_dir) if resume else None}
     try:
         result = torch_trainer(config, opts, run_dir, datasets).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training ended without a checkpoint: {result.error}")
         with result.checkpoint.as_directory() as folder:
             states = member_states(load_checkpoint(folder))
+    except BaseException as exc:
+        for tracker in trackers:
+            tracker.fail(exc)
+        raise
+    return _finish_all(runs, states, trackers)
+
+
+def _finish_all(runs: list[Run], states: list[dict[str, Any]], trackers: list[MlflowTracker]) -> list[dict[str, Any]]:
+    """Evaluate and publish every run from its final trainer state; close its MLflow run."""
+    try:
         metrics = [finish_from_checkpoint(run, state, tracker) for run, state, tracker in zip(runs, states, trackers, strict=True)]
     except BaseException as exc:
         for tracker in trackers:

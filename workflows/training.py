@@ -68,6 +68,8 @@ class Member:
     run: Run
     trainer: Trainer
     tracker: NullTracker = field(default_factory=NullTracker)
+    error: BaseException | None = None
+    """Why this member stopped training, when the group isolates failures (``run_loop(isolate=True)``)."""
 
 
 def start_members(members: list[Member], rank: int, checkpoints: list[dict[str, Any]] | None) -> None:
@@ -87,22 +89,32 @@ def start_members(members: list[Member], rank: int, checkpoints: list[dict[str, 
 
 def run_loop(members: list[Member], *, rank: int = 0, world: int = 1,
              checkpoints: list[dict[str, Any]] | None = None, on_step: Callable[[int], None] | None = None,
-             on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> None:
+             on_metrics: Callable[[int, dict[str, float]], None] | None = None, isolate: bool = False) -> None:
     """The training loop of every run: rank ``rank`` of ``world`` takes its slice of each global batch of
     the members' shared source and every member not yet at its last step makes one update on it (its
     objective's step). Logged rows go to the member's tracker and ``on_metrics(member_index, row)``;
-    ``on_step(step)`` runs after every batch (checkpointing)."""
+    ``on_step(step)`` runs after every batch (checkpointing). With ``isolate`` (one process only: under DDP
+    every rank must take every step), a member whose step raises keeps the error in ``Member.error``, its
+    MLflow run fails, and the others train on."""
     start_members(members, rank, checkpoints)
     steps = [m.run.objective.step_fn(m.trainer) for m in members]
     done = min(m.trainer.step_count for m in members)  # members are checkpointed together
     last = max(m.run.job.train.steps for m in members)
     for batch in members[0].run.source.batches(rank, world, done):
-        if done >= last:
+        if done >= last or all(m.error is not None for m in members):
             break
         for i, (m, step) in enumerate(zip(members, steps, strict=True)):
-            if m.trainer.step_count >= m.run.job.train.steps:
+            if m.trainer.step_count >= m.run.job.train.steps or m.error is not None:
                 continue
-            row = step(batch)
+            try:
+                row = step(batch)
+            except Exception as exc:
+                if not isolate:
+                    raise
+                logger.warning("%s failed at step %d: %s", m.run.job.out, m.trainer.step_count + 1, exc)
+                m.error = exc
+                m.tracker.fail(exc)
+                continue
             n, cfg = m.trainer.step_count, m.run.job.train
             if row is not None and (n % cfg.log_every == 0 or n == cfg.steps):
                 m.tracker.log_metrics(row, step=n)
@@ -174,6 +186,10 @@ def log_final(tracker: NullTracker, job: TrainJob, metrics: dict[str, Any], step
 
 
 # -- in this process ---------------------------------------------------------------------------------
+SHARED_TRAIN = ("batch_size", "seed", "init_sample_tokens", "normalize_activations", "b_dec_init")
+"""Training fields that decide the data or its initial estimates: the same for every SAE of a group."""
+
+
 def train_local(job: TrainJob | Run, on_metrics: Callable[[dict[str, float]], None] | None = None,
                 tracker: NullTracker | None = None) -> dict[str, Any]:
     """Train in this process (the one loop with world = 1), evaluate on the held-out data, save."""
@@ -182,16 +198,18 @@ def train_local(job: TrainJob | Run, on_metrics: Callable[[dict[str, float]], No
     return train_group_local([member], on_metrics=None if on_metrics is None else lambda i, row: on_metrics(row))[0]
 
 
-def train_group_local(members: list[Member],
-                      on_metrics: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
-    """Train a group in this process on one pass over its shared source; finish every member."""
+def train_group_local(members: list[Member], on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+                      isolate: bool = False) -> list[dict[str, Any] | None]:
+    """Train a group in this process on one pass over its shared source; finish every member. With
+    ``isolate`` a member that fails is left out (None in its place) and the others finish."""
     with writing([m.run for m in members]):
         try:
-            run_loop(members, on_metrics=on_metrics)
-            return [finish(m.run, m.trainer, m.tracker) for m in members]
+            run_loop(members, on_metrics=on_metrics, isolate=isolate)
+            return [finish(m.run, m.trainer, m.tracker) if m.error is None else None for m in members]
         except BaseException as exc:
             for m in members:
-                m.tracker.fail(exc)
+                if m.error is None:
+                    m.tracker.fail(exc)
             raise
 
 

@@ -295,6 +295,15 @@ class SparseAutoencoder(nn.Module):
         if self.W_enc is not None:
             self.W_enc.copy_(self.W_dec.T)
 
+    def lr_scales(self) -> dict[str, float]:
+        """Parameters (by name) that train at a multiple of the configured learning rate; default none."""
+        return {}
+
+    def init_from_sample(self, x_ND: Tensor, reduce: Reducer = no_reduce, world_size: int = 1) -> None:
+        """Set state that depends on the data (e.g. JumpReLU's thresholds) from the trainer's initialisation
+        sample (normalised inputs), once b_dec and the encoder are initialised. Every data-parallel rank
+        calls it (estimates go through ``reduce``, so they agree). Default: nothing."""
+
     # -- saving -----------------------------------------------------------------------------------
     def inference_tensors(self) -> dict[str, Tensor]:
         """Tensors of the SAELens inference form, before folding scaling and decoder norms."""

@@ -63,7 +63,7 @@ class JumpReLUFields:
     bandwidth: float = 0.05
     """Width eps of the rectangle kernel of the straight-through estimators, in pre-activation units."""
     init_threshold: float = 0.1
-    """Initial threshold of every latent."""
+    """Initial threshold of every latent (with ``target_l0`` set, each starts at the target instead: l0.py)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # type: ignore[misc]

@@ -30,10 +30,12 @@ from torch import Tensor, nn
 from sae_core import kernels
 from sae_core.architectures.base import (
     ActiveLatents,
+    Reducer,
     SAEConfig,
     SAEOutput,
     SparseAutoencoder,
     mse_loss,
+    no_reduce,
     require,
 )
 from sae_core.architectures.common import (
@@ -131,6 +133,32 @@ def jumprelu_sparsity(h_BF: Tensor, theta_F: Tensor, cfg: JumpReLUFields) -> Ten
     return l0_penalty(h_BF, theta_F, cfg)
 
 
+QUANTILE_CHUNK_ENTRIES = 1 << 24
+"""Pre-activations held at once while the thresholds are initialised (rows x a chunk of latents)."""
+MIN_INIT_THRESHOLD = 1e-3
+"""Floor of an initial threshold (a log-parameterised threshold must stay positive)."""
+
+
+@torch.no_grad()
+def thresholds_for_target(sae: SparseAutoencoder, x_ND: Tensor, target_l0: float, reduce: Reducer,
+                          world_size: int) -> Tensor:
+    """Per-latent thresholds at which every latent fires on ``target_l0 / d_sae`` of the sample's rows, so the
+    SAE starts at the target L0: each latent's (1 - target_l0 / d_sae) quantile of its pre-activations on
+    the sample. From a fixed ``init_threshold`` Adam needs about |log(theta / init_threshold)| / lr steps to
+    get there (hundreds to thousands); from here the target loss only has to follow the encoder. Ranks
+    average their log-thresholds, so every rank starts with the same ones."""
+    x_ND = sae.encoder_input(x_ND.reshape(-1, x_ND.shape[-1]))
+    n, d_sae = x_ND.shape[0], sae.cfg.d_sae
+    kth = min(max(round(n * (1.0 - float(target_l0) / d_sae)), 1), n)
+    W_DF, theta_F = sae.encoder_weight(), x_ND.new_empty(d_sae)
+    chunk = max(QUANTILE_CHUNK_ENTRIES // max(n, 1), 1)
+    for start in range(0, d_sae, chunk):
+        cols = slice(start, start + chunk)
+        theta_F[cols] = (x_ND @ W_DF[:, cols] + sae.b_enc[cols]).kthvalue(kth, dim=0).values
+    log_theta_F = theta_F.clamp_min(MIN_INIT_THRESHOLD).log()
+    return reduce(log_theta_F, "sum") / world_size
+
+
 class JumpReLUSAE(SparseAutoencoder):
     saelens_architecture = "jumprelu"
     homogeneous = True
@@ -143,6 +171,15 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
+
+    def lr_scales(self) -> dict[str, float]:
+        """Holding ``target_l0``, the thresholds train faster than the rest (``target_l0_threshold_lr``)."""
+        return {"log_threshold": self.cfg.target_l0_threshold_lr} if self.cfg.target_l0 is not None else {}
+
+    def init_from_sample(self, x_ND: Tensor, reduce: Reducer = no_reduce, world_size: int = 1) -> None:
+        """With ``target_l0`` set, start every threshold where the SAE fires at the target (thresholds_for_target)."""
+        if self.cfg.target_l0 is not None:
+            self.log_threshold.data.copy_(thresholds_for_target(self, x_ND, self.cfg.target_l0, reduce, world_size))
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:
         """Dense, or (in training, while few latents fire and the pre-activation loss is off) sparse: the

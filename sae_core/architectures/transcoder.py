@@ -53,7 +53,7 @@ from sae_core.architectures.common import (
     saved_to_log_threshold,
     update_threshold_ema,
 )
-from sae_core.architectures.jumprelu import jumprelu, jumprelu_sparsity
+from sae_core.architectures.jumprelu import jumprelu, jumprelu_sparsity, thresholds_for_target
 from sae_core.architectures.relu import weighted_l1
 from sae_core.architectures.topk import auxk_term, topk_dense
 from sae_core.l0 import TargetL0Fields
@@ -234,6 +234,15 @@ class Transcoder(SparseAutoencoder):
     def init_encoder_from_decoder(self) -> None:
         if self.cfg.d_out == self.cfg.d_in:
             super().init_encoder_from_decoder()
+
+    def lr_scales(self) -> dict[str, float]:
+        """Holding ``target_l0``, the thresholds train faster than the rest (``target_l0_threshold_lr``)."""
+        return {"log_threshold": self.cfg.target_l0_threshold_lr} if self.cfg.activation == "jumprelu" and self.cfg.target_l0 is not None else {}
+
+    def init_from_sample(self, x_ND: Tensor, reduce: Reducer = no_reduce, world_size: int = 1) -> None:
+        """A jumprelu activation with ``target_l0`` starts at the target, as jumprelu.py's SAE does."""
+        if self.cfg.activation == "jumprelu" and self.cfg.target_l0 is not None:
+            self.log_threshold.data.copy_(thresholds_for_target(self, x_ND, self.cfg.target_l0, reduce, world_size))
 
     # -- saving: SAELens stores the JumpReLU threshold itself -------------------------------------
     def inference_tensors(self) -> dict[str, Tensor]:

@@ -182,3 +182,20 @@ def test_real_smollm2_default_collects(smollm2_store):
     assert store.manifest.model == "builtin:smollm2-135m-instruct" and store.manifest.corpus == "builtin:stdlib"
     acts = store.read_hook("blocks.6.hook_resid_post")
     assert acts.std() > 0.1 and torch.isfinite(acts).all()
+
+
+def test_collect_refuses_to_finish_a_store_with_a_part_that_never_arrived(tmp_path):
+    from sae_core.store import Manifest, StoreWriter, make_table
+    from workflows.activations import _check_every_part_arrived
+    from workflows.errors import UserError
+
+    writer = StoreWriter(tmp_path / "s", Manifest(model="m", hooks={"h": {"d": 2}}, context_size=4,
+                                                extra={"complete": False}))
+    for part in (0, 2):  # part 1 lost between the actor pool and the driver
+        rows = np.arange(4 * part, 4 * part + 4)
+        meta = {"token_id": rows, "window_id": rows // 4, "position": rows % 4, "doc_id": rows // 4}
+        writer.write_part(part, make_table(meta, {"h": np.zeros((4, 2), np.float32)}, "float32"))
+    with pytest.raises(UserError, match=r"parts \[1\] never arrived"):
+        _check_every_part_arrived(writer)
+    writer.close()
+    assert not ActivationStore(tmp_path / "s").complete

@@ -38,7 +38,7 @@ def test_flag_defaults_and_help_are_the_config_fields():
     expected = {"train": {"steps", "batch_size", "lr", "seed", "use_gpu", "cpus_per_worker", "checkpoint_every",
                           "max_failures", "data", "loss", "downstream_coefficient"},
                 "sweep": {"samples", "scheduler", "asha_metric", "steps", "batch_size", "lr", "cpus_per_trial",
-                          "model"}}
+                          "model", "pack"}}
     shared = {"workers", "experiment", "mlflow_uri"}  # declared once in workflows/options.py, checked below
     watched = {f.name for cls in (TrainConfig, DistributedOptions) for f in dataclasses.fields(cls)} - shared
     for command, fields in expected.items():

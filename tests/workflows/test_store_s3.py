@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import pyarrow.fs as pafs
+import pytest
 import torch
 
 from sae_core.io import load_sae
-from sae_core.store import ActivationStore, read_manifest, write_manifest
+from sae_core.store import ActivationStore, StoreError, read_manifest, write_manifest
 from sae_core.trainer import TrainConfig
 from workflows.activations import CollectConfig, collect
 from workflows.cli import main
@@ -48,6 +49,15 @@ def test_synth_verify_and_train_on_s3_match_a_local_store(s3_server, tmp_path, c
         fh.write(bytes(data))
     assert main(["store", "verify", uri]) == 1
     assert "part-00000.parquet: sha256" in capsys.readouterr().out
+    # Training checks each object's size (its file info; no data read) and with --verify its sha256.
+    ActivationStore(uri).check_ready()
+    assert main(["train", "--activations", uri, "--hook", "synthetic", "--d-sae", "64", "--k", "3", "--steps", "5",
+                 "--batch-size", "64", "--verify", "--out", str(tmp_path / "verified")]) == 2
+    assert "part-00000.parquet: sha256" in capsys.readouterr().err
+    with fs.open_output_stream(paths[0]) as fh:
+        fh.write(bytes(data[:-1]))
+    with pytest.raises(StoreError, match=f"part-00000.parquet is {len(data) - 1} bytes, the manifest says {len(data)}"):
+        ActivationStore(uri).check_ready()
 
 
 def test_collect_to_s3_resumes_only_the_missing_parts(s3_server, local_ray, tiny_llama_dir, shakespeare):

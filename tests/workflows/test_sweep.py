@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
 from workflows.cli import main
@@ -48,22 +50,26 @@ def uri(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def first_sweep(sweep_ray, store, uri, tmp_path_factory) -> Path:
-    """A 4-trial sweep through the CLI entry point (in process, on the module's Ray)."""
+    """A 4-trial sweep through the CLI entry point (in process, on the module's Ray), one Tune trial each."""
     out = tmp_path_factory.mktemp("sweep1")
-    rc = main(["sweep", "--activations", str(store), "--hook", "synthetic", "--arch", "topk", "--grid", "d_sae=16,32",
-               "--grid", "k=2,4", "--experiment", EXPERIMENT, "--mlflow-uri", uri, "--out", str(out), *TINY])
+    rc = main(["sweep", *first_sweep_args(store), "--no-pack", "--experiment", EXPERIMENT, "--mlflow-uri", uri, "--out", str(out)])
     assert rc == 0
     return out
 
 
-def runs(uri: str, query: str = "") -> list:
+def first_sweep_args(store: Path) -> list[str]:
+    return ["--activations", str(store), "--hook", "synthetic", "--arch", "topk", "--grid", "d_sae=16,32",
+            "--grid", "k=2,4", *TINY]
+
+
+def runs(uri: str, query: str = "", experiment: str = EXPERIMENT) -> list:
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    return client.search_runs([experiment.experiment_id], query, max_results=1000)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], query, max_results=1000)
 
 
-def children(uri: str, parent_id: str) -> list:
-    return runs(uri, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+def children(uri: str, parent_id: str, experiment: str = EXPERIMENT) -> list:
+    return runs(uri, f"tags.`mlflow.parentRunId` = '{parent_id}'", experiment)
 
 
 def computed_frontier(trial_runs: list) -> set[str]:
@@ -110,6 +116,38 @@ def test_sweep_records_parent_children_frontier_and_plot(first_sweep, uri, tmp_p
     assert '"held_out": 0' in results[0].read_text() and '"held_out": 1' in results[0].read_text()
 
 
+def test_packed_sweep_trains_the_same_saes_in_fewer_tune_trials(first_sweep, store, uri, tmp_path):
+    """Packing (the default with 4 trials on 2 CPUs) trains the first sweep's 4 SAEs in 2 Tune trials of 2 on one
+    read of the store each: every SAE has its own MLflow run with the same metrics, its own folder with the
+    same weights, and the frontier counts all 4."""
+    out = tmp_path / "packed"
+    rc = main(["sweep", *first_sweep_args(store), "--experiment", "sweep-packed", "--mlflow-uri", uri, "--out", str(out)])
+    assert rc == 0
+    client = MlflowClient(uri)
+    (parent,) = runs(uri, "tags.sweep = 'true'", experiment="sweep-packed")
+    assert parent.data.tags["packed_groups"] == "2"
+    assert parent.data.metrics["trials"] == 4 and parent.data.metrics["tune_trials"] == 2
+    assert len(sorted(out.glob("sweep-*/tune/*/result.json"))) == 2  # Tune ran 2 trials, not 4
+    (unpacked_parent,) = runs(uri, "tags.sweep = 'true' and tags.packed_groups = 'none'")
+    packed = {r.info.run_name: r for r in children(uri, parent.info.run_id, experiment="sweep-packed")}
+    separate = {r.info.run_name: r for r in children(uri, unpacked_parent.info.run_id)}
+    assert sorted(packed) == sorted(separate) and len(packed) == 4
+    assert sorted(r.data.tags["group_size"] for r in packed.values()) == ["2", "2", "2", "2"]
+    for name, run in packed.items():
+        alone = separate[name]
+        assert run.info.status == "FINISHED"
+        finals = {k: v for k, v in run.data.metrics.items() if k.startswith("final/")}
+        assert finals and finals == pytest.approx({k: alone.data.metrics[k] for k in finals}, rel=1e-5)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [10, 20, 30]
+        (folder,) = out.glob(f"sweep-*/saes/{name}-*")
+        (alone_folder,) = first_sweep.glob(f"sweep-*/saes/{name}-*")
+        weights, alone_weights = (load_file(str(f / "sae_weights.safetensors")) for f in (folder, alone_folder))
+        assert all(torch.allclose(weights[k], alone_weights[k], atol=1e-6) for k in alone_weights)
+    local = Path(client.download_artifacts(parent.info.run_id, "frontier", str(tmp_path)))
+    with (local / "trials.csv").open() as fh:
+        assert {row["run_id"] for row in csv.DictReader(fh)} == {r.info.run_id for r in packed.values()}
+
+
 def test_bad_trials_fail_alone_and_frontier_spans_both_sweeps(first_sweep, store, uri, tmp_path):
     # d_sae=8 with k=16 is impossible (a ConfigError inside the trial); lr=1e30 diverges (FloatingPointError).
     spec = SweepSpec(activations=str(store), hook="synthetic", archs=["topk"], grid={"d_sae": [8], "k": [2, 16],
@@ -117,6 +155,7 @@ def test_bad_trials_fail_alone_and_frontier_spans_both_sweeps(first_sweep, store
                      experiment=EXPERIMENT, mlflow_uri=uri, out=str(tmp_path / "sweep2"))
     result = run_sweep(spec)
     assert result.trials == 4 and len(result.finished) == 1 and result.failed == 3
+    assert result.tune_trials == 2  # packed: the failures stayed with their own SAEs, not their group
     kids = children(uri, result.parent_run_id)
     failed = [r for r in kids if r.info.status == "FAILED"]
     assert len(failed) == 3 and all("error" in r.data.tags for r in failed)

@@ -23,12 +23,14 @@ from workflows.evaluate import (
 )
 from workflows.models import DEFAULT_MODEL, load_model
 from workflows.options import DEFAULT_CONTEXT_SIZE, add_context_size_flag, add_mlflow_uri_flag
+from workflows.set_eval import evaluate_set_folder
 from workflows.tracking import MlflowTracker, resolve_tracking_uri
+from workflows.transcoder_set import is_set
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate an SAE against its model: L0, FVU, CE loss recovered, KL, density")
-    p.add_argument("sae_dir", metavar="SAE_DIR", help="SAE folder or file (SAELens, sparsify, Gemma Scope, OpenAI)")
+    p.add_argument("sae_dir", metavar="SAE_DIR", help="SAE folder or file (SAELens, sparsify, Gemma Scope, OpenAI), or a transcoder set folder")
     p.add_argument("--format", choices=FORMATS, help="import format of SAE_DIR (detected when omitted)")
     p.add_argument("--model", help=f"model spec (default: the SAE's metadata model_name, else {DEFAULT_MODEL})")
     p.add_argument("--hook", help="hook the SAE reads (default: the SAE's metadata hook_name)")
@@ -52,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.tokens < 1:
         raise UserError(f"--tokens must be at least 1, got {args.tokens}")
+    if is_set(args.sae_dir):  # a transcoder set: every member spliced at once
+        values = evaluate_set_folder(args.sae_dir, n_tokens=args.tokens, model=args.model, corpus=args.corpus,
+                                     skip_tokens=args.skip_tokens, batch_size=args.batch_size,
+                                     mlflow_uri=args.mlflow_uri, out=args.out)
+        print(json.dumps(values))
+        return 0
     sae, meta, ours = load_any_sae(args.sae_dir, args.format)
     if not ours and not args.out:
         raise UserError(f"{args.sae_dir} is not one of our SAE folders: choose an output folder with --out")

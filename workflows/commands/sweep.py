@@ -11,7 +11,7 @@ from workflows.errors import UserError
 from workflows.options import add_field_flags, add_tracking_flags, field_values, parse_grid
 from workflows.recipes import parse_overrides
 
-SPEC_FLAGS = ("samples", "scheduler", "asha_metric", "steps", "batch_size", "lr", "cpus_per_trial", "model")
+SPEC_FLAGS = ("samples", "scheduler", "asha_metric", "steps", "batch_size", "lr", "cpus_per_trial", "model", "pack")
 """SweepSpec fields with a flag of their own: help and default come from the field."""
 
 
@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
                      **field_values(args, SPEC_FLAGS))
     started = time.time()
     result = run_sweep(spec)
-    print(f"sweep {result.parent_run_id}: {result.trials} trials, {len(result.finished)} finished, "
+    packed = f" in {result.tune_trials} packed Tune trials" if result.tune_trials < result.trials else ""
+    print(f"sweep {result.parent_run_id}: {result.trials} trials{packed}, {len(result.finished)} finished, "
           f"{result.failed} failed, {result.stopped} stopped early ({time.time() - started:.0f} s)")
     if result.finished:
         print(format_table(result.finished))

@@ -31,7 +31,7 @@ from workflows.options import (
     resolve_knobs,
 )
 from workflows.recipes import parse_overrides
-from workflows.sources import default_stream
+from workflows.sources import default_stream, ready_store
 from workflows.tracking import MlflowTracker
 from workflows.train_ray import JOB_FILE, DistributedOptions, train_distributed
 from workflows.training import Run, start_job_tracking, train_local
@@ -75,6 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_field_flags(ray_group, DistributedOptions, RAY_FLAGS, choices={"data": ["direct", "ray"]})
     ray_group.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run to its final step")
     p.add_argument("--overwrite", action="store_true", help="replace a finished SAE already in --out")
+    p.add_argument("--verify", action="store_true", help="check the sha256 of every store part before training "
+                                                         "(part sizes are always checked)")
     add_tracking_flags(p)
     p.set_defaults(func=run)
 
@@ -145,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     if args.grid:
         return run_group(args)
     job = resumed_job(args) if args.resume else job_from_args(args)
+    if args.verify and job.activations:
+        ready_store(job.activations, verify=True)
     if args.workers is None and not args.resume and job.activations and job.loss == "mse":
         return run_local(job, args)
     opts = DistributedOptions(workers=1 if args.workers is None else args.workers, mlflow_uri=args.mlflow_uri,
@@ -170,13 +174,10 @@ def run_local(job: TrainJob, args: argparse.Namespace) -> int:
 
 
 # -- several SAEs on one pass over the data (--grid) ------------------------------------------------------
-SHARED_TRAIN = ("batch_size", "seed", "init_sample_tokens", "normalize_activations", "b_dec_init")
-"""Training fields that decide the data or its initial estimates: the same for every SAE of a group."""
-
-
 def group_jobs(base: TrainJob, grid: dict[str, list]) -> list[TrainJob]:
     """One job per grid combination, each in its own folder under ``base.out``."""
     from workflows.sweep import map_knobs, run_name_for
+    from workflows.training import SHARED_TRAIN
 
     jobs = []
     for values in itertools.product(*grid.values()):
@@ -205,6 +206,8 @@ def run_group(args: argparse.Namespace) -> int:
     from workflows.train_ray import check_run_dir
 
     base, grid = job_from_args(args), parse_grid(args.grid)
+    if args.verify and base.activations:
+        ready_store(base.activations, verify=True)
     jobs = group_jobs(base, grid)
     for job in jobs:
         check_run_dir(job, resume=False)
