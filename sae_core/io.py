@@ -335,6 +335,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
     if not weights_path.is_file():
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
     sae = build_checked(config, weights_path)
+    sae.metadata = dict(cfg.get("metadata") or {})
     return wrap_normalization(sae, cfg.get("normalize_activations")).to(device).eval()
 
 

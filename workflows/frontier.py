@@ -30,7 +30,9 @@ TRIAL_TAG = "sweep_trial"
 METRICS = ("l0", "fvu", "mse", "dead_fraction", "ce_loss_recovered")
 """The held-out metrics every table shows first; any other ``final/*`` metric a trial logged follows."""
 MAXIMISED = frozenset({"ce_loss_recovered", "variance_explained"})
-"""Metrics whose axis is maximised when the spec names no direction."""
+"""Metrics whose axis is maximised when the spec names no direction (also any name ending in ``accuracy``)."""
+BENCH_PREFIX = "bench/"
+"""``sae bench`` metrics (``bench/<metric>/<key>``) are axes under their full name."""
 
 
 @dataclass(kw_only=True)
@@ -50,7 +52,8 @@ class Trial:
     sae: dict[str, str] = field(default_factory=dict)
     """Architecture fields as logged (params ``sae.*``)."""
     metrics: dict[str, float] = field(default_factory=dict)
-    """Held-out metrics: every ``final/<name>`` the run logged, by name (l0, fvu, ..., decoder_cosine)."""
+    """Held-out metrics: every ``final/<name>`` the run logged, by name (l0, fvu, ..., decoder_cosine), and
+    every ``bench/<metric>/<key>`` of `sae bench` under its full name."""
 
     def row(self) -> dict[str, Any]:
         """A flat table row."""
@@ -82,7 +85,8 @@ def parse_axis(spec: str) -> Axis:
     name, _, direction = spec.strip().partition(":")
     if not name or direction not in ("", "min", "max"):
         raise UserError(f"an axis is METRIC or METRIC:min or METRIC:max, got {spec!r}")
-    return Axis(name, maximise=direction == "max" if direction else name in MAXIMISED)
+    default_max = name in MAXIMISED or name.endswith("accuracy")
+    return Axis(name, maximise=direction == "max" if direction else default_max)
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,8 @@ class FrontierKind:
 
 
 def kind_for(x: Axis, y: Axis) -> FrontierKind:
-    """The frontier of any two axes, named ``<x>_<y>``."""
-    return FrontierKind(f"{x.metric}_{y.metric}", x, y)
+    """The frontier of any two axes, named ``<x>_<y>`` (a ``/`` of a bench metric becomes ``-``)."""
+    return FrontierKind(f"{x.metric}_{y.metric}".replace("/", "-"), x, y)
 
 
 L0_FVU = FrontierKind("l0_fvu", Axis("l0"), Axis("fvu"))
@@ -158,7 +162,8 @@ def trial_from_run(run) -> Trial:
     return Trial(run_id=run.info.run_id, run_name=run.info.run_name or "", parent_run_id=tags.get("mlflow.parentRunId", ""),
                  arch=params.get("arch", tags.get("architecture", "?")), hook=tags.get("hook", params.get("hook", "?")),
                  sae={k[len("sae."):]: v for k, v in params.items() if k.startswith("sae.")},
-                 metrics={k[len("final/"):]: v for k, v in run.data.metrics.items() if k.startswith("final/")})
+                 metrics={**{k[len("final/"):]: v for k, v in run.data.metrics.items() if k.startswith("final/")},
+                          **{k: v for k, v in run.data.metrics.items() if k.startswith(BENCH_PREFIX)}})
 
 
 def single_hook(trials: list[Trial]) -> None:

@@ -180,8 +180,25 @@ def dashboard_stage(recipe: Recipe, sae_dir: Path, out: Path, tracker: MlflowTra
     return site
 
 
+def bench_stage(metrics: str, sae_dir: Path, run_id: str, sweep: bool, out: Path, uri: str,
+                experiment: str) -> dict[str, Any]:
+    """`sae bench` over every trial of the sweep just run (or the one trained SAE); bench/* into their runs."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows.bench import parse_metrics
+    from workflows.bench_run import BenchConfig, Target, experiment_targets, run_bench
+
+    if sweep:
+        parent = MlflowClient(uri).get_run(run_id).data.tags["mlflow.parentRunId"]
+        targets = experiment_targets(experiment, uri=uri, parent_run_id=parent, download_dir=out / "bench-artifacts")
+    else:
+        targets = [Target(sae_dir=str(sae_dir), run_id=run_id)]
+    summary = run_bench(targets, BenchConfig(metrics=parse_metrics(metrics)), mlflow_uri=uri, progress=logger.info)
+    return {"saes": len(summary.results), "failed": len(summary.failed), "seconds": summary.wall_seconds}
+
+
 def run_pipeline(recipe: Recipe, *, out: str | Path, sweep: bool = False, mlflow_uri: str | None = None,
-                 experiment: str | None = None, overwrite: bool = False) -> PipelineResult:
+                 experiment: str | None = None, overwrite: bool = False, bench: str | None = None) -> PipelineResult:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
@@ -202,6 +219,8 @@ def run_pipeline(recipe: Recipe, *, out: str | Path, sweep: bool = False, mlflow
     metrics = clock.stage("evaluate", eval_stage, recipe, sae_dir, store, tracker)
     site = clock.stage("dashboard", dashboard_stage, recipe, sae_dir, out, tracker) \
         if recipe.dashboard_features > 0 else None
+    if bench:
+        clock.stage("bench", bench_stage, bench, sae_dir, run_id, sweep, out, uri, experiment)
     tracker.log_metrics({f"time/{k}": v for k, v in clock.timings.items()}, step=0)
     return PipelineResult(out=out, sae_dir=sae_dir, dashboard=site, metrics=metrics, timings=clock.timings,
                           mlflow_run_id=run_id, mlflow_uri=uri, frontier_plot=plot, l0_picks=picks,

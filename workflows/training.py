@@ -166,6 +166,7 @@ def start_job_tracking(run: Run, *, uri: str | None, experiment: str, run_name: 
     """An MLflow run for the job with its params and the model/hook/architecture tags."""
     job = run.job
     tags = {"model": run.source.facts().model_name, "hook": job.hook, "architecture": job.arch,
+            "sae_dir": str(Path(job.out).resolve()),  # where `sae bench --experiment` finds the SAE
             **({"out_hook": job.out_hook} if job.out_hook else {}),
             **({"sources": ",".join(job.sources)} if job.sources else {})}
     tracker = MlflowTracker.create(uri, experiment, run_name or Path(job.out).name, tags, parent_run_id)

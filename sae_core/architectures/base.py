@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -21,8 +22,8 @@ from torch import Tensor, nn
 
 from sae_core.config import ConfigError, require, strict_from_dict
 
-__all__ = ["ActiveLatents", "ConfigError", "Reducer", "SAEConfig", "SAEOutput", "SparseAutoencoder", "Wiring",
-           "mse_loss", "no_reduce", "require"]
+__all__ = ["ActiveLatents", "ConfigError", "Reducer", "SAEBenchAdapter", "SAEBenchConfig", "SAEConfig", "SAEOutput",
+           "SparseAutoencoder", "Wiring", "mse_loss", "no_reduce", "require"]
 
 # A reducer sums or takes the min/max of a tensor across data-parallel ranks; identity when single-process.
 Reducer = Callable[[Tensor, str], Tensor]
@@ -202,6 +203,25 @@ class SparseAutoencoder(nn.Module):
             self.W_enc = nn.Parameter(W_dec_FD.T.contiguous())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.metadata: dict[str, Any] = {}
+        """Where the SAE reads a model (cfg.json ``metadata``: model_name, hook_name, ...) when loaded from a folder."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    def saebench(self, model_name: str | None = None, hook_name: str | None = None, *, hook_layer: int | None = None,
+                 context_size: int | None = None) -> SAEBenchAdapter:
+        """This SAE as SAEBench's custom-SAE interface (``forward`` returning the reconstruction, a ``cfg``
+        naming model, hook and layer); it shares this module's parameters. Defaults come from ``metadata``."""
+        meta = self.metadata
+        return SAEBenchAdapter(self, model_name=model_name or meta.get("model_name", ""),
+                               hook_name=hook_name or meta.get("hook_name", ""), hook_layer=hook_layer,
+                               context_size=context_size or meta.get("context_size"))
 
     # -- the forward path -------------------------------------------------------------------------
     def encoder_input(self, x_BD: Tensor) -> Tensor:
@@ -301,3 +321,98 @@ class SparseAutoencoder(nn.Module):
     def saelens_cfg_extra(self) -> dict[str, Any]:
         """Fields this architecture adds to SAELens's cfg.json (e.g. ``k``)."""
         return {}
+
+
+# -- SAEBench's custom-SAE interface --------------------------------------------------------------------
+@dataclass(kw_only=True)
+class SAEBenchConfig:
+    """The fields SAEBench's evaluations read from ``sae.cfg`` (its ``CustomSAEConfig``)."""
+
+    model_name: str
+    d_in: int
+    d_sae: int
+    hook_name: str
+    hook_layer: int
+    context_size: int | None = None
+    hook_head_index: int | None = None
+    architecture: str = ""
+    apply_b_dec_to_input: bool = True
+    activation_fn_str: str = ""
+    prepend_bos: bool = True
+    normalize_activations: str = "none"
+    dtype: str = "float32"
+    device: str = "cpu"
+    dataset_path: str = ""
+
+
+class SAEBenchAdapter(nn.Module):
+    """A view of an SAE as SAEBench's ``BaseSAE``: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc``,
+    ``b_dec``, ``encode`` / ``decode``, a ``forward`` returning the reconstruction tensor (ours returns an
+    SAEOutput with losses), ``device``, ``dtype`` and ``cfg``. The parameters are the wrapped SAE's own."""
+
+    def __init__(self, sae: SparseAutoencoder, *, model_name: str, hook_name: str, hook_layer: int | None = None,
+                 context_size: int | None = None):
+        super().__init__()
+        if not hook_name:
+            raise ConfigError("SAEBench needs the hook the SAE reads: pass hook_name (or load it from a folder)")
+        if hook_layer is None:
+            found = re.match(r"blocks\.(\d+)\.", hook_name)
+            if not found:
+                raise ConfigError(f"cannot tell the layer of hook {hook_name!r}: pass hook_layer")
+            hook_layer = int(found.group(1))
+        self.sae = sae
+        self.cfg = SAEBenchConfig(model_name=model_name, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, hook_name=hook_name,
+                                  hook_layer=hook_layer, context_size=context_size, architecture=sae.arch,
+                                  apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input)
+        self._sync_cfg()
+
+    def _sync_cfg(self) -> None:
+        self.cfg.dtype = str(self.dtype).removeprefix("torch.")
+        self.cfg.device = str(self.device)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half() keep cfg.dtype / cfg.device true
+        out = super()._apply(fn, *args, **kwargs)
+        self._sync_cfg()
+        return out
+
+    @property
+    def W_enc(self) -> Tensor:
+        return self.sae.encoder_weight()
+
+    @property
+    def W_dec(self) -> Tensor:
+        return self.sae.W_dec
+
+    @property
+    def b_enc(self) -> Tensor:
+        """The encoder bias; zeros for an SAE without one (gated: b_gate / b_mag), as SAEBench asks."""
+        b_enc = getattr(self.sae, "b_enc", None)
+        return b_enc if b_enc is not None else self.sae.W_dec.new_zeros(self.sae.cfg.d_sae)
+
+    @property
+    def b_dec(self) -> Tensor:
+        return self.sae.b_dec
+
+    @property
+    def device(self) -> torch.device:
+        return self.sae.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sae.W_dec.dtype
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.sae.encode(x)
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        return self.sae.decode(feature_acts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def check_decoder_norms(self) -> bool:
+        """SAEBench's check: every decoder row has unit norm (saved SAEs are folded so that it does)."""
+        norms = self.W_dec.norm(dim=1)
+        tolerance = 1e-2 if self.W_dec.dtype in (torch.bfloat16, torch.float16) else 1e-5
+        return bool(torch.allclose(norms, torch.ones_like(norms), atol=tolerance))

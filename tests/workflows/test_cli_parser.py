@@ -7,8 +7,8 @@ import sys
 
 from workflows.cli import build_parser
 
-EXPECTED = {"collect", "dashboard", "eval", "frontier", "hooks", "import", "run", "steer", "store", "sweep", "synth",
-            "train", "ui"}
+EXPECTED = {"bench", "collect", "dashboard", "eval", "export", "frontier", "hooks", "import", "run", "steer", "store",
+            "sweep", "synth", "train", "ui"}
 
 
 def test_every_subcommand_is_registered():

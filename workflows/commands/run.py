@@ -16,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a recipe field, dotted for nested ones (sae.k=64, train.steps=2000)")
     p.add_argument("--sweep", action="store_true", help="a small Ray Tune sweep instead of one training run")
+    p.add_argument("--bench", nargs="?", const="core,absorption,sparse_probing", metavar="METRICS",
+                   help="end with `sae bench` on every trial of the sweep (or on the SAE): bench/* metrics in their "
+                        "MLflow runs, for `sae frontier --y bench/...` (default metrics: core,absorption,sparse_probing)")
     p.add_argument("--out", help="run folder (default runs/<recipe>)")
     add_tracking_flags(p, experiment=None, experiment_help="MLflow experiment (default: sae-run-<recipe>)")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
@@ -27,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe, parse_overrides(args.set))
     result = run_pipeline(recipe, out=args.out or f"runs/{recipe.name}", sweep=args.sweep,
-                          mlflow_uri=args.mlflow_uri, experiment=args.experiment, overwrite=args.overwrite)
+                          mlflow_uri=args.mlflow_uri, experiment=args.experiment, overwrite=args.overwrite,
+                          bench=args.bench)
     print(summary(result))
     if args.json:
         print(json.dumps(result_json(result)))
