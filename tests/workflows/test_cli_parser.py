@@ -7,7 +7,7 @@ import sys
 
 from workflows.cli import build_parser
 
-EXPECTED = {"bench", "collect", "dashboard", "eval", "export", "frontier", "hooks", "import", "run", "steer", "store",
+EXPECTED = {"attribute", "bench", "collect", "dashboard", "eval", "export", "frontier", "hooks", "import", "run", "steer", "store",
             "sweep", "synth", "train", "ui"}
 
 
