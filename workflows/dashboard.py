@@ -24,7 +24,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -313,11 +313,19 @@ def resolve(cfg: DashboardConfig) -> tuple[DashboardConfig, int]:
     return cfg, d_sae
 
 
-def build_dashboard(cfg: DashboardConfig) -> DashboardResult:
-    """Scan the corpus, pick the features, write ``cfg.out`` (index.html + feature-NNNNN.html)."""
-    from workflows.dashboard_html import write_site
+class FeatureScan(NamedTuple):
+    """What a dashboard and its exports report: the resolved config, the model, the scanned windows, the
+    tracked features' statistics and the rows of ``state`` chosen to report."""
 
-    start = time.perf_counter()
+    cfg: DashboardConfig
+    loaded: Any
+    windows: Windows
+    state: FeatureStates
+    chosen: list[int]
+
+
+def scan_features(cfg: DashboardConfig) -> FeatureScan:
+    """Resolve ``cfg`` against the SAE, load the model, scan the corpus and pick the features to report."""
     cfg, d_sae = resolve(cfg)
     tracked = cfg.features if cfg.features is not None else (
         list(range(d_sae)) if cfg.top_density else list(range(min(100, d_sae))))
@@ -325,7 +333,15 @@ def build_dashboard(cfg: DashboardConfig) -> DashboardResult:
     windows = pack_windows(iter_documents(cfg.corpus, text_field=cfg.text_field), loaded.tokenizer,
                            context_size=cfg.context_size, n_tokens=cfg.n_tokens)
     state = collect_states(cfg, windows, tracked)
-    chosen = select_rows(state, cfg.top_density)
+    return FeatureScan(cfg, loaded, windows, state, select_rows(state, cfg.top_density))
+
+
+def build_dashboard(cfg: DashboardConfig) -> DashboardResult:
+    """Scan the corpus, pick the features, write ``cfg.out`` (index.html + feature-NNNNN.html)."""
+    from workflows.dashboard_html import write_site
+
+    start = time.perf_counter()
+    cfg, loaded, windows, state, chosen = scan_features(cfg)
     sae = load_sae(cfg.sae)
     write_site(Path(cfg.out), cfg, state, chosen, windows, loaded, sae)
     return DashboardResult(out=cfg.out, features=[int(state.features[i]) for i in chosen], n_tokens=state.n_tokens,

@@ -107,18 +107,9 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]], *, gz: bool = False) -> 
 def export(cfg: DashboardConfig, names: NeuronpediaNames) -> Path:
     """Scan the corpus as ``sae dashboard`` does and write the Neuronpedia layout under ``cfg.out``."""
     from sae_core.io import load_sae
-    from workflows.corpus import iter_documents, pack_windows
-    from workflows.dashboard import collect_states, resolve, select_rows
-    from workflows.models import load_model
+    from workflows.dashboard import scan_features
 
-    cfg, d_sae = resolve(cfg)
-    tracked = cfg.features if cfg.features is not None else (
-        list(range(d_sae)) if cfg.top_density else list(range(min(100, d_sae))))
-    loaded = load_model(cfg.model, cache_dir=cfg.cache_dir)
-    windows = pack_windows(iter_documents(cfg.corpus, text_field=cfg.text_field), loaded.tokenizer,
-                           context_size=cfg.context_size, n_tokens=cfg.n_tokens)
-    state = collect_states(cfg, windows, tracked)
-    chosen = select_rows(state, cfg.top_density)
+    cfg, loaded, windows, state, chosen = scan_features(cfg)
     layer = parse_hook(cfg.hook, 10**6).layer
     source_id = f"{layer}-{names.source_set}"
     root = Path(cfg.out) / names.model_id / source_id
