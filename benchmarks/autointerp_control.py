@@ -22,9 +22,8 @@ from sae_core.io import load_sae, save_sae
 from sae_core.registry import build, make_config
 from sae_core.store import ActivationStore
 from sae_core.trainer import TrainConfig, Trainer
-from workflows.autointerp import AutoInterpConfig, format_report, run_autointerp
+from workflows.autointerp import AutoInterpConfig, format_report, judges_from_options, run_autointerp
 from workflows.evaluate import held_out_windows
-from workflows.judges import make_judge
 from workflows.models import load_model
 
 
@@ -56,8 +55,7 @@ def main() -> None:
     model = load_model()
     windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=args.tokens,
                                skip_tokens=store.n_tokens)
-    explainer = make_judge(args.explainer_url, args.explainer_model, local=model, what="explainer")
-    scorer = make_judge(args.scorer_url, args.scorer_model, local=model, what="scorer")
+    explainer, scorer = judges_from_options(vars(args), model)  # one local judge for both when no URL
     start = time.perf_counter()
     report = run_autointerp(sae, model.model, model.tokenizer, args.hook, windows, explainer=explainer,
                             scorer=scorer, cfg=AutoInterpConfig(n_latents=args.latents, seed=args.seed))

@@ -280,29 +280,14 @@ def judges_from_options(options: dict[str, Any], loaded: Any) -> tuple[Judge, Ju
 
     local = LocalJudge(loaded.model, loaded.tokenizer)
     key_env = str(options.get("api_key_env") or "OPENAI_API_KEY")
-    explainer = (
-        make_judge(
-            options["explainer_url"],
-            options.get("explainer_model"),
-            local=loaded,
-            api_key_env=key_env,
-            what="explainer",
-        )
-        if options.get("explainer_url")
-        else local
-    )
-    scorer = (
-        make_judge(
-            options["scorer_url"],
-            options.get("scorer_model"),
-            local=loaded,
-            api_key_env=key_env,
-            what="scorer",
-        )
-        if options.get("scorer_url")
-        else local
-    )
-    return explainer, scorer
+
+    def judge(who: str) -> Judge:
+        url = options.get(f"{who}_url")
+        if not url:
+            return local
+        return make_judge(url, options.get(f"{who}_model"), local=loaded, api_key_env=key_env, what=who)
+
+    return judge("explainer"), judge("scorer")
 
 
 def autointerp(ctx: Any) -> Any:
