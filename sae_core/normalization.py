@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from sae_core.architectures.base import SAEConfig, SAEOutput, SparseAutoencoder, mse_loss
+from sae_core.architectures.base import SAEOutput, SparseAutoencoder, mse_loss
 
 LN_EPS = 1e-5
 NORMALIZATIONS = ("layer_norm", "constant_norm_rescale")
@@ -45,6 +45,11 @@ def normalize(x_BD: Tensor, mode: str) -> Normalized:
     raise ValueError(f"normalize_activations={mode!r} is not one of {NORMALIZATIONS}")
 
 
+def _from_sae(name: str) -> property:
+    """A read-only attribute that is the wrapped SAE's attribute of the same name."""
+    return property(lambda self: getattr(self.sae, name), doc=f"The wrapped SAE's ``{name}``.")
+
+
 class InputNormalizedSAE(nn.Module):
     """An SAE that normalises each input token and maps its reconstruction back (see module docstring).
 
@@ -59,30 +64,13 @@ class InputNormalizedSAE(nn.Module):
         self.sae = sae
         self.normalize_activations = mode
 
-    # -- what save_sae and the evaluators read from an SAE ----------------------------------------
-    @property
-    def cfg(self) -> SAEConfig:
-        return self.sae.cfg
-
-    @property
-    def arch(self) -> str:
-        return self.sae.arch
-
-    @property
-    def saelens_architecture(self) -> str:
-        return self.sae.saelens_architecture
-
-    @property
-    def homogeneous(self) -> bool:
-        return self.sae.homogeneous
-
-    @property
-    def wiring(self):
-        return self.sae.wiring
-
-    @property
-    def d_out(self) -> int:
-        return self.sae.d_out
+    # -- what save_sae and the evaluators read from an SAE: the wrapped SAE's, unchanged -------------
+    cfg = _from_sae("cfg")
+    arch = _from_sae("arch")
+    saelens_architecture = _from_sae("saelens_architecture")
+    homogeneous = _from_sae("homogeneous")
+    wiring = _from_sae("wiring")
+    d_out = _from_sae("d_out")
 
     def inference_tensors(self) -> dict[str, Tensor]:
         return self.sae.inference_tensors()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workflows.errors import UserError
+from workflows.errors import UserError, check
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,9 @@ class BenchConfig:
     """Model cache folder."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {self.workers}")
-        if self.n_tokens < 1:
-            raise UserError(f"--tokens must be at least 1, got {self.n_tokens}")
-        if self.cpus_per_worker <= 0:
-            raise UserError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        check(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
+        check(self.n_tokens >= 1, f"--tokens must be at least 1, got {self.n_tokens}")
+        check(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ import importlib
 import logging
 import pkgutil
 import sys
+from collections.abc import Iterable
 
 from sae_core.architectures.base import ConfigError
 from sae_core.io import SAEFormatError
@@ -40,18 +41,20 @@ def user_message(exc: BaseException) -> str:
     return f"{message}; {advice}" if advice else message
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand module, or only ``modules`` (names in workflows/commands): a caller
+    that runs one subcommand then imports only what that one needs."""
     parser = argparse.ArgumentParser(prog="sae", description="Train and study sparse autoencoders on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        module.register(sub)
+    names = sorted(m.name for m in pkgutil.iter_modules(commands.__path__)) if modules is None else modules
+    for name in names:
+        importlib.import_module(f"{commands.__name__}.{name}").register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, modules: Iterable[str] | None = None) -> int:
+    parser = build_parser(modules)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input from the user: the message names the problem and how to fix it."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise UserError(message)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +44,13 @@ def splice_set(members: dict[int, Any], keep_BT: Tensor, *, zero: bool = False) 
     return replace
 
 
-@dataclass
-class _SetSums:
-    n: int = 0
-    ce_clean: float = 0.0
-    ce_spliced: float = 0.0
-    ce_zero: float = 0.0
-    kl: float = 0.0
-    agree: int = 0
-
-
 @torch.no_grad()
 def evaluate_set(
     members: dict[int, Any], model: Any, windows: Windows, *, batch_size: int = 8
 ) -> dict[str, float]:
     """CE loss recovered, KL and top-1 agreement of the full replacement model (every member spliced at once)."""
     device = next(model.parameters()).device
-    sums = _SetSums()
+    sums: dict[str, float] = defaultdict(float)  # token counts and float64 sums over the windows
     for start in range(0, len(windows.token_ids), batch_size):
         ids_BT = torch.from_numpy(windows.token_ids[start : start + batch_size].astype(np.int64)).to(device)
         keep_BT = torch.from_numpy(windows.keep[start : start + batch_size]).to(device)
@@ -71,23 +61,23 @@ def evaluate_set(
         logp_clean, ce_clean = next_token_losses(clean, ids_BT, mask_BT)
         logp_spliced, ce_spliced = next_token_losses(spliced, ids_BT, mask_BT)
         _, ce_zero = next_token_losses(zeroed, ids_BT, mask_BT)
-        sums.n += len(ce_clean)
-        sums.ce_clean += float(ce_clean.double().sum())
-        sums.ce_spliced += float(ce_spliced.double().sum())
-        sums.ce_zero += float(ce_zero.double().sum())
-        sums.kl += float((logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1).double().sum())
-        sums.agree += int((logp_clean.argmax(-1) == logp_spliced.argmax(-1)).sum())
-    if sums.n == 0:
+        sums["n"] += len(ce_clean)
+        sums["ce_clean"] += float(ce_clean.double().sum())
+        sums["ce_spliced"] += float(ce_spliced.double().sum())
+        sums["ce_zero"] += float(ce_zero.double().sum())
+        sums["kl"] += float((logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1).double().sum())
+        sums["agree"] += int((logp_clean.argmax(-1) == logp_spliced.argmax(-1)).sum())
+    if sums["n"] == 0:
         raise UserError("no evaluable tokens: the windows hold no kept position followed by a kept target")
-    clean, spliced, zero = (v / sums.n for v in (sums.ce_clean, sums.ce_spliced, sums.ce_zero))
+    clean, spliced, zero = (v / sums["n"] for v in (sums["ce_clean"], sums["ce_spliced"], sums["ce_zero"]))
     return {
         "ce_loss_clean": clean,
         "ce_loss_spliced": spliced,
         "ce_loss_zero": zero,
         "ce_loss_recovered": ce_recovered(clean, spliced, zero),
-        "kl_div": sums.kl / sums.n,
-        "top1_agreement": sums.agree / sums.n,
-        "n_ce_tokens": sums.n,
+        "kl_div": sums["kl"] / sums["n"],
+        "top1_agreement": sums["agree"] / sums["n"],
+        "n_ce_tokens": int(sums["n"]),
         "n_members": len(members),
     }
 

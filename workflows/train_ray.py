@@ -21,7 +21,7 @@ import torch
 
 from sae_core.io import SAEFormatError, load_checkpoint, save_checkpoint
 from sae_core.publish import atomic_write_bytes
-from workflows.errors import UserError
+from workflows.errors import UserError, check
 from workflows.job import TrainJob, saved_job_differences
 from workflows.raysession import ensure_ray
 from workflows.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
@@ -70,12 +70,9 @@ class DistributedOptions:
     """Nest this run under another MLflow run (sweeps)."""
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise UserError(f"--workers must be >= 1, got {self.workers}")
-        if self.checkpoint_every < 1:
-            raise UserError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
-        if self.data not in ("direct", "ray"):
-            raise UserError(f"data must be 'direct' or 'ray', got {self.data!r}")
+        check(self.workers >= 1, f"--workers must be >= 1, got {self.workers}")
+        check(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        check(self.data in ("direct", "ray"), f"data must be 'direct' or 'ray', got {self.data!r}")
 
 
 # -- inside each worker -------------------------------------------------------------------------

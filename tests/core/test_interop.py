@@ -20,22 +20,11 @@ D, F, K = 12, 40, 5  # D != F so a transposed matrix can never pass
 
 
 def cli_main(argv: list[str]) -> int:
-    """workflows.cli.main with only this file's subcommand registered, so another command's import
-    error (the CLI discovers every module in workflows/commands) cannot fail these tests."""
-    import argparse
-    import importlib
-    from unittest import mock
-
+    """The CLI with only this file's subcommand registered, so another command's import error (the CLI
+    discovers every module in workflows/commands) cannot fail these tests."""
     from workflows import cli
 
-    def parser() -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog="sae")
-        p.add_argument("-v", "--verbose", action="store_true")
-        importlib.import_module("workflows.commands.import_sae").register(p.add_subparsers(dest="command", required=True))
-        return p
-
-    with mock.patch.object(cli, "build_parser", parser):
-        return cli.main(argv)
+    return cli.main(argv, modules=["import_sae"])
 
 
 def rand(*shape, seed=0):

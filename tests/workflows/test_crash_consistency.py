@@ -30,48 +30,7 @@ from sae_core.io import is_finished_sae, load_sae, save_sae
 from sae_core.lock import lock_path
 from workflows import cli
 
-CHILD = r"""
-import os, signal, sys
-kill_at, count, counting = int(sys.argv[1]), 0, False
-
-def counted(orig):
-    def call(*args, **kwargs):
-        global count
-        if counting:
-            count += 1
-            if count == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return orig(*args, **kwargs)
-    return call
-
-for name in ("rename", "replace", "unlink", "rmdir", "mkdir", "fsync", "open"):
-    setattr(os, name, counted(getattr(os, name)))
-
-import workflows.commands.import_sae as command
-save = command.save_sae
-
-def save_counting(*args, **kwargs):
-    global counting
-    counting = True
-    try:
-        return save(*args, **kwargs)
-    finally:
-        counting = False
-        print(f"calls={count}", file=sys.stderr)
-
-command.save_sae = save_counting
-import argparse
-from workflows import cli
-
-def parser():  # only this subcommand: the others import Ray, MLflow and transformers (seconds per run)
-    p = argparse.ArgumentParser(prog="sae")
-    p.add_argument("-v", "--verbose", action="store_true")
-    command.register(p.add_subparsers(dest="command", required=True))
-    return p
-
-cli.build_parser = parser
-sys.exit(cli.main(sys.argv[2:]))
-"""
+KILLPOINT = Path(__file__).parent.parent / "killpoint.py"
 
 SEED, KILLS = 18, 3
 
@@ -82,7 +41,8 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def run_child(kill_at: int, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CHILD, str(kill_at), *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(KILLPOINT), str(kill_at), "workflows.commands.import_sae", "--only",
+                           "import_sae", "--", *argv], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -100,7 +60,7 @@ def test_sigkill_while_publishing_leaves_old_new_or_nothing_and_a_rerun_finishes
     # The uninterrupted result, and how many file-system calls publishing it takes.
     reference = run_child(0, [*argv[:3], str(tmp_path / "reference")])
     assert reference.returncode == 0, reference.stderr
-    calls = int(reference.stderr.strip().splitlines()[-1].removeprefix("calls="))
+    calls = int(reference.stderr.strip().splitlines()[-1].removeprefix("events="))
     expected = tree(tmp_path / "reference")
     old = tree(save_sae(sae(2), tmp_path / "old")) if overwrite else None
     rng = random.Random(SEED)

@@ -34,50 +34,7 @@ from sae_core.lock import FileLock, lock_path
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
 from workflows.train_ray import RAY_RUN_NAME, RAY_SNAPSHOT, latest_checkpoint
 
-CHILD = r"""
-import os, signal, sys
-kill_at, count, counting = int(sys.argv[1]), 0, False
-
-def tick():
-    global count
-    count += 1
-    if count == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-def counted(orig):
-    def call(*args, **kwargs):
-        if counting:
-            tick()
-        return orig(*args, **kwargs)
-    return call
-
-for name in ("rename", "replace", "unlink", "rmdir", "mkdir", "fsync", "open"):
-    setattr(os, name, counted(getattr(os, name)))
-
-from sae_core.trainer import Trainer
-step = Trainer.step
-
-def counted_step(self, batch):  # steps in this process; Ray Train's workers are processes of their own
-    tick()
-    return step(self, batch)
-
-Trainer.step = counted_step
-import workflows.training as training
-save = training.save_sae
-
-def save_counting(*args, **kwargs):
-    global counting
-    counting = True
-    try:
-        return save(*args, **kwargs)
-    finally:
-        counting = False
-        print(f"events={count}", file=sys.stderr)
-
-training.save_sae = save_counting
-from workflows import cli
-sys.exit(cli.main(sys.argv[2:]))
-"""
+KILLPOINT = Path(__file__).parent.parent / "killpoint.py"
 
 SEED, STEPS, EVERY = 18, 60, 5
 
@@ -92,29 +49,9 @@ def store(tmp_path_factory) -> Path:
 
 
 def train_argv(store: Path, out: Path, db: Path) -> list[str]:
-    return [
-        "train",
-        "--activations",
-        str(store),
-        "--hook",
-        "synthetic",
-        "--arch",
-        "topk",
-        "--d-sae",
-        "48",
-        "--k",
-        "3",
-        "--steps",
-        str(STEPS),
-        "--batch-size",
-        "64",
-        "--lr",
-        "3e-3",
-        "--out",
-        str(out),
-        "--mlflow-uri",
-        f"sqlite:///{db}",
-    ]
+    return ["train", "--activations", str(store), "--hook", "synthetic", "--arch", "topk", "--d-sae", "48",
+            "--k", "3", "--steps", str(STEPS), "--batch-size", "64", "--lr", "3e-3", "--out", str(out),
+            "--mlflow-uri", f"sqlite:///{db}"]
 
 
 def _session_of(process: psutil.Process) -> int | None:
@@ -131,7 +68,7 @@ def run_session(kill_at: int, argv: list[str], kill_when=None, timeout: float = 
     with (
         open(os.devnull, "w") as null,
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(kill_at), *argv],
+            [sys.executable, str(KILLPOINT), str(kill_at), "workflows.training", "--steps", "--", *argv],
             env=env,
             stdout=null,
             stderr=subprocess.PIPE,

@@ -35,22 +35,11 @@ def windows(tiny):
 
 
 def cli_main(argv: list[str]) -> int:
-    """workflows.cli.main with only this file's subcommand registered, so another command's import
-    error (the CLI discovers every module in workflows/commands) cannot fail these tests."""
-    import argparse
-    import importlib
-    from unittest import mock
-
+    """The CLI with only this file's subcommand registered, so another command's import error (the CLI
+    discovers every module in workflows/commands) cannot fail these tests."""
     from workflows import cli
 
-    def parser() -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(prog="sae")
-        p.add_argument("-v", "--verbose", action="store_true")
-        importlib.import_module("workflows.commands.eval").register(p.add_subparsers(dest="command", required=True))
-        return p
-
-    with mock.patch.object(cli, "build_parser", parser):
-        return cli.main(argv)
+    return cli.main(argv, modules=["eval"])
 
 
 def relu_sae(W_enc, W_dec, d_in):

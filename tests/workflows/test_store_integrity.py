@@ -55,24 +55,8 @@ def one_line(capsys) -> str:
 
 
 def train_args(store: Path | str, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--activations",
-        str(store),
-        "--hook",
-        "synthetic",
-        "--d-sae",
-        "16",
-        "--k",
-        "2",
-        "--steps",
-        "5",
-        "--batch-size",
-        "64",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return ["train", "--activations", str(store), "--hook", "synthetic", "--d-sae", "16", "--k", "2",
+            "--steps", "5", "--batch-size", "64", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")

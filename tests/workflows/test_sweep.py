@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -29,14 +28,6 @@ TINY = ["--steps", "30", "--batch-size", "64", "--lr", "3e-3", "--set", "log_eve
 
 
 @pytest.fixture(scope="module")
-def sweep_ray():
-    # address="local": a fresh 2-CPU Ray even when another local cluster is up on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("store")
     write_synthetic_store(path, SyntheticConfig(d=16, n_features=48, mean_active=3, noise=0.01), 4000)
@@ -49,7 +40,7 @@ def uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def first_sweep(sweep_ray, store, uri, tmp_path_factory) -> Path:
+def first_sweep(local_ray, store, uri, tmp_path_factory) -> Path:
     """A 4-trial sweep through the CLI entry point (in process, on the module's Ray), one Tune trial each."""
     out = tmp_path_factory.mktemp("sweep1")
     rc = main(["sweep", *first_sweep_args(store), "--no-pack", "--experiment", EXPERIMENT, "--mlflow-uri", uri, "--out", str(out)])
@@ -199,7 +190,7 @@ def test_knobs_map_to_fields_and_bad_knobs_are_refused_before_anything_runs(stor
     assert MlflowClient(uri).get_experiment_by_name("refused") is None
 
 
-def test_asha_stops_a_worse_trial_without_failing_it(sweep_ray, store, tmp_path):
+def test_asha_stops_a_worse_trial_without_failing_it(local_ray, store, tmp_path):
     # Two CPUs per trial: the trials run one after the other, k=8 first, so at ASHA's first rung
     # (step 10) the k=1 trial is behind the only recorded result and is stopped.
     uri = f"sqlite:///{tmp_path / 'asha.db'}"

@@ -4,7 +4,6 @@ sqlite MLflow): every trial's held-out L0 lands within 10% of the target, and ML
 from __future__ import annotations
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from sae_core.synthetic import SyntheticConfig, write_synthetic_store
@@ -13,15 +12,8 @@ from workflows.cli import main
 TARGET = 12
 
 
-@pytest.fixture(scope="module")
-def sweep_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_every_architecture_holds_the_target_l0(sweep_ray, tmp_path):
+def test_every_architecture_holds_the_target_l0(local_ray, tmp_path):
     store = write_synthetic_store(tmp_path / "store", SyntheticConfig(d=32, n_features=128, mean_active=6), 20_000)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # 3 trials on 2 CPUs: packed into 2 Tune trials (workflows/sweep_pack.py).

@@ -11,7 +11,6 @@ import time
 
 import mlflow
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -21,13 +20,6 @@ from sae_core.trainer import TrainConfig
 from workflows.job import TrainJob
 from workflows.train_ray import DistributedOptions, train_distributed
 from workflows.training import train_local
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
