@@ -168,10 +168,7 @@ def member_entry(spec: SetSpec, layer: int, metrics: dict[str, Any], run_id: str
 
 def train_set(spec: SetSpec) -> dict[str, Any]:
     """Train every member not already finished as concurrent Tune trials; write and return the manifest."""
-    from ray import tune
-
     from sae_core.store import read_manifest
-    from workflows.raysession import ensure_ray
     from workflows.tracking import MlflowTracker, resolve_tracking_uri
 
     store = read_manifest(spec.activations)
@@ -203,48 +200,57 @@ def train_set(spec: SetSpec) -> dict[str, Any]:
     )
     try:
         if todo:
-            ensure_ray()
-            trainable = tune.with_resources(
-                tune.with_parameters(train_member, spec=asdict(spec), parent_run_id=parent.run_id, uri=uri),
-                {"cpu": spec.cpus_per_trial},
-            )
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"layer": tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(reuse_actors=True),
-                run_config=tune.RunConfig(
-                    name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                    storage_path=str(Path(spec.out).resolve() / "tune"),
-                    verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=0),
-                ),
-            )
-            grid = tuner.fit()
-            errors = [str(r.error).splitlines()[0] for r in grid if r.error is not None]
-            if errors:
-                raise RuntimeError(f"{len(errors)} of {len(todo)} members failed: {errors[0]}")
-        for layer in todo:
-            entry = finished_member(spec, layer)
-            if entry is None:
-                raise RuntimeError(
-                    f"layer {layer}'s trial ended without a finished transcoder in {spec.member_dir(layer)}"
-                )
-            done[layer] = entry
-        manifest = write_manifest(spec, store, [done[layer] for layer in spec.layers], parent.run_id)
-        for entry in manifest["members"]:
-            parent.log_metrics(
-                {
-                    f"layer_{entry['layer']:02d}/{k}": v
-                    for k, v in entry["metrics"].items()
-                    if math.isfinite(v)
-                },
-                step=0,
-            )
-        parent.log_artifact(Path(spec.out) / SET_FILE, "set")
+            run_member_trials(spec, todo, parent.run_id, uri)
+        manifest = finish_set(spec, store, done, todo, parent)
     except BaseException as exc:
         parent.fail(exc)
         raise
     parent.end("FINISHED")
+    return manifest
+
+
+def run_member_trials(spec: SetSpec, layers: list[int], parent_run_id: str, uri: str) -> None:
+    """One Tune trial per layer, run concurrently; raises naming the first failed member."""
+    from ray import tune
+
+    from workflows.raysession import ensure_ray
+
+    ensure_ray()
+    trainable = tune.with_resources(
+        tune.with_parameters(train_member, spec=asdict(spec), parent_run_id=parent_run_id, uri=uri),
+        {"cpu": spec.cpus_per_trial},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"layer": tune.grid_search(layers)},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(spec.out).resolve() / "tune"),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    errors = [str(r.error).splitlines()[0] for r in tuner.fit() if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(layers)} members failed: {errors[0]}")
+
+
+def finish_set(spec: SetSpec, store: Any, done: dict[int, dict], trained: list[int], parent: Any) -> dict[str, Any]:
+    """The manifest of every member (reused ones in ``done``, the ``trained`` ones read back from their
+    folders), written atomically and logged to the parent run with each member's metrics."""
+    for layer in trained:
+        entry = finished_member(spec, layer)
+        if entry is None:
+            raise RuntimeError(
+                f"layer {layer}'s trial ended without a finished transcoder in {spec.member_dir(layer)}"
+            )
+        done[layer] = entry
+    manifest = write_manifest(spec, store, [done[layer] for layer in spec.layers], parent.run_id)
+    for entry in manifest["members"]:
+        metrics = {f"layer_{entry['layer']:02d}/{k}": v for k, v in entry["metrics"].items() if math.isfinite(v)}
+        parent.log_metrics(metrics, step=0)
+    parent.log_artifact(Path(spec.out) / SET_FILE, "set")
     return manifest
 
 
