@@ -114,6 +114,15 @@ def linear_fn(
     return fn
 
 
+def graph_sources(runner: DecoderRunner, prompt: Prompt, feats: Features) -> dict[str, Tensor]:
+    """The source nodes :func:`linear_fn` takes, at their values on the prompt."""
+    return {
+        "embed": runner.embed(prompt.ids_T)[0].detach(),
+        "feature": feats.act_N,
+        "error": feats.error_LTD.reshape(-1, feats.error_LTD.shape[-1]),
+    }
+
+
 def choose_logits(
     logits_V: Tensor, target: int | None, top: int, cover: float = 0.95
 ) -> tuple[Tensor, Tensor]:
@@ -223,12 +232,7 @@ def attribute(
     logit_ids, weights = choose_logits(trace.logits_TV[-1], target_id, top_logits)
     feats = active_features(members, trace, prompt.keep_T)
     fn = linear_fn(runner, members, trace, feats, prompt.keep_T, logit_ids)
-    sources = {
-        "embed": runner.embed(prompt.ids_T)[0].detach(),
-        "feature": feats.act_N,
-        "error": feats.error_LTD.reshape(-1, feats.error_LTD.shape[-1]),
-    }
-    effects = direct_effects(fn, sources, batch=batch)
+    effects = direct_effects(fn, graph_sources(runner, prompt, feats), batch=batch)
     real = torch.cat([feats.pre_N, trace.logits_TV[-1, logit_ids]])
     completeness = float((effects.A.sum(1) + effects.bias - real).abs().max()) if len(real) else 0.0
     adj, kinds = assemble(effects.A, prompt, feats, len(logit_ids), trace.mlp_in_LTD.shape[0])
