@@ -313,27 +313,34 @@ def spliced_logits(
     kept positions, each feature recomputed from its (possibly changed) input; ``ablate`` (indices into the
     active features) are zeroed where they fired; ``with_errors`` adds each layer's error term back
     (so without ablation the logits are the real ones); ``frozen`` runs the local replacement model instead
-    (the prompt's attention patterns and norm denominators, uncovered MLPs as their constant outputs)."""
-    feats, keep = att.feats, att.prompt.keep_T
+    (the prompt's attention patterns and norm denominators, uncovered MLPs as their constant outputs).
+
+    With errors, a member writes the true MLP output plus its own output's change from the prompt's
+    (``mlp_out + tc(m) - tc(m_clean)``, equal to ``tc(m) + error``): on the clean prompt that is the true
+    output bit for bit, so no feature whose pre-activation sits within rounding of its threshold flips (a
+    JumpReLU flip writes threshold x decoder row, and 30 layers amplify it)."""
+    feats, keep, trace = att.feats, att.prompt.keep_T, att.trace
     drop = torch.zeros(len(feats.act_N), dtype=torch.bool)
     if ablate is not None:
         drop[ablate] = True
 
+    def write(tc: Any, m: Tensor, sel: Tensor) -> Tensor:
+        acts = tc.activation(tc.pre_acts(m)) * keep[:, None]
+        acts[:, feats.pos_N[sel], feats.feature_N[sel]] = 0.0
+        return transcoder_out(tc, m, acts, keep)
+
     def mlp(layer: int, m: Tensor) -> Tensor:
         if layer not in members:
-            return att.feats.error_LTD[layer] if frozen else runner.layers[layer].mlp(m)
-        tc = members[layer]
-        acts = tc.activation(tc.pre_acts(m)) * keep[:, None]
-        sel = drop & (feats.layer_N == layer)
-        acts[:, feats.pos_N[sel], feats.feature_N[sel]] = 0.0
-        out = transcoder_out(tc, m, acts, keep)
-        return out + (
-            att.feats.error_LTD[layer] if with_errors else runner.layers[layer].mlp(m) * ~keep[:, None]
-        )
+            return feats.error_LTD[layer] if frozen else runner.layers[layer].mlp(m)
+        tc, sel = members[layer], drop & (feats.layer_N == layer)
+        if not with_errors:
+            return write(tc, m, sel) + runner.layers[layer].mlp(m) * ~keep[:, None]
+        clean = write(tc, trace.mlp_in_LTD[layer][None], torch.zeros_like(sel))
+        return trace.mlp_out_LTD[layer] + (write(tc, m, sel) - clean)
 
-    return runner.run(
-        runner.embed(att.prompt.ids_T), mlp=mlp, frozen=att.trace if frozen else None, last=True
-    )[0, -1]
+    return runner.run(runner.embed(att.prompt.ids_T), mlp=mlp, frozen=trace if frozen else None, last=True)[
+        0, -1
+    ]
 
 
 @dataclass
