@@ -37,13 +37,18 @@ def main() -> int:
     parser.add_argument("--transcoders", required=True, metavar="SET", help="transcoder set folder")
     parser.add_argument("--prompt", action="append", help=f"a prompt (repeatable; default: {PROMPTS})")
     parser.add_argument("--ablate", type=int, default=5, metavar="K", help="features ablated per prompt")
+    parser.add_argument(
+        "--below-layer", type=int, metavar="L", help="ablate only features of layers below L (default: any)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
     manifest = read_set(args.transcoders)
     loaded = load_model(manifest["model"])
     runner, members = DecoderRunner(loaded.model), load_set(args.transcoders)
     start = time.perf_counter()
-    rows = check_prompts(runner, loaded.tokenizer, members, args.prompt or PROMPTS, k=args.ablate)
+    rows = check_prompts(
+        runner, loaded.tokenizer, members, args.prompt or PROMPTS, k=args.ablate, below=args.below_layer
+    )
     print(markdown_table(rows))
     print(f"{len(members)}/{runner.n_layers} layers covered; {time.perf_counter() - start:.0f} s")
     if args.json:

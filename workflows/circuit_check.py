@@ -142,12 +142,18 @@ def check_prompt(
     prompt: str,
     *,
     k: int = 5,
+    below: int | None = None,
     ratio_range: tuple[float, float] = RATIO_RANGE,
 ) -> PromptCheck:
+    """``below``: rank only features of layers below it (the last layer's features reach the logit through the
+    final norm alone, so ablating them tests little of the graph)."""
     with torch.enable_grad():
         row = logit_row(runner, tokenizer, members, prompt)
-    top = torch.argsort(row.effects_F, descending=True)[:k]
-    top = top[row.effects_F[top] > 0]
+    effects = (
+        row.effects_F.masked_fill(row.feats.layer_N >= below, 0.0) if below is not None else row.effects_F
+    )
+    top = torch.argsort(effects, descending=True)[:k]
+    top = top[effects[top] > 0]
     if len(top) == 0:
         raise UserError(f"no feature has a positive direct effect on the top logit of {prompt!r}")
     real = row.trace.logits_TV[-1]
@@ -179,23 +185,33 @@ def check_prompt(
 
 
 def check_prompts(
-    runner: DecoderRunner, tokenizer: Any, members: dict[int, Any], prompts: list[str], *, k: int = 5
+    runner: DecoderRunner,
+    tokenizer: Any,
+    members: dict[int, Any],
+    prompts: list[str],
+    *,
+    k: int = 5,
+    below: int | None = None,
 ) -> list[PromptCheck]:
-    return [check_prompt(runner, tokenizer, members, p, k=k) for p in prompts]
+    return [check_prompt(runner, tokenizer, members, p, k=k, below=below) for p in prompts]
 
 
 def markdown_table(rows: list[PromptCheck]) -> str:
     head = (
-        "| prompt | model's top | replacement's | features | completeness | predicted | frozen | measured "
-        "| measured/predicted | passes |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| prompt | model's top | replacement's | features | completeness | ablated (layers) | predicted | frozen "
+        "| measured | measured/predicted | passes |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [
         f"| {r.prompt} | {r.model_top!r} | {r.replacement_top!r} | {r.features_active} | "
-        f"{r.completeness_error:.1e} | {r.predicted:+.3f} | {r.measured_frozen:+.3f} | {r.measured:+.3f} | "
-        f"{r.ratio:.2f} | {'yes' if r.passes else 'no'} |"
+        f"{r.completeness_error:.1e} | {ablated_layers(r)} | {r.predicted:+.3f} | {r.measured_frozen:+.3f} | "
+        f"{r.measured:+.3f} | {r.ratio:.2f} | {'yes' if r.passes else 'no'} |"
         for r in rows
     ]
     return "\n".join([head, *lines])
+
+
+def ablated_layers(row: PromptCheck) -> str:
+    return ",".join(sorted({name.split("_")[1] for name in row.ablated}, key=int))
 
 
 def as_dicts(rows: list[PromptCheck]) -> list[dict[str, Any]]:
