@@ -146,6 +146,8 @@ def test_causal_check_reads_the_graphs_logit_row_and_predicts_along_all_its_path
     assert check.covered == "3/3" and check.base_error < 1e-4 and check.completeness_error < 1e-4
     assert check.predicted < 0 and check.measured_frozen == pytest.approx(check.predicted, rel=1e-3)
     assert check.passes == agrees(check.predicted, check.measured)
+    early = check_prompt(runner, loaded.tokenizer, members, PROMPT, k=3, below=1)
+    assert early.ablated and all(name.startswith("F_0_") for name in early.ablated)
 
 
 def test_causal_check_passes_only_the_predicted_direction_and_roughly_the_amount():
