@@ -114,6 +114,15 @@ def linear_fn(
     return fn
 
 
+def graph_sources(runner: DecoderRunner, prompt: Prompt, feats: Features) -> dict[str, Tensor]:
+    """The source nodes :func:`linear_fn` takes, at their values on the prompt."""
+    return {
+        "embed": runner.embed(prompt.ids_T)[0].detach(),
+        "feature": feats.act_N,
+        "error": feats.error_LTD.reshape(-1, feats.error_LTD.shape[-1]),
+    }
+
+
 def choose_logits(
     logits_V: Tensor, target: int | None, top: int, cover: float = 0.95
 ) -> tuple[Tensor, Tensor]:
@@ -223,12 +232,7 @@ def attribute(
     logit_ids, weights = choose_logits(trace.logits_TV[-1], target_id, top_logits)
     feats = active_features(members, trace, prompt.keep_T)
     fn = linear_fn(runner, members, trace, feats, prompt.keep_T, logit_ids)
-    sources = {
-        "embed": runner.embed(prompt.ids_T)[0].detach(),
-        "feature": feats.act_N,
-        "error": feats.error_LTD.reshape(-1, feats.error_LTD.shape[-1]),
-    }
-    effects = direct_effects(fn, sources, batch=batch)
+    effects = direct_effects(fn, graph_sources(runner, prompt, feats), batch=batch)
     real = torch.cat([feats.pre_N, trace.logits_TV[-1, logit_ids]])
     completeness = float((effects.A.sum(1) + effects.bias - real).abs().max()) if len(real) else 0.0
     adj, kinds = assemble(effects.A, prompt, feats, len(logit_ids), trace.mlp_in_LTD.shape[0])
@@ -309,27 +313,34 @@ def spliced_logits(
     kept positions, each feature recomputed from its (possibly changed) input; ``ablate`` (indices into the
     active features) are zeroed where they fired; ``with_errors`` adds each layer's error term back
     (so without ablation the logits are the real ones); ``frozen`` runs the local replacement model instead
-    (the prompt's attention patterns and norm denominators, uncovered MLPs as their constant outputs)."""
-    feats, keep = att.feats, att.prompt.keep_T
+    (the prompt's attention patterns and norm denominators, uncovered MLPs as their constant outputs).
+
+    With errors, a member writes the true MLP output plus its own output's change from the prompt's
+    (``mlp_out + tc(m) - tc(m_clean)``, equal to ``tc(m) + error``): on the clean prompt that is the true
+    output bit for bit, so no feature whose pre-activation sits within rounding of its threshold flips (a
+    JumpReLU flip writes threshold x decoder row, and 30 layers amplify it)."""
+    feats, keep, trace = att.feats, att.prompt.keep_T, att.trace
     drop = torch.zeros(len(feats.act_N), dtype=torch.bool)
     if ablate is not None:
         drop[ablate] = True
 
+    def write(tc: Any, m: Tensor, sel: Tensor) -> Tensor:
+        acts = tc.activation(tc.pre_acts(m)) * keep[:, None]
+        acts[:, feats.pos_N[sel], feats.feature_N[sel]] = 0.0
+        return transcoder_out(tc, m, acts, keep)
+
     def mlp(layer: int, m: Tensor) -> Tensor:
         if layer not in members:
-            return att.feats.error_LTD[layer] if frozen else runner.layers[layer].mlp(m)
-        tc = members[layer]
-        acts = tc.activation(tc.pre_acts(m)) * keep[:, None]
-        sel = drop & (feats.layer_N == layer)
-        acts[:, feats.pos_N[sel], feats.feature_N[sel]] = 0.0
-        out = transcoder_out(tc, m, acts, keep)
-        return out + (
-            att.feats.error_LTD[layer] if with_errors else runner.layers[layer].mlp(m) * ~keep[:, None]
-        )
+            return feats.error_LTD[layer] if frozen else runner.layers[layer].mlp(m)
+        tc, sel = members[layer], drop & (feats.layer_N == layer)
+        if not with_errors:
+            return write(tc, m, sel) + runner.layers[layer].mlp(m) * ~keep[:, None]
+        clean = write(tc, trace.mlp_in_LTD[layer][None], torch.zeros_like(sel))
+        return trace.mlp_out_LTD[layer] + (write(tc, m, sel) - clean)
 
-    return runner.run(
-        runner.embed(att.prompt.ids_T), mlp=mlp, frozen=att.trace if frozen else None, last=True
-    )[0, -1]
+    return runner.run(runner.embed(att.prompt.ids_T), mlp=mlp, frozen=trace if frozen else None, last=True)[
+        0, -1
+    ]
 
 
 @dataclass

@@ -79,7 +79,8 @@ def test_graph_modules_load_without_ray_or_mlflow():
     import sys
 
     code = (
-        "import sys, workflows.attribution, workflows.replacement, workflows.circuit, workflows.graph_html; "
+        "import sys, workflows.attribution, workflows.replacement, workflows.circuit, workflows.circuit_check, "
+        "workflows.graph_html; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from sae_core.io import is_finished_sae, read_cfg
 from sae_core.store import read_manifest
-from workflows.circuit import ablation_check, attribute
+from workflows.circuit import ablation_check, attribute, path_effect
+from workflows.circuit_check import agrees, check_prompt, logit_row, predicted_change
 from workflows.cli import main
 from workflows.evaluate import held_out_windows
 from workflows.models import load_model
@@ -130,6 +131,29 @@ def test_ablating_the_top_features_moves_the_logit_as_the_graph_predicts(att):
     # In the model with live attention and norms: the same direction, roughly the amount.
     assert np.sign(result.measured) == np.sign(result.predicted)
     assert 0.2 < result.measured / result.predicted_paths < 5
+
+
+def test_causal_check_reads_the_graphs_logit_row_and_predicts_along_all_its_paths(att, loaded):
+    runner, members, a = att
+    row = logit_row(runner, loaded.tokenizer, members, PROMPT)
+    T, F = len(a.prompt.ids_T), len(a.feats.act_N)
+    assert row.logit_id == int(a.logit_ids[0])
+    torch.testing.assert_close(row.effects_F, a.effects.A[F, T : T + F], atol=1e-6, rtol=1e-5)
+    top = torch.argsort(row.effects_F, descending=True)[:3]
+    # One forward pass of the linear model = the sum over the whole graph's paths.
+    assert predicted_change(runner, members, row, top) == pytest.approx(path_effect(a, top, 0), rel=1e-4)
+    check = check_prompt(runner, loaded.tokenizer, members, PROMPT, k=3)
+    assert check.covered == "3/3" and check.base_error < 1e-4 and check.completeness_error < 1e-4
+    assert check.predicted < 0 and check.measured_frozen == pytest.approx(check.predicted, rel=1e-3)
+    assert check.passes == agrees(check.predicted, check.measured)
+    early = check_prompt(runner, loaded.tokenizer, members, PROMPT, k=3, below=1)
+    assert early.ablated and all(name.startswith("F_0_") for name in early.ablated)
+
+
+def test_causal_check_passes_only_the_predicted_direction_and_roughly_the_amount():
+    assert agrees(-0.10, -0.12) and agrees(-0.10, -0.05) and agrees(0.3, 0.59)
+    assert not agrees(-0.10, +0.085) and not agrees(-0.10, -0.01) and not agrees(-0.10, -0.25)
+    assert not agrees(0.0, 0.0)
 
 
 def test_graph_is_pruned_to_the_influence_fraction_and_consistent(att):
