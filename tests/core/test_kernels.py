@@ -300,6 +300,29 @@ def test_matryoshka_sparse_prefixes_match_dense_definition():
     assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_x_hat", [True, False])
+def test_matryoshka_prefix_errors_match_autograd_of_the_definition(use_x_hat):
+    """PrefixErrors (the in-place prefix MSEs the module trains on) against running sums and mse_loss."""
+    from sae_core.architectures.base import mse_loss
+    from sae_core.architectures.matryoshka import PrefixErrors
+
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(4, 9, 7, generator=gen), torch.randn(9, 7, generator=gen), torch.randn(7, generator=gen)]
+    w_G, w_BD = torch.randn(4, generator=gen), torch.randn(9, 7, generator=gen)
+    results = []
+    for fused in (True, False):
+        partial_GBD, x_BD, b_dec_D = (t.clone().requires_grad_() for t in leaves)
+        if fused:
+            mse_G, x_hat_BD = PrefixErrors.apply(partial_GBD, x_BD, b_dec_D)
+        else:
+            recons = list(torch.cumsum(partial_GBD, 0) + b_dec_D)
+            mse_G, x_hat_BD = torch.stack([mse_loss(r, x_BD) for r in recons]), recons[-1]
+        loss = (mse_G * w_G).sum() + ((x_hat_BD * w_BD).sum() if use_x_hat else 0)
+        loss.backward()
+        results.append([mse_G, x_hat_BD, partial_GBD.grad, x_BD.grad, b_dec_D.grad])
+    assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
