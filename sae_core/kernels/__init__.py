@@ -6,6 +6,8 @@ the environment variable ``SAE_KERNELS``):
 - ``topk_encode(x_BD, W_enc_DF, b_enc_F, k, input_bias_D=None) -> (vals_BK, idx_BK)``: relu of the k
   largest pre-activations (x - input_bias) @ W_enc + b_enc of each row; its backward sends gradient only
   to the selected columns.
+- ``topk_encode_sampled(x_BD, W_enc_DF, b_enc_F, k, sample_rows) -> (vals_BK, idx_BK, sample_RF)``: the same,
+  plus the relu'd pre-activations of the first rows, without gradient.
 - ``sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D) -> x_hat_BD``: sum_j vals[b,j] * W_dec[idx[b,j]] + b_dec.
   Index -1 marks padding (rows with fewer than K non-zeros).
 - ``to_padded(latents_BF, support_BF=None) -> (idx_BK, vals_BK)``: the padded layout of dense latents
@@ -79,7 +81,21 @@ def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
     backend = backend_for(W_enc_DF.device)
     if backend is None:
         return topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k, input_bias_D)
-    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, k, backend)
+    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, k, backend)[:2]
+
+
+def topk_encode_sampled(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
+                        sample_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``topk_encode`` plus relu of all the pre-activations of the first ``sample_rows`` rows [R, F] (no
+    gradient), read from the encoder's own product: a caller estimating a threshold on them (a TopK
+    transcoder's inference threshold) does not multiply those rows again."""
+    backend = backend_for(W_enc_DF.device)
+    if backend is None:
+        vals_BK, idx_BK = topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k)
+        with torch.no_grad():
+            sample_RF = torch.relu(x_BD[:sample_rows] @ W_enc_DF + b_enc_F)
+        return vals_BK, idx_BK, sample_RF
+    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, None, k, backend, sample_rows)
 
 
 def selected_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: Callable[[Tensor], Tensor],
@@ -103,5 +119,6 @@ __all__ = [
     "sparse_decode_reference",
     "to_padded",
     "topk_encode",
+    "topk_encode_sampled",
     "topk_encode_reference",
 ]

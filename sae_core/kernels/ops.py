@@ -50,25 +50,28 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, input_bias_D: Tensor | None,
-                k: int, backend: TorchBackend) -> tuple[Tensor, Tensor]:
+                k: int, backend: TorchBackend, sample_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         x_in_BD = x_BD if input_bias_D is None else x_BD - input_bias_D
         h_BF = x_in_BD @ W_enc_DF  # the bias is added inside topk: no extra pass over [B, F]
+        # Read before topk, which may use h_BF as scratch.
+        sample_RF = torch.relu(h_BF[:sample_rows] + b_enc_F.to(h_BF.dtype))
         vals_BK, idx_BK = backend.topk(h_BF, k, b_enc_F.to(h_BF.dtype))
         vals_BK = vals_BK.relu_()
         del h_BF  # the largest tensor of the step is freed before the decoder runs
         ctx.backend = backend
         ctx.dtypes = (x_BD.dtype, W_enc_DF.dtype, b_enc_F.dtype, None if input_bias_D is None else input_bias_D.dtype)
         ctx.save_for_backward(x_in_BD, W_enc_DF, idx_BK, vals_BK)
-        ctx.mark_non_differentiable(idx_BK)
-        return vals_BK, idx_BK
+        ctx.mark_non_differentiable(idx_BK, sample_RF)
+        return vals_BK, idx_BK, sample_RF
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor, _grad_idx: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: FunctionCtx, grad_vals_BK: Tensor, _grad_idx: Tensor | None,
+                 _grad_sample: Tensor | None) -> tuple[Tensor | None, ...]:
         x_in_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
         grad_h_BK = torch.where(vals_BK > 0, grad_vals_BK, 0)  # relu's gradient
         grads = encoder_grads(ctx, x_in_BD, W_enc_DF, idx_BK, grad_h_BK)
-        return *grads, None, None
+        return *grads, None, None, None
 
 
 def encoder_grads(ctx: FunctionCtx, x_in_BD: Tensor, W_enc_DF: Tensor, idx_BK: Tensor,
