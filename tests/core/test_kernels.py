@@ -116,6 +116,25 @@ def test_topk_encode_matches_reference(mode, B, D, F, k, dtype):
     assert_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_rows", [4, 7])
+def test_topk_encode_in_row_chunks_matches_reference(mode, monkeypatch, chunk_rows):
+    """The CPU path's row blocks (ops.CPU_CHUNK_ROWS; a ragged last block at 7) give the one-product result,
+    and topk_encode_sampled's rows are the relu'd product of the first rows."""
+    from sae_core.kernels import ops
+
+    monkeypatch.setattr(ops, "CPU_CHUNK_ROWS", chunk_rows)
+    inputs = encode_inputs(25, 6, 30, torch.float32)
+    vals_BK, idx_BK, sample_RF = kernels.topk_encode_sampled(*inputs, 4, 3)
+    ref_vals_BK, ref_idx_BK = kernels.topk_encode_reference(*inputs, 4)
+    torch.testing.assert_close(sorted_by_index(vals_BK, idx_BK), sorted_by_index(ref_vals_BK, ref_idx_BK))
+    x_BD, W_enc_DF, b_enc_F = inputs
+    torch.testing.assert_close(sample_RF, torch.relu(x_BD[:3] @ W_enc_DF + b_enc_F).detach())
+    weight_F = torch.randn(30, generator=torch.Generator().manual_seed(8))
+    grads = torch.autograd.grad((vals_BK * weight_F[idx_BK]).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_vals_BK * weight_F[ref_idx_BK]).sum(), inputs)
+    assert_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
+
+
 def test_topk_encode_input_bias_matches_reference(mode):
     x_BD, W_enc_DF, b_enc_F = encode_inputs(23, 7, 40, torch.float32)
     x_BD.requires_grad_(False)  # as in training: only the input bias (b_dec) carries gradient into x - b
