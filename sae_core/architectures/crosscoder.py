@@ -155,7 +155,7 @@ class Crosscoder(SparseAutoencoder):
         if self.cfg.activation == "topk":
             vals_BK, idx_BK = kernels.topk_encode(x_BN, W_enc_NF, self.b_enc, self.cfg.k, input_bias_N)
         else:
-            h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BN, W_enc_NF, self.b_enc,
+            h_BK, idx_BK = kernels.selected_pre_acts(x_BN, W_enc_NF, self.b_enc,
                                                            lambda h: self.path.entries(h > 0), input_bias_N)
             vals_BK = torch.relu(h_BK)
         active = ActiveLatents(idx_BK, vals_BK, F)

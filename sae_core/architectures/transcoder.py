@@ -216,7 +216,7 @@ class Transcoder(SparseAutoencoder):
             theta_F = self.log_threshold.exp()
             lowest_F = (theta_F - self.cfg.bandwidth / 2).detach()
             select = lambda h: self.path.entries(h > lowest_F)  # noqa: E731
-        h_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.W_enc, self.b_enc, select)
+        h_BK, idx_BK = kernels.selected_pre_acts(x_BD, self.W_enc, self.b_enc, select)
         if act == "jumprelu":
             vals_BK = jumprelu(h_BK, theta_F[idx_BK.clamp_min(0)], self.cfg.bandwidth)
         else:
