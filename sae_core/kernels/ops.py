@@ -41,10 +41,32 @@ class SparseDecode(torch.autograd.Function):
         return None, grad_vals, grad_W, grad_b, None
 
 
+class _Scratch(threading.local):
+    """One buffer per thread for the pre-activations on CPU (SelectedPreActs, the TopK row blocks)."""
+
+    buffer_BF: Tensor | None = None
+
+
+_scratch = _Scratch()
+
+
+def pre_acts_buffer(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """A CPU [rows, cols] buffer reused from step to step: torch's CPU allocator returns large blocks to the
+    system, so a fresh [B, F] every step costs a page fault per 4 KiB on first touch (about 0.12x of the
+    product itself at B=4096, F=4608 on one thread). It stays allocated between steps (the dense path
+    allocates that much every step anyway); a thread-local, so concurrent trainers never share it."""
+    buffer = _scratch.buffer_BF
+    if buffer is None or buffer.shape != (rows, cols) or buffer.dtype != dtype:
+        buffer = _scratch.buffer_BF = None  # free the old one before allocating the new
+        buffer = _scratch.buffer_BF = torch.empty(rows, cols, dtype=dtype)
+    return buffer
+
+
 CPU_CHUNK_ROWS = 1024
-"""On CPU the encoder product and the top-k run over this many rows at a time in one buffer [rows, F]: a
-fresh [B, F] costs a page fault per 4 KiB on first touch (at B=4096, F=16384 about 8% of the product's own
-CPU time on one thread), and the peak memory of the step falls by [B - rows, F]."""
+"""On CPU the encoder product and the top-k run over this many rows at a time in one buffer [rows, F] kept
+from step to step (:func:`pre_acts_buffer`): a fresh [B, F] costs a page fault per 4 KiB on first touch (at
+B=4096, F=16384 about 8% of the product's own CPU time on one thread), and the memory the step holds falls
+by [B - rows, F]."""
 
 
 def chunked_topk(x_in_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, backend: TorchBackend,
@@ -53,23 +75,19 @@ def chunked_topk(x_in_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, bac
     first ``sample_rows`` rows; one product on accelerators (and under autocast), row blocks into one reused
     buffer on CPU. The bias is added inside topk: no extra pass over [B, F]."""
     B = x_in_BD.shape[0]
-    chunk = B
+    chunk, h_CF = B, None
     if x_in_BD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
         chunk = max(min(B, CPU_CHUNK_ROWS), sample_rows, 1)
-    vals, idxs, h_CF = [], [], None
+        h_CF = pre_acts_buffer(chunk, W_enc_DF.shape[1], x_in_BD.dtype)
+    vals, idxs = [], []
     for start in range(0, max(B, 1), chunk):
         rows_CD = x_in_BD[start : start + chunk]
-        if h_CF is None:
-            h_CF = rows_CD @ W_enc_DF
-            # Read before topk, which may use its input as scratch.
-            sample_RF = torch.relu(h_CF[:sample_rows] + b_enc_F.to(h_CF.dtype))
-        h_RF = h_CF[: len(rows_CD)]
-        if start:
-            torch.mm(rows_CD, W_enc_DF, out=h_RF)
-        vals_RK, idx_RK = backend.topk(h_RF, k, b_enc_F.to(h_CF.dtype))
+        h_RF = rows_CD @ W_enc_DF if h_CF is None else torch.mm(rows_CD, W_enc_DF, out=h_CF[: len(rows_CD)])
+        if not start:  # read before topk, which may use its input as scratch
+            sample_RF = torch.relu(h_RF[:sample_rows] + b_enc_F.to(h_RF.dtype))
+        vals_RK, idx_RK = backend.topk(h_RF, k, b_enc_F.to(h_RF.dtype))
         vals.append(vals_RK)
         idxs.append(idx_RK)
-    del h_CF  # the largest tensor of the step is freed before the decoder runs
     if len(vals) == 1:
         return vals[0], idxs[0], sample_RF
     return torch.cat(vals), torch.cat(idxs), sample_RF
@@ -129,27 +147,6 @@ def encoder_grads(ctx: FunctionCtx, x_in_BD: Tensor, W_enc_DF: Tensor, idx_BK: T
         grad_b = grad_b_F.to(b_dtype) if need_b else None
         grad_bias = -(W_enc_DF.to(dtype) @ grad_b_F).to(bias_dtype) if need_bias else None
     return grad_x, grad_W, grad_b, grad_bias
-
-
-class _Scratch(threading.local):
-    """One [B, F] buffer per thread for the pre-activations SelectedPreActs selects from (CPU only)."""
-
-    buffer_BF: Tensor | None = None
-
-
-_scratch = _Scratch()
-
-
-def pre_acts_buffer(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
-    """A CPU [rows, cols] buffer reused from step to step: torch's CPU allocator returns large blocks to the
-    system, so a fresh [B, F] every step costs a page fault per 4 KiB on first touch (about 0.12x of the
-    product itself at B=4096, F=4608 on one thread). It stays allocated between steps (the dense path
-    allocates that much every step anyway); a thread-local, so concurrent trainers never share it."""
-    buffer = _scratch.buffer_BF
-    if buffer is None or buffer.shape != (rows, cols) or buffer.dtype != dtype:
-        buffer = _scratch.buffer_BF = None  # free the old one before allocating the new
-        buffer = _scratch.buffer_BF = torch.empty(rows, cols, dtype=dtype)
-    return buffer
 
 
 class SelectedPreActs(torch.autograd.Function):
