@@ -86,23 +86,27 @@ class SyntheticData:
 
 
 def write_synthetic_store(out: str | Path, cfg: SyntheticConfig, n_tokens: int, *, hook: str = "synthetic",
-                          dtype: str = "float32", context_size: int = 128, rows_per_file: int = 65536) -> Path | str:
+                          more_hooks: tuple[str, ...] = (), dtype: str = "float32", context_size: int = 128,
+                          rows_per_file: int = 65536) -> Path | str:
     """Write ``n_tokens`` synthetic activations as an activation store, plus the ground truth, to a
-    local folder or a URI (see sae_core/fs.py); returns the store's root as given."""
+    local folder or a URI (see sae_core/fs.py); returns the store's root as given. Each of ``more_hooks``
+    is a further site with its own draws from the same dictionary (sources for a crosscoder or a
+    transcoder)."""
     if n_tokens <= 0:
         raise ConfigError(f"tokens must be positive, got {n_tokens}")
     data = SyntheticData(cfg)
-    manifest = Manifest(model="synthetic", hooks={hook: {"d": cfg.d}}, dtype=dtype, context_size=context_size,
+    hooks = (hook, *more_hooks)
+    manifest = Manifest(model="synthetic", hooks={h: {"d": cfg.d} for h in hooks}, dtype=dtype, context_size=context_size,
                         corpus=f"synthetic:{cfg.to_dict()}", excluded=[], bos_token_id=None,
                         extra={"synthetic": cfg.to_dict(), "complete": False})
     with StoreWriter(out, manifest) as writer:  # resumes a store a killed run left; finished by finish()
         for index, start in enumerate(range(0, n_tokens, rows_per_file)):
             rows = min(rows_per_file, n_tokens - start)
-            acts, _ = data.sample(rows)
+            columns = {h: data.sample(rows)[0].numpy() for h in hooks}
             row_ids = np.arange(start, start + rows)
             meta = {"token_id": np.zeros(rows), "window_id": row_ids // context_size,
                     "position": row_ids % context_size, "doc_id": row_ids // context_size}
-            writer.write_part(index, make_table(meta, {hook: acts.numpy()}, dtype))
+            writer.write_part(index, make_table(meta, columns, dtype))
         truth = {"dictionary": data.dictionary_ND.contiguous(), "firing_probability": data.prob_N.contiguous()}
         writer.location.write_bytes(GROUND_TRUTH_FILE, save(truth))
         writer.finish()

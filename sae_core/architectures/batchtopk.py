@@ -101,8 +101,8 @@ class BatchTopKSAE(SparseAutoencoder):
         if not self.training:
             return ActiveLatents(*kernels.to_padded(self.encode(x_BD)), self.cfg.d_sae)
         input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
-        h_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
-                                                    partial(batch_topk_entries, k=self.cfg.k), input_bias_D)
+        h_BK, idx_BK = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
+                                                 partial(batch_topk_entries, k=self.cfg.k), input_bias_D)
         return ActiveLatents(idx_BK, torch.relu(h_BK), self.cfg.d_sae)
 
     def forward(self, x_BD: Tensor, *, dead_mask_F: Tensor | None = None) -> SAEOutput:

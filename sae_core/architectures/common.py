@@ -73,35 +73,48 @@ class JumpReLUFields:
 
 
 SPARSE_PATH_MAX_FRACTION = 0.04
-"""A variable-L0 architecture trains on the sparse path while its widest row has at most this fraction of
-the latents active. An estimate, not a timed crossover: the sparse path does about 4 x B x K x D
-multiply-adds in the sparse kernels (4.7 G/s in a quiet profile of the TopK step on the 2-core CPU), the
-dense one 5 more GEMMs of B x F x D (160 G/s), so they cost about the same at K / F = (5/4) x 4.7 / 160."""
+"""A variable-L0 architecture trains on the sparse path while its batch's active fraction (mean active
+latents per row / d_sae) is at most this. An estimate, not a timed crossover: the sparse path does about
+4 x B x L0 x D multiply-adds in the sparse kernels (4.7 G/s in a quiet profile of the TopK step on the
+2-core CPU), the dense one 5 more GEMMs of B x F x D (160 G/s), so they cost about the same at
+L0 / F = (5/4) x 4.7 / 160."""
+PADDING_SLOT_COST = 0.1
+"""What a padding slot of the sparse layout (B x the widest row's count) costs next to an active entry: the
+kernels skip it after an index check, but the [B, K] element-wise passes (selection, activation, penalty)
+still read it. It weighs the widest row into the fraction, so one dense row (or a few) cannot put a
+batch whose mean is low on a layout as large as the dense one."""
 DENSITY_SAMPLE_ROWS = 256
 
 
 class PathChoice:
     """The sparse or the dense training path for an architecture whose number of active latents varies
-    (ReLU, JumpReLU), chosen per step from the widest row the previous step saw: the padded layout costs
-    B x (that row's count). Starts dense, so the first step measures."""
+    (ReLU, JumpReLU, Gated), chosen per step from the previous step's active fraction, measured on the
+    selection itself (sparse) or a sample of rows (dense). Starts dense, so the first step measures."""
 
     def __init__(self) -> None:
         self.fraction = 1.0
+        """The previous step's cost share: max(mean active latents per row, PADDING_SLOT_COST x the widest
+        row's) / d_sae."""
 
     def sparse(self) -> bool:
         return self.fraction <= SPARSE_PATH_MAX_FRACTION
 
     def entries(self, mask_BF: Tensor) -> Tensor:
         """The padded idx_BK of the set entries of ``mask_BF`` (and the measurement for the next step)."""
-        idx_BK = kernels.padded_entries(*mask_BF.nonzero(as_tuple=True), mask_BF.shape[0])
-        self.fraction = idx_BK.shape[1] / mask_BF.shape[1]
+        rows_N, cols_N = mask_BF.nonzero(as_tuple=True)
+        idx_BK = kernels.padded_entries(rows_N, cols_N, mask_BF.shape[0])
+        self.fraction = max(len(rows_N) / mask_BF.shape[0], PADDING_SLOT_COST * idx_BK.shape[1]) / mask_BF.shape[1]
         return idx_BK
 
     @torch.no_grad()
     def observe(self, latents_BF: Tensor) -> None:
         """Measure a dense step on a sample of its rows (a fraction of one pass over [B, F])."""
-        sample_BF = latents_BF[:DENSITY_SAMPLE_ROWS]
-        self.fraction = float((sample_BF != 0).float().sum(dim=1).max()) / sample_BF.shape[1] if len(sample_BF) else 1.0
+        counts_B = (latents_BF[:DENSITY_SAMPLE_ROWS] != 0).float().sum(dim=1)
+        if len(counts_B) == 0:
+            self.fraction = 1.0
+            return
+        mean, widest = torch.stack([counts_B.mean(), counts_B.max()]).tolist()
+        self.fraction = max(mean, PADDING_SLOT_COST * widest) / latents_BF.shape[1]
 
 
 @dataclass(kw_only=True)

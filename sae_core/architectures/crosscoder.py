@@ -155,8 +155,8 @@ class Crosscoder(SparseAutoencoder):
         if self.cfg.activation == "topk":
             vals_BK, idx_BK = kernels.topk_encode(x_BN, W_enc_NF, self.b_enc, self.cfg.k, input_bias_N)
         else:
-            h_BK, idx_BK, h_BF = kernels.selected_pre_acts(x_BN, W_enc_NF, self.b_enc,
-                                                           lambda h: self.path.entries(h > 0), input_bias_N)
+            h_BK, idx_BK = kernels.selected_pre_acts(x_BN, W_enc_NF, self.b_enc,
+                                                     lambda h: self.path.entries(h > 0), input_bias_N)
             vals_BK = torch.relu(h_BK)
         active = ActiveLatents(idx_BK, vals_BK, F)
         x_hat = self._layout(kernels.sparse_decode(idx_BK, vals_BK, W_dec_FN, self.b_dec.reshape(-1)).view_as(x_BSD))

@@ -42,7 +42,7 @@ from sae_core.architectures.base import (
     no_reduce,
     require,
 )
-from sae_core.architectures.batchtopk import batch_topk, batch_topk_entries, padded_sparse_decode
+from sae_core.architectures.batchtopk import batch_topk, batch_topk_entries, padded_sparse_decode, top_entries
 from sae_core.architectures.common import (
     JumpReLUFields,
     KSparsityFields,
@@ -204,8 +204,9 @@ class Transcoder(SparseAutoencoder):
         backward. Sets the batch's threshold estimate for the TopK family."""
         act, F = self.cfg.activation, self.cfg.d_sae
         if act == "topk":
-            vals_BK, idx_BK = kernels.topk_encode(x_BD, self.W_enc, self.b_enc, self.cfg.k)
-            self._batch_threshold = self._sampled_threshold(x_BD)
+            rows = min(len(x_BD), THRESHOLD_SAMPLE_ROWS)
+            vals_BK, idx_BK, sample_RF = kernels.topk_encode_sampled(x_BD, self.W_enc, self.b_enc, self.cfg.k, rows)
+            self._batch_threshold = self._sampled_threshold(sample_RF)
             return ActiveLatents(idx_BK, vals_BK, F), None
         if act == "batchtopk":
             select = partial(batch_topk_entries, k=self.cfg.k)
@@ -215,7 +216,7 @@ class Transcoder(SparseAutoencoder):
             theta_F = self.log_threshold.exp()
             lowest_F = (theta_F - self.cfg.bandwidth / 2).detach()
             select = lambda h: self.path.entries(h > lowest_F)  # noqa: E731
-        h_BK, idx_BK, _ = kernels.selected_pre_acts(x_BD, self.W_enc, self.b_enc, select)
+        h_BK, idx_BK = kernels.selected_pre_acts(x_BD, self.W_enc, self.b_enc, select)
         if act == "jumprelu":
             vals_BK = jumprelu(h_BK, theta_F[idx_BK.clamp_min(0)], self.cfg.bandwidth)
         else:
@@ -226,12 +227,12 @@ class Transcoder(SparseAutoencoder):
         return ActiveLatents(idx_BK, vals_BK, F), h_BK
 
     @torch.no_grad()
-    def _sampled_threshold(self, x_BD: Tensor) -> Tensor:
-        """The (k*b)-th largest relu'd pre-activation of the batch's first b rows (the batch is shuffled):
-        the same quantile as over the whole batch, at a fraction of the cost of a dense [B, F] pass."""
-        rows = x_BD[: min(len(x_BD), THRESHOLD_SAMPLE_ROWS)]
-        flat = torch.relu(self.pre_acts(rows)).flatten()
-        return flat.topk(min(self.cfg.k * len(rows), flat.numel()), sorted=False).values.min()
+    def _sampled_threshold(self, sample_RF: Tensor) -> Tensor:
+        """The (k*b)-th largest of the relu'd pre-activations ``sample_RF`` of the batch's first b rows (the
+        batch is shuffled): the same quantile as over the whole batch, at a fraction of the cost of a dense
+        [B, F] pass."""
+        flat_N = sample_RF.flatten()
+        return flat_N[top_entries(flat_N, min(self.cfg.k * len(sample_RF), flat_N.numel()), min_n=1024)].min()
 
     @torch.no_grad()
     def update_running_stats(self, out: SAEOutput, reduce: Reducer = no_reduce) -> None:

@@ -6,11 +6,13 @@ the environment variable ``SAE_KERNELS``):
 - ``topk_encode(x_BD, W_enc_DF, b_enc_F, k, input_bias_D=None) -> (vals_BK, idx_BK)``: relu of the k
   largest pre-activations (x - input_bias) @ W_enc + b_enc of each row; its backward sends gradient only
   to the selected columns.
+- ``topk_encode_sampled(x_BD, W_enc_DF, b_enc_F, k, sample_rows) -> (vals_BK, idx_BK, sample_RF)``: the same,
+  plus the relu'd pre-activations of the first rows, without gradient.
 - ``sparse_decode(idx_BK, vals_BK, W_dec_FD, b_dec_D) -> x_hat_BD``: sum_j vals[b,j] * W_dec[idx[b,j]] + b_dec.
   Index -1 marks padding (rows with fewer than K non-zeros).
 - ``to_padded(latents_BF, support_BF=None) -> (idx_BK, vals_BK)``: the padded layout of dense latents
   with a variable number of non-zeros per row (JumpReLU, BatchTopK), differentiable in the values.
-- ``selected_pre_acts(x_BD, W_enc_DF, b_enc_F, select, input_bias_D=None) -> (h_BK, idx_BK, h_BF)``: the
+- ``selected_pre_acts(x_BD, W_enc_DF, b_enc_F, select, input_bias_D=None) -> (h_BK, idx_BK)``: the
   pre-activations at the entries a rule picks (BatchTopK's k*B over the batch, a threshold), for
   architectures whose active set is not k per row; the encoder backward touches only those entries.
 - ``padded_entries(rows_N, cols_N, B) -> idx_BK``: the padded layout of (row, column) entries.
@@ -79,19 +81,33 @@ def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
     backend = backend_for(W_enc_DF.device)
     if backend is None:
         return topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k, input_bias_D)
-    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, k, backend)
+    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, k, backend)[:2]
+
+
+def topk_encode_sampled(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
+                        sample_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``topk_encode`` plus relu of all the pre-activations of the first ``sample_rows`` rows [R, F] (no
+    gradient), read from the encoder's own product: a caller estimating a threshold on them (a TopK
+    transcoder's inference threshold) does not multiply those rows again."""
+    backend = backend_for(W_enc_DF.device)
+    if backend is None:
+        vals_BK, idx_BK = topk_encode_reference(x_BD, W_enc_DF, b_enc_F, k)
+        with torch.no_grad():
+            sample_RF = torch.relu(x_BD[:sample_rows] @ W_enc_DF + b_enc_F)
+        return vals_BK, idx_BK, sample_RF
+    return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, None, k, backend, sample_rows)
 
 
 def selected_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: Callable[[Tensor], Tensor],
-                      input_bias_D: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(h_BK, idx_BK, h_BF): h = (x - input_bias) @ W_enc + b_enc at the entries ``select(h_BF)`` returns
-    (padded, -1 padding; chosen without gradient), differentiable with a backward that touches only
-    those entries, and h_BF itself detached."""
+                      input_bias_D: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(h_BK, idx_BK): h = (x - input_bias) @ W_enc + b_enc at the entries ``select(h_BF)`` returns (padded,
+    -1 padding; chosen without gradient, and ``select`` must not keep h_BF), differentiable with a backward
+    that touches only those entries."""
     backend = backend_for(W_enc_DF.device)
     if backend is None:
         h_BF = (x_BD if input_bias_D is None else x_BD - input_bias_D) @ W_enc_DF + b_enc_F
         idx_BK = select(h_BF.detach())
-        return torch.where(idx_BK >= 0, h_BF.gather(1, idx_BK.clamp_min(0)), 0), idx_BK, h_BF.detach()
+        return torch.where(idx_BK >= 0, h_BF.gather(1, idx_BK.clamp_min(0)), 0), idx_BK
     return SelectedPreActs.apply(x_BD, W_enc_DF, b_enc_F, input_bias_D, select, backend)
 
 
@@ -103,5 +119,6 @@ __all__ = [
     "sparse_decode_reference",
     "to_padded",
     "topk_encode",
+    "topk_encode_sampled",
     "topk_encode_reference",
 ]

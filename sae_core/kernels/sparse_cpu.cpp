@@ -32,12 +32,17 @@ inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_
 }
 
 inline float dot(const float* __restrict x, const float* __restrict y, int64_t d) {
-    // Eight partial sums let the compiler vectorise without -ffast-math.
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    // 32 partial sums let the compiler vectorise without -ffast-math, into four independent vector
+    // accumulators: with one (8 partial sums) every multiply-add waits for the previous one's latency,
+    // which made row_dots 3-4x slower than gather_sum over the same rows.
+    constexpr int kLanes = 32;
+    float acc[kLanes] = {};
     int64_t i = 0;
-    for (; i + 8 <= d; i += 8)
-        for (int l = 0; l < 8; ++l) acc[l] += x[i + l] * y[i + l];
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i + kLanes <= d; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l] * y[i + l];
+    for (int w = kLanes / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    float s = acc[0];
     for (; i < d; ++i) s += x[i] * y[i];
     return s;
 }

@@ -116,6 +116,25 @@ def test_topk_encode_matches_reference(mode, B, D, F, k, dtype):
     assert_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_rows", [4, 7])
+def test_topk_encode_in_row_chunks_matches_reference(mode, monkeypatch, chunk_rows):
+    """The CPU path's row blocks (ops.CPU_CHUNK_ROWS; a ragged last block at 7) give the one-product result,
+    and topk_encode_sampled's rows are the relu'd product of the first rows."""
+    from sae_core.kernels import ops
+
+    monkeypatch.setattr(ops, "CPU_CHUNK_ROWS", chunk_rows)
+    inputs = encode_inputs(25, 6, 30, torch.float32)
+    vals_BK, idx_BK, sample_RF = kernels.topk_encode_sampled(*inputs, 4, 3)
+    ref_vals_BK, ref_idx_BK = kernels.topk_encode_reference(*inputs, 4)
+    torch.testing.assert_close(sorted_by_index(vals_BK, idx_BK), sorted_by_index(ref_vals_BK, ref_idx_BK))
+    x_BD, W_enc_DF, b_enc_F = inputs
+    torch.testing.assert_close(sample_RF, torch.relu(x_BD[:3] @ W_enc_DF + b_enc_F).detach())
+    weight_F = torch.randn(30, generator=torch.Generator().manual_seed(8))
+    grads = torch.autograd.grad((vals_BK * weight_F[idx_BK]).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_vals_BK * weight_F[ref_idx_BK]).sum(), inputs)
+    assert_all_close(grads, ref_grads, rtol=1e-5, atol=1e-5)
+
+
 def test_topk_encode_input_bias_matches_reference(mode):
     x_BD, W_enc_DF, b_enc_F = encode_inputs(23, 7, 40, torch.float32)
     x_BD.requires_grad_(False)  # as in training: only the input bias (b_dec) carries gradient into x - b
@@ -298,6 +317,29 @@ def test_matryoshka_sparse_prefixes_match_dense_definition():
         results.append([*(r.detach() for r in recons), sae.W_dec.grad.clone(), sae.W_enc.grad.clone(), sae.b_dec.grad.clone()])
     assert_all_close(results[0][:4], dense, rtol=1e-5, atol=1e-5)
     assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_x_hat", [True, False])
+def test_matryoshka_prefix_errors_match_autograd_of_the_definition(use_x_hat):
+    """PrefixErrors (the in-place prefix MSEs the module trains on) against running sums and mse_loss."""
+    from sae_core.architectures.base import mse_loss
+    from sae_core.architectures.matryoshka import PrefixErrors
+
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(4, 9, 7, generator=gen), torch.randn(9, 7, generator=gen), torch.randn(7, generator=gen)]
+    w_G, w_BD = torch.randn(4, generator=gen), torch.randn(9, 7, generator=gen)
+    results = []
+    for fused in (True, False):
+        partial_GBD, x_BD, b_dec_D = (t.clone().requires_grad_() for t in leaves)
+        if fused:
+            mse_G, x_hat_BD = PrefixErrors.apply(partial_GBD, x_BD, b_dec_D)
+        else:
+            recons = list(torch.cumsum(partial_GBD, 0) + b_dec_D)
+            mse_G, x_hat_BD = torch.stack([mse_loss(r, x_BD) for r in recons]), recons[-1]
+        loss = (mse_G * w_G).sum() + ((x_hat_BD * w_BD).sum() if use_x_hat else 0)
+        loss.backward()
+        results.append([mse_G, x_hat_BD, partial_GBD.grad, x_BD.grad, b_dec_D.grad])
+    assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
