@@ -47,6 +47,7 @@ from workflows.autointerp_examples import (
     threshold_projections,
     track,
 )
+from workflows.autointerp_likelihood import likelihood_questions
 from workflows.autointerp_stats import auroc, balanced_accuracy, bootstrap_ci, difference_ci
 from workflows.corpus import Windows
 from workflows.errors import UserError
@@ -99,14 +100,14 @@ def _yes_minus_no(judge: Judge, chats: list) -> np.ndarray:
     return lp[:, 0] - lp[:, 1] if len(chats) else np.zeros(0)
 
 
-def score(
+def question_scores(
     judge: Judge,
     latents: list[LatentExamples],
     explanations: list[str],
     cfg: AutoInterpConfig,
     rng: np.random.Generator,
-) -> list[dict[str, Any]]:
-    """Per latent: detection and fuzzing question scores and labels, and their AUROCs."""
+) -> list[dict[str, list]]:
+    """Per latent: the Yes/No detection and fuzzing questions' scores and labels."""
     det_chats, det_meta, fuzz_chats, fuzz_meta = [], [], [], []
     for i, (lx, expl) in enumerate(zip(latents, explanations, strict=True)):
         for ex, label in [(e, 1) for e in lx.positives] + [(e, 0) for e in lx.negatives]:
@@ -119,18 +120,43 @@ def score(
                 fuzz_meta.append((i, label))
     det, fuzz = _yes_minus_no(judge, det_chats), _yes_minus_no(judge, fuzz_chats)
     rows = []
-    for i, (lx, expl) in enumerate(zip(latents, explanations, strict=True)):
-        d = [(s, lab) for s, (j, lab) in zip(det, det_meta, strict=True) if j == i]
-        f = [(s, lab) for s, (j, lab) in zip(fuzz, fuzz_meta, strict=True) if j == i]
-        row = {
-            "latent": lx.latent,
-            "density": lx.density,
-            "explanation": expl,
-            "detection_scores": [float(s) for s, _ in d],
-            "detection_labels": [lab for _, lab in d],
-            "fuzzing_scores": [float(s) for s, _ in f],
-            "fuzzing_labels": [lab for _, lab in f],
-        }
+    for i in range(len(latents)):
+        d = [(float(s), lab) for s, (j, lab) in zip(det, det_meta, strict=True) if j == i]
+        f = [(float(s), lab) for s, (j, lab) in zip(fuzz, fuzz_meta, strict=True) if j == i]
+        rows.append(
+            {
+                "detection_scores": [s for s, _ in d],
+                "detection_labels": [lab for _, lab in d],
+                "fuzzing_scores": [s for s, _ in f],
+                "fuzzing_labels": [lab for _, lab in f],
+            }
+        )
+    return rows
+
+
+def resolve_scoring(cfg: AutoInterpConfig, scorer: Judge) -> str:
+    """``likelihood`` or ``questions``: ``auto`` is likelihood when the scorer exposes token log-probs."""
+    if cfg.scoring != "auto":
+        return cfg.scoring
+    return "likelihood" if hasattr(scorer, "continuation_logprobs") else "questions"
+
+
+def score(
+    judge: Judge,
+    latents: list[LatentExamples],
+    explanations: list[str],
+    windows: Windows,
+    cfg: AutoInterpConfig,
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """Per latent: detection and fuzzing scores and labels, and their AUROCs (``cfg.scoring`` picks how)."""
+    if resolve_scoring(cfg, judge) == "likelihood":
+        parts = likelihood_questions(judge, latents, explanations, windows, cfg, rng, fuzz_pairs)
+    else:
+        parts = question_scores(judge, latents, explanations, cfg, rng)
+    rows = []
+    for lx, expl, part in zip(latents, explanations, parts, strict=True):
+        row = {"latent": lx.latent, "density": lx.density, "explanation": expl, **part}
         row["detection_auroc"] = auroc(np.array(row["detection_scores"]), np.array(row["detection_labels"]))
         row["fuzzing_auroc"] = auroc(np.array(row["fuzzing_scores"]), np.array(row["fuzzing_labels"]))
         row["score"] = float(np.nanmean([row["detection_auroc"], row["fuzzing_auroc"]]))
@@ -232,21 +258,32 @@ def run_autointerp(
         random_chosen = choose_latents(rtracked, windows, cfg, rng, text)
     everything = chosen + random_chosen
     explanations = explain(explainer, everything, cfg)
-    rows = _with_examples(score(scorer, everything, explanations, cfg, rng), everything, cfg)
+    rows = _with_examples(score(scorer, everything, explanations, windows, cfg, rng), everything, cfg)
     trained, control = rows[: len(chosen)], rows[len(chosen) :]
-    metrics = summarize(trained, cfg)
+    metrics = {
+        **summarize(trained, cfg),
+        "scoring_likelihood": float(resolve_scoring(cfg, scorer) == "likelihood"),
+    }
     if control:
         metrics.update(control_metrics(trained, control, cfg))
+    if cfg.shuffled and len(chosen) > 1:
+        # Each latent's examples scored with the next latent's explanation: what the scorer gets without it.
+        shuffled = score(scorer, chosen, explanations[1 : len(chosen)] + explanations[:1], windows, cfg, rng)
+        metrics.update(control_metrics(trained, shuffled, cfg, prefix="shuffled"))
     return AutoInterpReport(metrics=metrics, latents=trained, control=control)
 
 
-def control_metrics(trained: list[dict], control: list[dict], cfg: AutoInterpConfig) -> dict[str, float]:
-    """The random directions' scores and the trained latents' margin over them, with intervals."""
-    out = {f"control_{k}": v for k, v in summarize(control, cfg).items()}
+def control_metrics(
+    trained: list[dict], control: list[dict], cfg: AutoInterpConfig, prefix: str = "control"
+) -> dict[str, float]:
+    """The ``control`` rows' scores as ``{prefix}_*`` and the trained latents' margin over them (``margin_*``
+    for the random directions, ``{prefix}_margin_*`` otherwise), with intervals."""
+    out = {f"{prefix}_{k}": v for k, v in summarize(control, cfg).items()}
+    margin = "margin" if prefix == "control" else f"{prefix}_margin"
     for key in ("score", "detection_auroc", "fuzzing_auroc"):
         a, b = np.array([r[key] for r in trained], float), np.array([r[key] for r in control], float)
-        out[f"margin_{key}"] = float(np.nanmean(a) - np.nanmean(b))
-        out[f"margin_{key}_lo"], out[f"margin_{key}_hi"] = difference_ci(a, b, cfg.n_bootstrap, cfg.seed)
+        out[f"{margin}_{key}"] = float(np.nanmean(a) - np.nanmean(b))
+        out[f"{margin}_{key}_lo"], out[f"{margin}_{key}_hi"] = difference_ci(a, b, cfg.n_bootstrap, cfg.seed)
     return out
 
 
@@ -256,8 +293,9 @@ def format_report(metrics: dict[str, float]) -> str:
     def ci(key: str) -> str:
         return f"{metrics[key]:.3f} [{metrics[key + '_lo']:.3f}, {metrics[key + '_hi']:.3f}]"
 
+    how = "likelihood" if metrics.get("scoring_likelihood") else "questions"
     lines = [
-        f"auto-interp over {int(metrics['n_latents'])} latents: score {ci('score')}, "
+        f"auto-interp ({how} scoring) over {int(metrics['n_latents'])} latents: score {ci('score')}, "
         f"detection AUROC {ci('detection_auroc')}, fuzzing AUROC {ci('fuzzing_auroc')}"
     ]
     if "margin_score" in metrics:
@@ -265,6 +303,11 @@ def format_report(metrics: dict[str, float]) -> str:
             f"control ({int(metrics['control_n_latents'])} random directions): score "
             f"{ci('control_score')}; margin {ci('margin_score')} (detection {ci('margin_detection_auroc')}, "
             f"fuzzing {ci('margin_fuzzing_auroc')})"
+        )
+    if "shuffled_margin_score" in metrics:
+        lines.append(
+            f"shuffled explanations (each latent scored with another's): score {ci('shuffled_score')}; "
+            f"margin {ci('shuffled_margin_score')}"
         )
     return "\n".join(lines)
 

@@ -147,6 +147,41 @@ class LocalJudge:
         return out
 
     @torch.no_grad()
+    def continuation_logprobs(
+        self, prefix: Sequence[int], texts: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        """Per text, the log-probability of each of its tokens after ``prefix`` + the text's earlier tokens
+        (plain token ids, no chat template). The prefix runs once; texts run right-padded in batches."""
+        if not texts:
+            return []
+        P = len(prefix) - 1
+        cache = self._prefill(list(prefix[:P]))
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), self.batch_size):
+            rows = [[prefix[P], *t] for t in texts[start : start + self.batch_size]]
+            B, S = len(rows), max(len(r) for r in rows)
+            ids = torch.full((B, S), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((B, P + S), dtype=torch.long)
+            mask[:, :P] = 1
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, P : P + len(r)] = 1
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(B)
+            logits = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=torch.arange(P, P + S, device=self.device)[None].expand(B, S),
+                cache=batch_cache,
+                use_cache=True,
+            ).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None].to(self.device))[
+                ..., 0
+            ]
+            out += [logp[i, : len(r) - 1].cpu().numpy() for i, r in enumerate(rows)]
+        return out
+
+    @torch.no_grad()
     def generate(self, chats: Sequence[Chat], max_new_tokens: int) -> list[str]:
         if not chats:
             return []
