@@ -23,6 +23,7 @@ from workflows.autointerp import (
     run_autointerp,
     scan,
 )
+from workflows.autointerp_likelihood import token_lifts
 from workflows.autointerp_prompts import marked_tokens, render
 from workflows.autointerp_stats import auroc, balanced_accuracy, bootstrap_ci, difference_ci
 from workflows.corpus import iter_documents, pack_windows
@@ -201,6 +202,20 @@ def test_local_judge_equals_plain_forward_and_generate(loaded):
             ref = loaded.model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
         assert row == pytest.approx(lp[[40, 41, 42]].numpy(), abs=1e-4)
         assert text == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_continuation_logprobs_equal_a_plain_forward(loaded):
+    judge = LocalJudge(loaded.model, loaded.tokenizer, batch_size=2)  # batches of 2 and 1, uneven lengths
+    prefix = [5, 17, 33, 2, 9]
+    texts = [[40, 41, 42, 43], [7], [100, 3, 8]]
+    got = judge.continuation_logprobs(prefix, texts)
+    for text, row in zip(texts, got, strict=True):
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([prefix + text])).logits[0].float()
+        want = torch.log_softmax(logits, -1)[len(prefix) - 1 : -1].gather(1, torch.tensor(text)[:, None])[:, 0]
+        assert row == pytest.approx(want.numpy(), abs=1e-4)
+    with pytest.raises(UserError, match="likelihood scoring"):
+        token_lifts(OpenAIJudge("http://127.0.0.1:9/v1", "tiny"), ["x"], [[[1, 2]]])
 
 
 def test_openai_client_against_a_local_server(loaded, server, monkeypatch):
