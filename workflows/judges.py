@@ -6,6 +6,10 @@ A judge does two things on chats (lists of ``{"role", "content"}`` messages):
 - ``option_logprobs(chats, options)``: [N, O] log-probabilities of the first token of each answer
   option as the assistant's first token (the scorer's Yes/No). One forward per question, no sampling.
 
+:class:`LocalJudge` also gives ``continuation_logprobs(prefix, texts)``: per-token log-probabilities of
+plain token sequences after a shared prefix (likelihood scoring, workflows/autointerp_likelihood.py),
+which a chat endpoint does not return.
+
 :class:`LocalJudge` runs a transformers model in this process (the default is the built-in SmolLM2).
 Chats in one call share a long few-shot prefix, so it runs that prefix once and reuses its KV cache for
 every question (and, per batch, the batch's own common prefix, e.g. the explanation), then the distinct
@@ -154,6 +158,8 @@ class LocalJudge:
         (plain token ids, no chat template). The prefix runs once; texts run right-padded in batches."""
         if not texts:
             return []
+        if len(prefix) < 2:
+            raise ValueError("continuation_logprobs needs a prefix of at least 2 tokens")
         P = len(prefix) - 1
         cache = self._prefill(list(prefix[:P]))
         out: list[np.ndarray] = []
@@ -175,9 +181,8 @@ class LocalJudge:
                 cache=batch_cache,
                 use_cache=True,
             ).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None].to(self.device))[
-                ..., 0
-            ]
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            logp = logp.gather(2, ids[:, 1:, None].to(self.device))[..., 0]
             out += [logp[i, : len(r) - 1].cpu().numpy() for i, r in enumerate(rows)]
         return out
 
