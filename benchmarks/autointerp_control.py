@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=16384, help="tokens collected when no --store")
     parser.add_argument("--d-sae", type=int, default=2304)
     parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--latents", type=int, default=16)
+    parser.add_argument("--latents", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=6000, help="held-out tokens scanned after the SAE's")
     parser.add_argument("--scoring", default="auto", help="auto, likelihood or questions (AutoInterpConfig)")
     parser.add_argument("--seed", type=int, default=0)

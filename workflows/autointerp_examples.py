@@ -36,17 +36,17 @@ class AutoInterpConfig:
     """Top-activating examples shown to the explainer."""
     n_explain_quantile: int = 2
     """Sampled examples at evenly spaced activation quantiles shown to the explainer."""
-    n_positives: int = 5
+    n_positives: int = 10
     """Held-out firing examples per latent for the scorers."""
-    positive_quantile: float = 0.5
+    positive_quantile: float = 0.8
     """Held-out positives are drawn from the sampled firing tokens whose activation is at least this
     quantile of the sampled activations (0: any firing token). Weak firings of a briefly trained SAE are
     mostly noise that no explanation predicts; the random directions of the control get the same rule."""
-    n_negatives: int = 5
+    n_negatives: int = 10
     """Contexts where the latent fires nowhere, per latent (detection)."""
     top_k: int = 20
     """Top activations tracked per candidate latent."""
-    n_samples: int = 40
+    n_samples: int = 80
     """Uniformly sampled firing tokens tracked per candidate latent."""
     left: int = 6
     """Tokens shown before an example's firing token."""

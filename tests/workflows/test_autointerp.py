@@ -387,9 +387,9 @@ def test_bench_metric_and_flags(loaded, setup, server):
 
 # -- the control on the real default model ----------------------------------------------------------
 # The benchmark's setup (benchmarks/autointerp_control.py defaults): a TopK SAE trained 250 steps on the
-# fixture's 16k tokens, 16 latents and 16 random directions on the next 6000 tokens, default config.
+# fixture's 16k tokens, 32 latents and 32 random directions on the next 6000 tokens, default config.
 D_SAE, STEPS = 2304, 250
-CONTROL_CFG = AutoInterpConfig(n_latents=16, seed=0)
+CONTROL_CFG = AutoInterpConfig(n_latents=32, seed=0)
 
 
 @pytest.mark.slow
@@ -421,4 +421,4 @@ def test_control_passes_on_smollm2_with_likelihood_scoring(smollm2_store, tmp_pa
     assert m["scoring_likelihood"] == 1.0 and m["n_latents"] == CONTROL_CFG.n_latents
     assert m["margin_score_lo"] > 0, "trained latents do not score above random directions"
     assert m["shuffled_margin_score_lo"] > 0, "the scorer does not depend on the explanation"
-    assert abs(m["shuffled_score"] - 0.5) < 0.1  # another latent's explanation: chance
+    assert m["shuffled_score"] < 0.6  # another latent's explanation: chance or below
