@@ -326,6 +326,7 @@ def test_pipeline_through_the_endpoint(loaded, setup, server):
         max_new_tokens=6,
         n_bootstrap=200,
         max_density=0.5,
+        positive_quantile=0.0,  # 12 samples: any firing token is a positive
     )
     report = run_autointerp(
         sae, loaded.model, loaded.tokenizer, HOOK, windows, explainer=judge, scorer=judge, cfg=cfg
@@ -339,6 +340,8 @@ def test_pipeline_through_the_endpoint(loaded, setup, server):
     assert "margin" in format_report(m)
     with pytest.raises(UserError, match="n_positives"):
         AutoInterpConfig(n_samples=4)
+    with pytest.raises(UserError, match="scoring must be one of"):
+        AutoInterpConfig(scoring="surprise")
 
 
 def test_bench_metric_and_flags(loaded, setup, server):
@@ -365,6 +368,7 @@ def test_bench_metric_and_flags(loaded, setup, server):
         "max_new_tokens": 4,
         "n_bootstrap": 100,
         "max_density": 0.5,
+        "positive_quantile": 0.0,
         "control": False,
     }
     ctx = bench.BenchContext(
