@@ -36,6 +36,7 @@ from torch import Tensor
 
 from workflows import autointerp_prompts as prompts
 from workflows.autointerp_examples import (
+    SCORINGS,
     AutoInterpConfig,
     Example,
     LatentExamples,
@@ -382,9 +383,15 @@ def add_autointerp_flags(parser: Any) -> None:
         "--api-key-env", help="environment variable holding the endpoints' API key (default OPENAI_API_KEY)"
     )
     group.add_argument("--n-latents", type=int, help="latents explained and scored per SAE (default 16)")
+    group.add_argument(
+        "--scoring",
+        choices=SCORINGS,
+        help="likelihood (the explanation's lift of the scorer's token log-probs; local scorer), questions "
+        "(Yes/No; any judge) or auto (default: likelihood for a local scorer, questions for an endpoint)",
+    )
 
 
 def autointerp_options(args: Any) -> dict[str, Any]:
     """The options those flags set (``options["autointerp"]`` of a BenchContext)."""
-    keys = (*ENDPOINT_OPTIONS, "n_latents")
+    keys = (*ENDPOINT_OPTIONS, "n_latents", "scoring")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}

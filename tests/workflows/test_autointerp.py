@@ -354,6 +354,7 @@ def test_bench_metric_and_flags(loaded, setup, server):
     args = parser.parse_args(["--explainer-url", server, "--explainer-model", "tiny", "--n-latents", "2"])
     options = autointerp_options(args)
     assert options == {"explainer_url": server, "explainer_model": "tiny", "n_latents": 2}
+    assert autointerp_options(parser.parse_args(["--scoring", "questions"])) == {"scoring": "questions"}
     bench = pytest.importorskip("workflows.bench")  # `sae bench` (workflows/bench.py) lands on another branch
     sae, windows = setup
     small = {
@@ -382,6 +383,7 @@ def test_bench_metric_and_flags(loaded, setup, server):
     )
     result = bench.get_metric("autointerp")(ctx)
     assert result.metrics["n_latents"] == 2 and "margin_score" not in result.metrics
+    assert result.metrics["scoring_likelihood"] == 1.0  # the local scorer: likelihood by default
     assert json.loads(json.dumps(result.details))["config"]["seed"] == 3
     assert any(body["model"] == "tiny" and "logprobs" not in body for _, _, body in ChatServer.seen)
     ctx.options = {"autointerp": {"n_latent": 2}}
