@@ -11,16 +11,18 @@
    random contexts where the latent fires nowhere.
 2. **Explanations**: greedy, one line, from the marked examples (workflows/autointerp_prompts.py).
 3. **Scores**: detection (is this text one where the latent fires? positives vs negatives) and fuzzing
-   (are the marked tokens the active ones? each positive once marked correctly, once with as many
-   random inactive tokens marked). A question's score is log P(Yes) - log P(No) of the scorer's first
-   answer token; per latent, AUROC of positives against the others (threshold-free, so the judge's bias
-   towards Yes or No cancels). Balanced accuracy uses the median score of all that SAE's questions as
-   the threshold (half the questions are positives). ``score`` is the mean of the two AUROCs.
-   Intervals: 95% percentile bootstrap over latents.
+   (are these tokens the active ones? the active tokens of each positive against as many random inactive
+   ones). ``cfg.scoring`` picks the scorer's task: ``likelihood`` (workflows/autointerp_likelihood.py: how
+   much the explanation raises the scorer LM's log-probability of the example's tokens) or ``questions``
+   (Yes/No; a question's score is log P(Yes) - log P(No) of the first answer token, fuzzing shows the
+   tokens marked). Per latent, AUROC of positives against the others (threshold-free, so the judge's bias
+   cancels). Balanced accuracy uses the median score of all that SAE's questions as the threshold.
+   ``score`` is the mean of the two AUROCs. Intervals: 95% percentile bootstrap over latents.
 4. **Control**: the same number of random unit directions in activation space, each thresholded at the
    quantile that gives it the firing density of one of the chosen latents, go through the same steps on
    the same windows. A pipeline that measures something scores trained latents above them; the margin
-   is the difference of mean scores, with a bootstrap interval.
+   is the difference of mean scores, with a bootstrap interval. With ``cfg.shuffled`` the trained latents
+   are scored again with each other's explanations: a scorer that reads the explanation drops to chance.
 """
 
 from __future__ import annotations
