@@ -270,10 +270,24 @@ def run_autointerp(
     if control:
         metrics.update(control_metrics(trained, control, cfg))
     if cfg.shuffled and len(chosen) > 1:
-        # Each latent's examples scored with the next latent's explanation: what the scorer gets without it.
-        shuffled = score(scorer, chosen, explanations[1 : len(chosen)] + explanations[:1], windows, cfg, rng)
-        metrics.update(control_metrics(trained, shuffled, cfg, prefix="shuffled"))
+        metrics.update(
+            shuffled_metrics(scorer, chosen, explanations[: len(chosen)], trained, windows, cfg, rng)
+        )
     return AutoInterpReport(metrics=metrics, latents=trained, control=control)
+
+
+def shuffled_metrics(
+    scorer: Judge,
+    chosen: list[LatentExamples],
+    explanations: list[str],
+    trained: list[dict],
+    windows: Windows,
+    cfg: AutoInterpConfig,
+    rng: np.random.Generator,
+) -> dict[str, float]:
+    """Each latent's examples scored with the next latent's explanation: what the scorer gets without it."""
+    shuffled = score(scorer, chosen, explanations[1:] + explanations[:1], windows, cfg, rng)
+    return control_metrics(trained, shuffled, cfg, prefix="shuffled")
 
 
 def control_metrics(
