@@ -3,8 +3,9 @@ corpus (a collected --store, or collected here), explained and scored on the nex
 density-matched random directions on the same windows, and against its own examples scored with shuffled
 explanations. Prints the scores, the margins and their 95% bootstrap intervals (README, auto-interpretation).
 
-With the built-in SmolLM2-135M as its own judge, likelihood scoring (the default for a local scorer) passes
-and Yes/No questions (--scoring questions) are at chance (README); point the judges at a stronger model with
+With the built-in SmolLM2-135M as its own judge, likelihood scoring (the default for a local scorer) puts the
+trained latents above the random directions (interval above 0 on seed 0, not on every seed: README) and Yes/No
+questions (--scoring questions) are at chance; point the judges at a stronger model with
 --scorer-url/--explainer-url (any OpenAI-compatible server returning logprobs; scored by questions).
 
     .venv/bin/python benchmarks/autointerp_control.py [--store S] [--scorer-url http://127.0.0.1:8000/v1 ...]
