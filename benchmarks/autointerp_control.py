@@ -1,12 +1,14 @@
-"""The auto-interp control on a real model: a TopK SAE trained briefly on a collected store, explained and
-scored on the next tokens of the corpus, against as many density-matched random directions on the same
-windows. Prints the scores, the margin and its 95% bootstrap interval (README, auto-interpretation).
+"""The auto-interp control on a real model: a TopK SAE trained briefly on the first tokens of the default
+corpus (a collected --store, or collected here), explained and scored on the next tokens, against as many
+density-matched random directions on the same windows, and against its own examples scored with shuffled
+explanations. Prints the scores, the margins and their 95% bootstrap intervals (README, auto-interpretation).
 
-With the built-in SmolLM2-135M as its own judge the margin is at chance (README table); point the judges at
-a stronger model with --scorer-url/--explainer-url (any OpenAI-compatible server returning logprobs).
+With the built-in SmolLM2-135M as its own judge, likelihood scoring (the default for a local scorer) puts the
+trained latents above the random directions (interval above 0 on seed 0, not on every seed: README) and Yes/No
+questions (--scoring questions) are at chance; point the judges at a stronger model with
+--scorer-url/--explainer-url (any OpenAI-compatible server returning logprobs; scored by questions).
 
-    sae collect --hook blocks.6.hook_resid_post --tokens 16384 --out /tmp/store
-    .venv/bin/python benchmarks/autointerp_control.py --store /tmp/store [--scorer-url http://127.0.0.1:8000/v1 ...]
+    .venv/bin/python benchmarks/autointerp_control.py [--store S] [--scorer-url http://127.0.0.1:8000/v1 ...]
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from sae_core.io import load_sae, save_sae
 from sae_core.registry import build, make_config
 from sae_core.store import ActivationStore
 from sae_core.trainer import TrainConfig, Trainer
-from workflows.autointerp import AutoInterpConfig, format_report, judges_from_options, run_autointerp
+from workflows.autointerp import (
+    AutoInterpConfig,
+    format_report,
+    hook_batches,
+    judges_from_options,
+    run_autointerp,
+)
 from workflows.evaluate import held_out_windows
 from workflows.models import load_model
 
@@ -30,35 +38,65 @@ from workflows.models import load_model
 def train_topk(acts: torch.Tensor, *, d_sae: int, k: int, steps: int, batch: int) -> torch.nn.Module:
     torch.manual_seed(0)
     sae = build(make_config("topk", d_in=acts.shape[1], d_sae=d_sae, k=k))
-    trainer = Trainer(sae, TrainConfig(steps=steps, batch_size=batch, lr=1e-3, lr_decay_steps=steps // 4,
-                                       log_every=10**6))
+    trainer = Trainer(
+        sae, TrainConfig(steps=steps, batch_size=batch, lr=1e-3, lr_decay_steps=steps // 4, log_every=10**6)
+    )
     order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))
-    list(trainer.fit(acts[order[(i * batch) % (len(acts) - batch):][:batch]] for i in range(steps)))
+    list(trainer.fit(acts[order[(i * batch) % (len(acts) - batch) :][:batch]] for i in range(steps)))
     folder = Path(tempfile.mkdtemp()) / "sae"
     return load_sae(save_sae(sae, folder, scaling_factor=trainer.scaling_factor)).eval()
 
 
+def collect(model, hook: str, n_tokens: int) -> torch.Tensor:
+    """[N, D] activations at ``hook`` of the first ``n_tokens`` kept tokens of the default corpus (what
+    ``sae collect`` stores, without Ray)."""
+    windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=n_tokens)
+    batches = hook_batches(model.model, hook, windows, 8)
+    return torch.cat([acts[torch.from_numpy(keep)] for acts, keep, _ in batches])[:n_tokens]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", required=True, help="a collected store of the default model")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--store", help="a collected store of the default model (default: collect here)")
     parser.add_argument("--hook", default="blocks.6.hook_resid_post")
-    parser.add_argument("--latents", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=6000, help="held-out tokens scanned after the store's")
+    parser.add_argument("--train-tokens", type=int, default=16384, help="tokens collected when no --store")
+    parser.add_argument("--d-sae", type=int, default=2304)
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--latents", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=6000, help="held-out tokens scanned after the SAE's")
+    parser.add_argument("--scoring", default="auto", help="auto, likelihood or questions (AutoInterpConfig)")
     parser.add_argument("--seed", type=int, default=0)
     for who in ("explainer", "scorer"):
-        parser.add_argument(f"--{who}-url", help=f"OpenAI-compatible endpoint of the {who} (default: local model)")
+        parser.add_argument(
+            f"--{who}-url", help=f"OpenAI-compatible endpoint of the {who} (default: local model)"
+        )
         parser.add_argument(f"--{who}-model", help="the server's model id (key in $OPENAI_API_KEY)")
     args = parser.parse_args()
 
-    store = ActivationStore(args.store)
-    sae = train_topk(store.read_hook(args.hook), d_sae=2304, k=32, steps=250, batch=1024)
-    model = load_model()
-    windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=args.tokens,
-                               skip_tokens=store.n_tokens)
-    explainer, scorer = judges_from_options(vars(args), model)  # one local judge for both when no URL
     start = time.perf_counter()
-    report = run_autointerp(sae, model.model, model.tokenizer, args.hook, windows, explainer=explainer,
-                            scorer=scorer, cfg=AutoInterpConfig(n_latents=args.latents, seed=args.seed))
+    model = load_model()
+    if args.store:
+        store = ActivationStore(args.store)
+        acts, n_train = store.read_hook(args.hook), store.n_tokens
+    else:
+        acts = collect(model, args.hook, args.train_tokens)
+        n_train = len(acts)
+    sae = train_topk(acts, d_sae=args.d_sae, k=32, steps=args.steps, batch=1024)
+    print(
+        f"SAE: topk d_sae {args.d_sae}, {args.steps} steps on {n_train} tokens "
+        f"({time.perf_counter() - start:.0f} s with the activations)"
+    )
+    windows = held_out_windows(
+        model.tokenizer, corpus=None, context_size=128, n_tokens=args.tokens, skip_tokens=n_train
+    )
+    explainer, scorer = judges_from_options(vars(args), model)  # one local judge for both when no URL
+    cfg = AutoInterpConfig(n_latents=args.latents, seed=args.seed, scoring=args.scoring)
+    start = time.perf_counter()
+    report = run_autointerp(
+        sae, model.model, model.tokenizer, args.hook, windows, explainer=explainer, scorer=scorer, cfg=cfg
+    )
     print(format_report(report.metrics))
     print(f"({time.perf_counter() - start:.0f} s for the auto-interp pass)")
     for row in report.latents[:5]:

@@ -11,16 +11,18 @@
    random contexts where the latent fires nowhere.
 2. **Explanations**: greedy, one line, from the marked examples (workflows/autointerp_prompts.py).
 3. **Scores**: detection (is this text one where the latent fires? positives vs negatives) and fuzzing
-   (are the marked tokens the active ones? each positive once marked correctly, once with as many
-   random inactive tokens marked). A question's score is log P(Yes) - log P(No) of the scorer's first
-   answer token; per latent, AUROC of positives against the others (threshold-free, so the judge's bias
-   towards Yes or No cancels). Balanced accuracy uses the median score of all that SAE's questions as
-   the threshold (half the questions are positives). ``score`` is the mean of the two AUROCs.
-   Intervals: 95% percentile bootstrap over latents.
+   (are these tokens the active ones? the active tokens of each positive against as many random inactive
+   ones). ``cfg.scoring`` picks the scorer's task: ``likelihood`` (workflows/autointerp_likelihood.py: how
+   much the explanation raises the scorer LM's log-probability of the example's tokens) or ``questions``
+   (Yes/No; a question's score is log P(Yes) - log P(No) of the first answer token, fuzzing shows the
+   tokens marked). Per latent, AUROC of positives against the others (threshold-free, so the judge's bias
+   cancels). Balanced accuracy uses the median score of all that SAE's questions as the threshold.
+   ``score`` is the mean of the two AUROCs. Intervals: 95% percentile bootstrap over latents.
 4. **Control**: the same number of random unit directions in activation space, each thresholded at the
    quantile that gives it the firing density of one of the chosen latents, go through the same steps on
    the same windows. A pipeline that measures something scores trained latents above them; the margin
-   is the difference of mean scores, with a bootstrap interval.
+   is the difference of mean scores, with a bootstrap interval. With ``cfg.shuffled`` the trained latents
+   are scored again with each other's explanations: a scorer that reads the explanation drops to chance.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import Tensor
 
 from workflows import autointerp_prompts as prompts
 from workflows.autointerp_examples import (
+    SCORINGS,
     AutoInterpConfig,
     Example,
     LatentExamples,
@@ -47,6 +50,7 @@ from workflows.autointerp_examples import (
     threshold_projections,
     track,
 )
+from workflows.autointerp_likelihood import likelihood_questions
 from workflows.autointerp_stats import auroc, balanced_accuracy, bootstrap_ci, difference_ci
 from workflows.corpus import Windows
 from workflows.errors import UserError
@@ -99,14 +103,14 @@ def _yes_minus_no(judge: Judge, chats: list) -> np.ndarray:
     return lp[:, 0] - lp[:, 1] if len(chats) else np.zeros(0)
 
 
-def score(
+def question_scores(
     judge: Judge,
     latents: list[LatentExamples],
     explanations: list[str],
     cfg: AutoInterpConfig,
     rng: np.random.Generator,
-) -> list[dict[str, Any]]:
-    """Per latent: detection and fuzzing question scores and labels, and their AUROCs."""
+) -> list[dict[str, list]]:
+    """Per latent: the Yes/No detection and fuzzing questions' scores and labels."""
     det_chats, det_meta, fuzz_chats, fuzz_meta = [], [], [], []
     for i, (lx, expl) in enumerate(zip(latents, explanations, strict=True)):
         for ex, label in [(e, 1) for e in lx.positives] + [(e, 0) for e in lx.negatives]:
@@ -119,18 +123,43 @@ def score(
                 fuzz_meta.append((i, label))
     det, fuzz = _yes_minus_no(judge, det_chats), _yes_minus_no(judge, fuzz_chats)
     rows = []
-    for i, (lx, expl) in enumerate(zip(latents, explanations, strict=True)):
-        d = [(s, lab) for s, (j, lab) in zip(det, det_meta, strict=True) if j == i]
-        f = [(s, lab) for s, (j, lab) in zip(fuzz, fuzz_meta, strict=True) if j == i]
-        row = {
-            "latent": lx.latent,
-            "density": lx.density,
-            "explanation": expl,
-            "detection_scores": [float(s) for s, _ in d],
-            "detection_labels": [lab for _, lab in d],
-            "fuzzing_scores": [float(s) for s, _ in f],
-            "fuzzing_labels": [lab for _, lab in f],
-        }
+    for i in range(len(latents)):
+        d = [(float(s), lab) for s, (j, lab) in zip(det, det_meta, strict=True) if j == i]
+        f = [(float(s), lab) for s, (j, lab) in zip(fuzz, fuzz_meta, strict=True) if j == i]
+        rows.append(
+            {
+                "detection_scores": [s for s, _ in d],
+                "detection_labels": [lab for _, lab in d],
+                "fuzzing_scores": [s for s, _ in f],
+                "fuzzing_labels": [lab for _, lab in f],
+            }
+        )
+    return rows
+
+
+def resolve_scoring(cfg: AutoInterpConfig, scorer: Judge) -> str:
+    """``likelihood`` or ``questions``: ``auto`` is likelihood when the scorer exposes token log-probs."""
+    if cfg.scoring != "auto":
+        return cfg.scoring
+    return "likelihood" if hasattr(scorer, "continuation_logprobs") else "questions"
+
+
+def score(
+    judge: Judge,
+    latents: list[LatentExamples],
+    explanations: list[str],
+    windows: Windows,
+    cfg: AutoInterpConfig,
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """Per latent: detection and fuzzing scores and labels, and their AUROCs (``cfg.scoring`` picks how)."""
+    if resolve_scoring(cfg, judge) == "likelihood":
+        parts = likelihood_questions(judge, latents, explanations, windows, cfg, rng, fuzz_pairs)
+    else:
+        parts = question_scores(judge, latents, explanations, cfg, rng)
+    rows = []
+    for lx, expl, part in zip(latents, explanations, parts, strict=True):
+        row = {"latent": lx.latent, "density": lx.density, "explanation": expl, **part}
         row["detection_auroc"] = auroc(np.array(row["detection_scores"]), np.array(row["detection_labels"]))
         row["fuzzing_auroc"] = auroc(np.array(row["fuzzing_scores"]), np.array(row["fuzzing_labels"]))
         row["score"] = float(np.nanmean([row["detection_auroc"], row["fuzzing_auroc"]]))
@@ -232,21 +261,46 @@ def run_autointerp(
         random_chosen = choose_latents(rtracked, windows, cfg, rng, text)
     everything = chosen + random_chosen
     explanations = explain(explainer, everything, cfg)
-    rows = _with_examples(score(scorer, everything, explanations, cfg, rng), everything, cfg)
+    rows = _with_examples(score(scorer, everything, explanations, windows, cfg, rng), everything, cfg)
     trained, control = rows[: len(chosen)], rows[len(chosen) :]
-    metrics = summarize(trained, cfg)
+    metrics = {
+        **summarize(trained, cfg),
+        "scoring_likelihood": float(resolve_scoring(cfg, scorer) == "likelihood"),
+    }
     if control:
         metrics.update(control_metrics(trained, control, cfg))
+    if cfg.shuffled and len(chosen) > 1:
+        metrics.update(
+            shuffled_metrics(scorer, chosen, explanations[: len(chosen)], trained, windows, cfg, rng)
+        )
     return AutoInterpReport(metrics=metrics, latents=trained, control=control)
 
 
-def control_metrics(trained: list[dict], control: list[dict], cfg: AutoInterpConfig) -> dict[str, float]:
-    """The random directions' scores and the trained latents' margin over them, with intervals."""
-    out = {f"control_{k}": v for k, v in summarize(control, cfg).items()}
+def shuffled_metrics(
+    scorer: Judge,
+    chosen: list[LatentExamples],
+    explanations: list[str],
+    trained: list[dict],
+    windows: Windows,
+    cfg: AutoInterpConfig,
+    rng: np.random.Generator,
+) -> dict[str, float]:
+    """Each latent's examples scored with the next latent's explanation: what the scorer gets without it."""
+    shuffled = score(scorer, chosen, explanations[1:] + explanations[:1], windows, cfg, rng)
+    return control_metrics(trained, shuffled, cfg, prefix="shuffled")
+
+
+def control_metrics(
+    trained: list[dict], control: list[dict], cfg: AutoInterpConfig, prefix: str = "control"
+) -> dict[str, float]:
+    """The ``control`` rows' scores as ``{prefix}_*`` and the trained latents' margin over them (``margin_*``
+    for the random directions, ``{prefix}_margin_*`` otherwise), with intervals."""
+    out = {f"{prefix}_{k}": v for k, v in summarize(control, cfg).items()}
+    margin = "margin" if prefix == "control" else f"{prefix}_margin"
     for key in ("score", "detection_auroc", "fuzzing_auroc"):
         a, b = np.array([r[key] for r in trained], float), np.array([r[key] for r in control], float)
-        out[f"margin_{key}"] = float(np.nanmean(a) - np.nanmean(b))
-        out[f"margin_{key}_lo"], out[f"margin_{key}_hi"] = difference_ci(a, b, cfg.n_bootstrap, cfg.seed)
+        out[f"{margin}_{key}"] = float(np.nanmean(a) - np.nanmean(b))
+        out[f"{margin}_{key}_lo"], out[f"{margin}_{key}_hi"] = difference_ci(a, b, cfg.n_bootstrap, cfg.seed)
     return out
 
 
@@ -256,8 +310,9 @@ def format_report(metrics: dict[str, float]) -> str:
     def ci(key: str) -> str:
         return f"{metrics[key]:.3f} [{metrics[key + '_lo']:.3f}, {metrics[key + '_hi']:.3f}]"
 
+    how = "likelihood" if metrics.get("scoring_likelihood") else "questions"
     lines = [
-        f"auto-interp over {int(metrics['n_latents'])} latents: score {ci('score')}, "
+        f"auto-interp ({how} scoring) over {int(metrics['n_latents'])} latents: score {ci('score')}, "
         f"detection AUROC {ci('detection_auroc')}, fuzzing AUROC {ci('fuzzing_auroc')}"
     ]
     if "margin_score" in metrics:
@@ -265,6 +320,11 @@ def format_report(metrics: dict[str, float]) -> str:
             f"control ({int(metrics['control_n_latents'])} random directions): score "
             f"{ci('control_score')}; margin {ci('margin_score')} (detection {ci('margin_detection_auroc')}, "
             f"fuzzing {ci('margin_fuzzing_auroc')})"
+        )
+    if "shuffled_margin_score" in metrics:
+        lines.append(
+            f"shuffled explanations (each latent scored with another's): score {ci('shuffled_score')}; "
+            f"margin {ci('shuffled_margin_score')}"
         )
     return "\n".join(lines)
 
@@ -339,9 +399,15 @@ def add_autointerp_flags(parser: Any) -> None:
         "--api-key-env", help="environment variable holding the endpoints' API key (default OPENAI_API_KEY)"
     )
     group.add_argument("--n-latents", type=int, help="latents explained and scored per SAE (default 16)")
+    group.add_argument(
+        "--scoring",
+        choices=SCORINGS,
+        help="likelihood (the explanation's lift of the scorer's token log-probs; local scorer), questions "
+        "(Yes/No; any judge) or auto (default: likelihood for a local scorer, questions for an endpoint)",
+    )
 
 
 def autointerp_options(args: Any) -> dict[str, Any]:
     """The options those flags set (``options["autointerp"]`` of a BenchContext)."""
-    keys = (*ENDPOINT_OPTIONS, "n_latents")
+    keys = (*ENDPOINT_OPTIONS, "n_latents", "scoring")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}

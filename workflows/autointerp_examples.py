@@ -23,6 +23,8 @@ from workflows.dashboard_html import Example, make_example
 from workflows.errors import UserError
 from workflows.hooks import run_with_hooks
 
+SCORINGS = ("auto", "likelihood", "questions")
+
 
 @dataclass(kw_only=True)
 class AutoInterpConfig:
@@ -34,13 +36,17 @@ class AutoInterpConfig:
     """Top-activating examples shown to the explainer."""
     n_explain_quantile: int = 2
     """Sampled examples at evenly spaced activation quantiles shown to the explainer."""
-    n_positives: int = 5
+    n_positives: int = 10
     """Held-out firing examples per latent for the scorers."""
-    n_negatives: int = 5
+    positive_quantile: float = 0.8
+    """Held-out positives are drawn from the sampled firing tokens whose activation is at least this
+    quantile of the sampled activations (0: any firing token). Weak firings of a briefly trained SAE are
+    mostly noise that no explanation predicts; the random directions of the control get the same rule."""
+    n_negatives: int = 10
     """Contexts where the latent fires nowhere, per latent (detection)."""
     top_k: int = 20
     """Top activations tracked per candidate latent."""
-    n_samples: int = 40
+    n_samples: int = 80
     """Uniformly sampled firing tokens tracked per candidate latent."""
     left: int = 6
     """Tokens shown before an example's firing token."""
@@ -60,6 +66,13 @@ class AutoInterpConfig:
     """Scan only the first windows holding this many kept tokens (None: every window given)."""
     control: bool = True
     """Also score random directions and report the margin of the trained latents over them."""
+    scoring: str = "auto"
+    """How the scorer judges: ``likelihood`` (how much the explanation raises the scorer LM's log-probability
+    of the example's tokens; needs a local scorer model), ``questions`` (Yes/No detection and fuzzing
+    questions; any judge, an endpoint included), ``auto``: likelihood for a local scorer, else questions."""
+    shuffled: bool = True
+    """Also score the trained latents with each other's explanations (a scorer that reads the explanation
+    drops to chance there) and report the margin over that."""
     seed: int = 0
     """Seeds the latent sample, example splits, negatives, fuzzing marks, random directions, bootstrap."""
 
@@ -81,6 +94,10 @@ class AutoInterpConfig:
             raise UserError(f"autointerp n_explain_top ({self.n_explain_top}) exceeds top_k ({self.top_k})")
         if self.n_explain_quantile + self.n_positives > self.n_samples:
             raise UserError("autointerp n_explain_quantile + n_positives exceeds n_samples; raise n_samples")
+        if self.scoring not in SCORINGS:
+            raise UserError(f"autointerp scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if not 0 <= self.positive_quantile < 1:
+            raise UserError(f"autointerp positive_quantile must be in [0, 1), got {self.positive_quantile}")
         if not 0 < self.mark_fraction <= 1 or not 0 < self.max_density <= 1:
             raise UserError("autointerp mark_fraction and max_density must be in (0, 1]")
 
@@ -283,8 +300,11 @@ def select_examples(
         for j in np.flatnonzero(np.isfinite(st.sample_key[row]))
         if not _overlaps(st.sample_loc[row, j], taken, T, span)
     ]
+    strong = np.quantile(st.sample_act[row, sampled], cfg.positive_quantile) if sampled else 0.0
     pos: list[int] = []
     for j in rng.permutation(sampled):
+        if st.sample_act[row, j] < strong:
+            continue
         if len(pos) < cfg.n_positives and not _overlaps(
             st.sample_loc[row, j], [st.sample_loc[row, i] for i in pos], T, span
         ):

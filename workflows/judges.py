@@ -6,6 +6,10 @@ A judge does two things on chats (lists of ``{"role", "content"}`` messages):
 - ``option_logprobs(chats, options)``: [N, O] log-probabilities of the first token of each answer
   option as the assistant's first token (the scorer's Yes/No). One forward per question, no sampling.
 
+:class:`LocalJudge` also gives ``continuation_logprobs(prefix, texts)``: per-token log-probabilities of
+plain token sequences after a shared prefix (likelihood scoring, workflows/autointerp_likelihood.py),
+which a chat endpoint does not return.
+
 :class:`LocalJudge` runs a transformers model in this process (the default is the built-in SmolLM2).
 Chats in one call share a long few-shot prefix, so it runs that prefix once and reuses its KV cache for
 every question (and, per batch, the batch's own common prefix, e.g. the explanation), then the distinct
@@ -144,6 +148,42 @@ class LocalJudge:
         for idx, cache, p in self._batches(encoded):
             logits, *_ = self._step(cache, p, [encoded[i][p:] for i in idx])
             out[idx] = torch.log_softmax(logits, dim=-1)[:, option_ids].cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def continuation_logprobs(
+        self, prefix: Sequence[int], texts: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        """Per text, the log-probability of each of its tokens after ``prefix`` + the text's earlier tokens
+        (plain token ids, no chat template). The prefix runs once; texts run right-padded in batches."""
+        if not texts:
+            return []
+        if len(prefix) < 2:
+            raise ValueError("continuation_logprobs needs a prefix of at least 2 tokens")
+        P = len(prefix) - 1
+        cache = self._prefill(list(prefix[:P]))
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), self.batch_size):
+            rows = [[prefix[P], *t] for t in texts[start : start + self.batch_size]]
+            B, S = len(rows), max(len(r) for r in rows)
+            ids = torch.full((B, S), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((B, P + S), dtype=torch.long)
+            mask[:, :P] = 1
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, P : P + len(r)] = 1
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(B)
+            logits = self.model(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=torch.arange(P, P + S, device=self.device)[None].expand(B, S),
+                cache=batch_cache,
+                use_cache=True,
+            ).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            logp = logp.gather(2, ids[:, 1:, None].to(self.device))[..., 0]
+            out += [logp[i, : len(r) - 1].cpu().numpy() for i, r in enumerate(rows)]
         return out
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """Auto-interp: scoring math, example selection against brute force, the local judge against plain
-transformers, the OpenAI-compatible client against a real local HTTP server. The control on the built-in
-SmolLM2 is benchmarks/autointerp_control.py (it does not pass with that judge: README)."""
+transformers, the OpenAI-compatible client against a real local HTTP server, and (slow) the control on the
+built-in SmolLM2 with likelihood scoring, as benchmarks/autointerp_control.py runs it."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from workflows.autointerp import (
     run_autointerp,
     scan,
 )
+from workflows.autointerp_likelihood import token_lifts
 from workflows.autointerp_prompts import marked_tokens, render
 from workflows.autointerp_stats import auroc, balanced_accuracy, bootstrap_ci, difference_ci
 from workflows.corpus import iter_documents, pack_windows
@@ -203,6 +204,21 @@ def test_local_judge_equals_plain_forward_and_generate(loaded):
         assert text == tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def test_continuation_logprobs_equal_a_plain_forward(loaded):
+    judge = LocalJudge(loaded.model, loaded.tokenizer, batch_size=2)  # batches of 2 and 1, uneven lengths
+    prefix = [5, 17, 33, 2, 9]
+    texts = [[40, 41, 42, 43], [7], [100, 3, 8]]
+    got = judge.continuation_logprobs(prefix, texts)
+    for text, row in zip(texts, got, strict=True):
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([prefix + text])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)[len(prefix) - 1 : -1]
+        want = logp[torch.arange(len(text)), torch.tensor(text)]
+        assert row == pytest.approx(want.numpy(), abs=1e-4)
+    with pytest.raises(UserError, match="likelihood scoring"):
+        token_lifts(OpenAIJudge("http://127.0.0.1:9/v1", "tiny"), ["x"], [[[1, 2]]])
+
+
 def test_openai_client_against_a_local_server(loaded, server, monkeypatch):
     local = LocalJudge(loaded.model, loaded.tokenizer)
     remote = OpenAIJudge(server, "tiny", api_key="secret", concurrency=2)
@@ -310,6 +326,7 @@ def test_pipeline_through_the_endpoint(loaded, setup, server):
         max_new_tokens=6,
         n_bootstrap=200,
         max_density=0.5,
+        positive_quantile=0.0,  # 12 samples: any firing token is a positive
     )
     report = run_autointerp(
         sae, loaded.model, loaded.tokenizer, HOOK, windows, explainer=judge, scorer=judge, cfg=cfg
@@ -323,6 +340,8 @@ def test_pipeline_through_the_endpoint(loaded, setup, server):
     assert "margin" in format_report(m)
     with pytest.raises(UserError, match="n_positives"):
         AutoInterpConfig(n_samples=4)
+    with pytest.raises(UserError, match="scoring must be one of"):
+        AutoInterpConfig(scoring="surprise")
 
 
 def test_bench_metric_and_flags(loaded, setup, server):
@@ -335,6 +354,7 @@ def test_bench_metric_and_flags(loaded, setup, server):
     args = parser.parse_args(["--explainer-url", server, "--explainer-model", "tiny", "--n-latents", "2"])
     options = autointerp_options(args)
     assert options == {"explainer_url": server, "explainer_model": "tiny", "n_latents": 2}
+    assert autointerp_options(parser.parse_args(["--scoring", "questions"])) == {"scoring": "questions"}
     bench = pytest.importorskip("workflows.bench")  # `sae bench` (workflows/bench.py) lands on another branch
     sae, windows = setup
     small = {
@@ -349,6 +369,7 @@ def test_bench_metric_and_flags(loaded, setup, server):
         "max_new_tokens": 4,
         "n_bootstrap": 100,
         "max_density": 0.5,
+        "positive_quantile": 0.0,
         "control": False,
     }
     ctx = bench.BenchContext(
@@ -362,8 +383,48 @@ def test_bench_metric_and_flags(loaded, setup, server):
     )
     result = bench.get_metric("autointerp")(ctx)
     assert result.metrics["n_latents"] == 2 and "margin_score" not in result.metrics
+    assert result.metrics["scoring_likelihood"] == 1.0  # the local scorer: likelihood by default
     assert json.loads(json.dumps(result.details))["config"]["seed"] == 3
     assert any(body["model"] == "tiny" and "logprobs" not in body for _, _, body in ChatServer.seen)
     ctx.options = {"autointerp": {"n_latent": 2}}
     with pytest.raises(UserError, match="unknown autointerp option"):
         bench.get_metric("autointerp")(ctx)
+
+
+# -- the control on the real default model ----------------------------------------------------------
+# The benchmark's setup (benchmarks/autointerp_control.py defaults): a TopK SAE trained 250 steps on the
+# fixture's 16k tokens, 32 latents and 32 random directions on the next 6000 tokens, default config.
+D_SAE, STEPS = 2304, 250
+CONTROL_CFG = AutoInterpConfig(n_latents=32, seed=0)
+
+
+@pytest.mark.slow
+def test_control_passes_on_smollm2_with_likelihood_scoring(smollm2_store, tmp_path):
+    """Trained latents of a briefly trained TopK SAE score above as many density-matched random directions,
+    and above their own examples scored with shuffled explanations (so the scorer reads the explanation)."""
+    from sae_core.io import load_sae, save_sae
+    from sae_core.trainer import TrainConfig, Trainer
+    from workflows.evaluate import held_out_windows
+
+    hook = "blocks.6.hook_resid_post"
+    acts = smollm2_store.read_hook(hook)
+    torch.manual_seed(0)
+    sae = build(make_config("topk", d_in=acts.shape[1], d_sae=D_SAE, k=32))
+    trainer = Trainer(sae, TrainConfig(steps=STEPS, batch_size=1024, lr=1e-3, lr_decay_steps=STEPS // 4))
+    order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))
+    list(trainer.fit(acts[order[(i * 1024) % (len(acts) - 1024) :][:1024]] for i in range(STEPS)))
+    sae = load_sae(save_sae(sae, tmp_path / "sae", scaling_factor=trainer.scaling_factor)).eval()
+    loaded = load_model()
+    windows = held_out_windows(
+        loaded.tokenizer, corpus=None, context_size=128, n_tokens=6000, skip_tokens=smollm2_store.n_tokens
+    )
+    judge = LocalJudge(loaded.model, loaded.tokenizer)
+    report = run_autointerp(
+        sae, loaded.model, loaded.tokenizer, hook, windows, explainer=judge, scorer=judge, cfg=CONTROL_CFG
+    )
+    m = report.metrics
+    print("\n" + format_report(m))
+    assert m["scoring_likelihood"] == 1.0 and m["n_latents"] == CONTROL_CFG.n_latents
+    assert m["margin_score_lo"] > 0, "trained latents do not score above random directions"
+    assert m["shuffled_margin_score_lo"] > 0, "the scorer does not depend on the explanation"
+    assert m["shuffled_score"] < 0.6  # another latent's explanation: chance or below
