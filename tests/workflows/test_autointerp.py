@@ -264,18 +264,8 @@ def setup(loaded, shakespeare):
 
 def test_examples_are_top_held_out_and_clean_negatives(loaded, setup):
     sae, windows = setup
-    cfg = AutoInterpConfig(
-        n_latents=6,
-        n_explain_top=4,
-        n_explain_quantile=2,
-        n_positives=4,
-        n_negatives=4,
-        top_k=8,
-        n_samples=16,
-        left=4,
-        right=1,
-        max_density=0.5,
-    )
+    cfg = AutoInterpConfig(n_latents=6, n_explain_top=4, n_explain_quantile=2, n_positives=4,
+                           n_negatives=4, top_k=8, n_samples=16, left=4, right=1, max_density=0.5)
     features = np.arange(64)
     tracked, proj = scan(
         hook_batches(loaded.model, HOOK, windows, 8), sae.encode, features, cfg, torch.randn(48, 3)
@@ -313,21 +303,9 @@ def test_examples_are_top_held_out_and_clean_negatives(loaded, setup):
 def test_pipeline_through_the_endpoint(loaded, setup, server):
     sae, windows = setup
     judge = OpenAIJudge(server, "tiny", concurrency=2)
-    cfg = AutoInterpConfig(
-        n_latents=3,
-        n_explain_top=3,
-        n_explain_quantile=1,
-        n_positives=3,
-        n_negatives=3,
-        top_k=6,
-        n_samples=12,
-        left=4,
-        right=1,
-        max_new_tokens=6,
-        n_bootstrap=200,
-        max_density=0.5,
-        positive_quantile=0.0,  # 12 samples: any firing token is a positive
-    )
+    cfg = AutoInterpConfig(n_latents=3, n_explain_top=3, n_explain_quantile=1, n_positives=3, n_negatives=3,
+                           top_k=6, n_samples=12, left=4, right=1, max_new_tokens=6, n_bootstrap=200,
+                           max_density=0.5, positive_quantile=0.0)  # 12 samples: any firing token is a positive
     report = run_autointerp(
         sae, loaded.model, loaded.tokenizer, HOOK, windows, explainer=judge, scorer=judge, cfg=cfg
     )
