@@ -131,31 +131,9 @@ def split(store: ActivationStore, args: argparse.Namespace, dump: Path) -> tuple
 
 def train_ours(args: argparse.Namespace, store: Path, out: Path, env: dict[str, str]) -> float:
     start = time.perf_counter()
-    sae_cli(
-        "train",
-        "--activations",
-        str(store),
-        "--hook",
-        args.hook,
-        "--arch",
-        "topk",
-        "--d-sae",
-        str(args.d_sae),
-        "--k",
-        str(args.k),
-        "--steps",
-        str(args.steps),
-        "--batch-size",
-        str(args.batch_size),
-        "--lr",
-        str(args.lr),
-        "--seed",
-        str(args.seed),
-        "--out",
-        str(out),
-        "--overwrite",
-        env=env,
-    )
+    sae_cli("train", "--activations", str(store), "--hook", args.hook, "--arch", "topk", "--d-sae", str(args.d_sae),
+            "--k", str(args.k), "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--seed", str(args.seed), "--out", str(out), "--overwrite", env=env)
     return time.perf_counter() - start
 
 
@@ -163,30 +141,9 @@ def train_peer(
     lib: str, python: Path, args: argparse.Namespace, dump: Path, out: Path, env: dict[str, str]
 ) -> tuple[float, float]:
     """(whole command seconds, the peer's trainer seconds)."""
-    cmd = [
-        str(python),
-        str(HERE / "peers_train.py"),
-        "--lib",
-        lib,
-        "--acts",
-        str(dump),
-        "--out",
-        str(out),
-        "--d-sae",
-        str(args.d_sae),
-        "--k",
-        str(args.k),
-        "--steps",
-        str(args.steps),
-        "--batch",
-        str(args.batch_size),
-        "--lr",
-        str(args.lr),
-        "--seed",
-        str(args.seed),
-        "--threads",
-        str(args.threads),
-    ]
+    cmd = [str(python), str(HERE / "peers_train.py"), "--lib", lib, "--acts", str(dump), "--out", str(out),
+           "--d-sae", str(args.d_sae), "--k", str(args.k), "--steps", str(args.steps), "--batch", str(args.batch_size),
+           "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
     if args.sparsify_lr:
         cmd += ["--sparsify-lr", str(args.sparsify_lr)]
     start = time.perf_counter()
