@@ -40,10 +40,11 @@ from workflows import autointerp_prompts as prompts
 from workflows.autointerp_examples import (
     SCORINGS,
     AutoInterpConfig,
-    Example,
     LatentExamples,
     TokenStrings,
+    active_marks,
     choose_latents,
+    fuzz_pairs,
     hook_batches,
     random_directions,
     scan,
@@ -70,13 +71,6 @@ logger = logging.getLogger(__name__)
 
 
 # -- explaining and scoring -----------------------------------------------------------------------
-def active_marks(ex: Example, fraction: float) -> set[int]:
-    """Tokens whose activation is at least ``fraction`` of the context's maximum (and positive)."""
-    acts = np.asarray(ex.acts, float)
-    top = acts.max(initial=0.0)
-    return set(np.flatnonzero((acts > 0) & (acts >= fraction * top)).tolist()) if top > 0 else set()
-
-
 def explain(judge: Judge, latents: list[LatentExamples], cfg: AutoInterpConfig) -> list[str]:
     chats = [
         prompts.explain_chat(
@@ -85,17 +79,6 @@ def explain(judge: Judge, latents: list[LatentExamples], cfg: AutoInterpConfig) 
         for lx in latents
     ]
     return [prompts.clean_explanation(t) for t in judge.generate(chats, cfg.max_new_tokens)]
-
-
-def fuzz_pairs(
-    ex: Example, cfg: AutoInterpConfig, rng: np.random.Generator
-) -> tuple[set[int], set[int]] | None:
-    """(correct marks, as many random inactive tokens); None when too few inactive tokens exist."""
-    right = active_marks(ex, cfg.mark_fraction)
-    inactive = [i for i, a in enumerate(ex.acts) if a <= 0]
-    if not right or len(inactive) < len(right):
-        return None
-    return right, set(rng.choice(inactive, size=len(right), replace=False).tolist())
 
 
 def _yes_minus_no(judge: Judge, chats: list) -> np.ndarray:
@@ -154,7 +137,7 @@ def score(
 ) -> list[dict[str, Any]]:
     """Per latent: detection and fuzzing scores and labels, and their AUROCs (``cfg.scoring`` picks how)."""
     if resolve_scoring(cfg, judge) == "likelihood":
-        parts = likelihood_questions(judge, latents, explanations, windows, cfg, rng, fuzz_pairs)
+        parts = likelihood_questions(judge, latents, explanations, windows, cfg, rng)
     else:
         parts = question_scores(judge, latents, explanations, cfg, rng)
     rows = []

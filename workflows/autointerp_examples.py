@@ -359,3 +359,22 @@ def choose_latents(
         if len(chosen) == cfg.n_latents:
             break
     return chosen
+
+
+# -- marks on an example (what the explainer is shown, what fuzzing scores) --------------------------
+def active_marks(ex: Example, fraction: float) -> set[int]:
+    """Tokens whose activation is at least ``fraction`` of the context's maximum (and positive)."""
+    acts = np.asarray(ex.acts, float)
+    top = acts.max(initial=0.0)
+    return set(np.flatnonzero((acts > 0) & (acts >= fraction * top)).tolist()) if top > 0 else set()
+
+
+def fuzz_pairs(
+    ex: Example, cfg: AutoInterpConfig, rng: np.random.Generator
+) -> tuple[set[int], set[int]] | None:
+    """(correct marks, as many random inactive tokens); None when too few inactive tokens exist."""
+    right = active_marks(ex, cfg.mark_fraction)
+    inactive = [i for i, a in enumerate(ex.acts) if a <= 0]
+    if not right or len(inactive) < len(right):
+        return None
+    return right, set(rng.choice(inactive, size=len(right), replace=False).tolist())

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from workflows.autointerp_examples import AutoInterpConfig, Example, LatentExamples
+from workflows.autointerp_examples import AutoInterpConfig, Example, LatentExamples, fuzz_pairs
 from workflows.corpus import Windows
 from workflows.errors import UserError
 
@@ -74,7 +74,6 @@ def likelihood_questions(
     windows: Windows,
     cfg: AutoInterpConfig,
     rng: np.random.Generator,
-    fuzz_pairs: Any,
 ) -> list[dict[str, list]]:
     """Per latent: detection and fuzzing scores and labels (see the module docstring)."""
     texts = [[example_ids(windows, e) for e in lx.positives + lx.negatives] for lx in latents]

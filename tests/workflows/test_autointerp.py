@@ -325,6 +325,7 @@ def test_pipeline_through_the_endpoint(loaded, setup, server):
 def test_bench_metric_and_flags(loaded, setup, server):
     import argparse
 
+    from workflows import bench
     from workflows.autointerp import add_autointerp_flags, autointerp_options
 
     parser = argparse.ArgumentParser()
@@ -333,7 +334,6 @@ def test_bench_metric_and_flags(loaded, setup, server):
     options = autointerp_options(args)
     assert options == {"explainer_url": server, "explainer_model": "tiny", "n_latents": 2}
     assert autointerp_options(parser.parse_args(["--scoring", "questions"])) == {"scoring": "questions"}
-    bench = pytest.importorskip("workflows.bench")  # `sae bench` (workflows/bench.py) lands on another branch
     sae, windows = setup
     small = {
         "n_explain_top": 3,
