@@ -98,17 +98,20 @@ class LocalJudge:
         return cache
 
     @torch.no_grad()
-    def _step(self, cache: Any, P: int, suffixes: list[list[int]]) -> tuple[Tensor, Any, Tensor, Tensor]:
-        """Run left-padded suffixes after a batch-1 cache of P tokens: (last logits [B, V], cache, mask, next pos)."""
-        B, S = len(suffixes), max(len(s) for s in suffixes)
+    def _after(self, cache: Any, P: int, rows: list[list[int]], *, left: bool,
+               logits_to_keep: int = 0) -> tuple[Tensor, Any, Tensor]:
+        """Run ``rows`` padded to one length (on the left, so every row ends at the last column, or on the
+        right) after a batch-1 cache of P tokens: (logits, the batch's cache, the attention mask)."""
+        B, S = len(rows), max(len(r) for r in rows)
         ids = torch.full((B, S), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, P + S), dtype=torch.long)
         mask[:, :P] = 1
         pos = torch.zeros((B, S), dtype=torch.long)
-        for i, s in enumerate(suffixes):
-            ids[i, S - len(s) :] = torch.tensor(s)
-            mask[i, P + S - len(s) :] = 1
-            pos[i, S - len(s) :] = torch.arange(P, P + len(s))
+        for i, r in enumerate(rows):
+            at = slice(S - len(r), S) if left else slice(0, len(r))
+            ids[i, at] = torch.tensor(r)
+            mask[i, P + at.start : P + at.stop] = 1
+            pos[i, at] = torch.arange(P, P + len(r))
         cache = copy.deepcopy(cache)
         cache.batch_repeat_interleave(B)
         out = self.model(
@@ -117,10 +120,15 @@ class LocalJudge:
             position_ids=pos.to(self.device),
             cache=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=logits_to_keep,
         )
+        return out.logits.float(), cache, mask
+
+    def _step(self, cache: Any, P: int, suffixes: list[list[int]]) -> tuple[Tensor, Any, Tensor, Tensor]:
+        """Run left-padded suffixes after a batch-1 cache of P tokens: (last logits [B, V], cache, mask, next pos)."""
+        logits, cache, mask = self._after(cache, P, suffixes, left=True, logits_to_keep=1)
         lengths = torch.tensor([P + len(s) for s in suffixes])
-        return out.logits[:, -1].float(), cache, mask, lengths
+        return logits[:, -1], cache, mask, lengths
 
     def _batches(self, encoded: list[list[int]]):
         """(indices, batch-1 cache, its length) per batch. The common prefix of all rows is run once; a batch
@@ -165,22 +173,8 @@ class LocalJudge:
         out: list[np.ndarray] = []
         for start in range(0, len(texts), self.batch_size):
             rows = [[prefix[P], *t] for t in texts[start : start + self.batch_size]]
-            B, S = len(rows), max(len(r) for r in rows)
-            ids = torch.full((B, S), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((B, P + S), dtype=torch.long)
-            mask[:, :P] = 1
-            for i, r in enumerate(rows):
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, P : P + len(r)] = 1
-            batch_cache = copy.deepcopy(cache)
-            batch_cache.batch_repeat_interleave(B)
-            logits = self.model(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=torch.arange(P, P + S, device=self.device)[None].expand(B, S),
-                cache=batch_cache,
-                use_cache=True,
-            ).logits.float()
+            logits, *_ = self._after(cache, P, rows, left=False)
+            ids = torch.tensor([r + [self.pad_id] * (logits.shape[1] - len(r)) for r in rows])
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             logp = logp.gather(2, ids[:, 1:, None].to(self.device))[..., 0]
             out += [logp[i, : len(r) - 1].cpu().numpy() for i, r in enumerate(rows)]
