@@ -50,6 +50,12 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def uses_scratch(x: Tensor) -> bool:
+    """Whether a product of ``x`` goes into :func:`pre_acts_buffer`: on CPU outside autocast (elsewhere the
+    caching allocator reuses blocks itself, and autocast picks the product's dtype)."""
+    return x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
 def pre_acts_buffer(rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     """A CPU [rows, cols] buffer reused from step to step: torch's CPU allocator returns large blocks to the
     system, so a fresh [B, F] every step costs a page fault per 4 KiB on first touch (about 0.12x of the
@@ -76,7 +82,7 @@ def chunked_topk(x_in_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, bac
     buffer on CPU. The bias is added inside topk: no extra pass over [B, F]."""
     B = x_in_BD.shape[0]
     chunk, h_CF = B, None
-    if x_in_BD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+    if uses_scratch(x_in_BD):
         chunk = max(min(B, CPU_CHUNK_ROWS), sample_rows, 1)
         h_CF = pre_acts_buffer(chunk, W_enc_DF.shape[1], x_in_BD.dtype)
     vals, idxs = [], []
@@ -158,9 +164,7 @@ class SelectedPreActs(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, input_bias_D: Tensor | None,
                 select: Callable[[Tensor], Tensor], backend: TorchBackend) -> tuple[Tensor, Tensor]:
         x_in_BD = x_BD if input_bias_D is None else x_BD - input_bias_D
-        out = None
-        if x_in_BD.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
-            out = pre_acts_buffer(x_in_BD.shape[0], W_enc_DF.shape[1], x_in_BD.dtype)
+        out = pre_acts_buffer(x_in_BD.shape[0], W_enc_DF.shape[1], x_in_BD.dtype) if uses_scratch(x_in_BD) else None
         h_BF = torch.addmm(b_enc_F.to(x_in_BD.dtype), x_in_BD, W_enc_DF, out=out)
         idx_BK = select(h_BF)
         h_BK = torch.where(idx_BK >= 0, h_BF.gather(1, idx_BK.clamp_min(0)), 0)
