@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).resolve().parent
 HEADER = KERNEL_DIR / "sparse_index.cuh"
 CPU_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+OPENMP_FLAGS = ["-fopenmp"]
+"""Tried first: the twin's workers are then torch's OpenMP threads (sparse_cpu.cpp, parallel_for); a
+compiler without OpenMP builds it on std::threads."""
 CUDA_ARCHS = ("80", "90")
 CUDA_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC"] + [
     f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS
@@ -75,14 +78,15 @@ def find_nvcc() -> str | None:
     return None
 
 
-def _load(compiler: str | None, source: Path, flags: list[str], extra_key: str = "") -> ctypes.CDLL | None:
+def _load(compiler: str | None, source: Path, flags: list[str], extra_key: str = "",
+          instead: str = "using the pure-torch path") -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
         return ctypes.CDLL(str(compile_shared(compiler, source, flags, extra_key)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        logger.warning("could not build %s, using the pure-torch path: %s", source.name, detail)
+        logger.warning("could not build %s, %s: %s", source.name, instead, detail)
         return None
 
 
@@ -99,11 +103,12 @@ P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 @functools.cache
 def cpu_library() -> ctypes.CDLL | None:
     """The CPU twin (sparse_cpu.cpp), or None when no C++ compiler is available."""
-    lib = _load(shutil.which(os.environ.get("CXX", "c++")), KERNEL_DIR / "sparse_cpu.cpp", CPU_FLAGS,
-                cpu_signature())
+    compiler, source = shutil.which(os.environ.get("CXX", "c++")), KERNEL_DIR / "sparse_cpu.cpp"
+    lib = (_load(compiler, source, CPU_FLAGS + OPENMP_FLAGS, cpu_signature(), instead="trying without OpenMP")
+           or _load(compiler, source, CPU_FLAGS, cpu_signature()))
     if lib is None:
         return None
-    return _declare(lib, {
+    _declare(lib, {
         "sae_cpu_gather_sum": [P, P, P, P, I64, I64, I64, I64, INT],
         "sae_cpu_row_dots": [P, P, P, P, I64, I64, I64, I64, INT],
         "sae_cpu_scatter_rows": [P, P, P, P, P, I64, I64, I64, INT],
@@ -111,6 +116,7 @@ def cpu_library() -> ctypes.CDLL | None:
         "sae_cpu_topk": [P, P, P, P, I64, I64, I64, INT, INT],
         "sae_cpu_csr": [P, I64, I64, P, P],
     }, None)
+    return _declare(lib, {"sae_cpu_uses_openmp": []}, ctypes.c_int)
 
 
 @functools.cache

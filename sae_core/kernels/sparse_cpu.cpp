@@ -6,17 +6,31 @@
 #include <thread>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "sparse_index.cuh"
 
 namespace {
 
-// Run body(begin, end) over [0, n) split across `threads` workers.
+// Run body(begin, end) over [0, n) split across `threads` workers. With OpenMP the workers are the threads of
+// the OpenMP runtime torch already loaded (same soname, so the dynamic linker binds that one): torch's GEMM
+// and these kernels then share one pool, where std::threads would compete for the cores with torch's workers
+// still spinning after their last parallel region (measured: the top-k after a GEMM took 2.5x as long).
 void parallel_for(int64_t n, int threads, const std::function<void(int64_t, int64_t)>& body) {
     int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
     if (parts == 1) {
         body(0, n);
         return;
     }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(parts)
+    {
+        sae::Range r = sae::chunk(n, omp_get_num_threads(), omp_get_thread_num());
+        body(r.begin, r.end);
+    }
+#else
     std::vector<std::thread> pool;
     for (int p = 1; p < parts; ++p) {
         sae::Range r = sae::chunk(n, parts, p);
@@ -25,6 +39,7 @@ void parallel_for(int64_t n, int threads, const std::function<void(int64_t, int6
     sae::Range r0 = sae::chunk(n, parts, 0);
     body(r0.begin, r0.end);
     for (auto& t : pool) t.join();
+#endif
 }
 
 inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t d) {
@@ -81,14 +96,17 @@ void row_topk(const float* row, int64_t n, int64_t k, float* vals, int64_t* idx)
     }
 }
 
-// Exact top-k through an estimated threshold: the m-th largest of a strided sample of the row is a value
-// that some ~m * stride >= 2k entries exceed; one vectorised pass collects the entries at or above it and
-// a selection among those few finishes. Returns false (caller falls back to the heap) when the sample is
-// too small or the candidates are fewer than k. NaNs are never selected.
+// Exact top-k through an estimated threshold: the m-th largest of a strided sample of the row (m chosen so
+// that about k + kExtra * kStride entries exceed it) is a value that usually more than k but few more entries
+// reach. One branch-free pass compacts the indices of the entries at or above it (each index is written,
+// the cursor advances only on a candidate: no mispredicted branch however dense the candidates), and a
+// selection among those few finishes. Returns false (caller falls back to the heap) when the sample is too
+// small or the candidates are fewer than k. NaNs are never selected. On Gaussian rows of 4608 (16384) with
+// k = 32 this takes 0.6x (0.65x) the time of sampling every 64th entry with a branchy candidate loop.
 bool row_topk_sampled(const float* row, int64_t n, int64_t k, float* vals, int64_t* idx, std::vector<float>& sample,
-                      std::vector<int64_t>& cand) {
-    constexpr int64_t kStride = 64, kBlock = 32;
-    const int64_t s = n / kStride, m = (2 * k + kStride - 1) / kStride + 4;
+                      std::vector<int64_t>& cand, std::vector<std::pair<float, int64_t>>& pairs) {
+    constexpr int64_t kStride = 32, kExtra = 4;
+    const int64_t s = n / kStride, m = (k * s + n - 1) / n + kExtra;
     if (s < 4 * m) return false;
     sample.resize(s);
     for (int64_t j = 0; j < s; ++j) {
@@ -97,23 +115,22 @@ bool row_topk_sampled(const float* row, int64_t n, int64_t k, float* vals, int64
     }
     std::nth_element(sample.begin(), sample.begin() + (m - 1), sample.end(), std::greater<float>());
     const float t = sample[m - 1];
-    cand.clear();
-    int64_t i = 0;
-    for (; i + kBlock <= n; i += kBlock) {
-        int any = 0;
-        for (int64_t l = 0; l < kBlock; ++l) any |= row[i + l] >= t;
-        if (any)
-            for (int64_t l = 0; l < kBlock; ++l)
-                if (row[i + l] >= t) cand.push_back(i + l);
+    cand.resize(n + 1);
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        cand[c] = i;
+        c += row[i] >= t;
     }
-    for (; i < n; ++i)
-        if (row[i] >= t) cand.push_back(i);
-    if (static_cast<int64_t>(cand.size()) < k) return false;
-    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(),
-                     [row](int64_t a, int64_t b) { return row[a] > row[b]; });
+    if (c < k) return false;
+    pairs.resize(c);
+    for (int64_t j = 0; j < c; ++j) pairs[j] = {row[cand[j]], cand[j]};
+    std::nth_element(pairs.begin(), pairs.begin() + (k - 1), pairs.end(),
+                     [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+                         return a.first > b.first;
+                     });
     for (int64_t j = 0; j < k; ++j) {
-        idx[j] = cand[j];
-        vals[j] = row[cand[j]];
+        vals[j] = pairs[j].first;
+        idx[j] = pairs[j].second;
     }
     return true;
 }
@@ -121,6 +138,15 @@ bool row_topk_sampled(const float* row, int64_t n, int64_t k, float* vals, int64
 }  // namespace
 
 extern "C" {
+
+// 1 when the workers are an OpenMP runtime's (built with -fopenmp), 0 when they are std::threads.
+int sae_cpu_uses_openmp() {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 // out[b] = sum_j vals[b, j] * table[idx[b, j]] for b < B (table [F, D], out [B, D]).
 void sae_cpu_gather_sum(const int64_t* idx, const float* vals, const float* table, float* out, int64_t B,
@@ -213,12 +239,13 @@ void sae_cpu_topk(float* h, const float* bias, float* vals, int64_t* idx, int64_
     parallel_for(B, threads, [=](int64_t b0, int64_t b1) {
         std::vector<float> row(N), sample;
         std::vector<int64_t> cand;
+        std::vector<std::pair<float, int64_t>> pairs;
         for (int64_t b = b0; b < b1; ++b) {
             float* h_row = h + b * N;
             for (int64_t i = 0; i < N; ++i) row[i] = h_row[i] + bias[i];
             float* v = vals + b * k;
             int64_t* ix = idx + b * k;
-            if (!row_topk_sampled(row.data(), N, k, v, ix, sample, cand)) row_topk(row.data(), N, k, v, ix);
+            if (!row_topk_sampled(row.data(), N, k, v, ix, sample, cand, pairs)) row_topk(row.data(), N, k, v, ix);
             if (densify) {
                 std::fill(h_row, h_row + N, 0.0f);
                 for (int64_t j = 0; j < k; ++j) h_row[ix[j]] = v[j] > 0.0f ? v[j] : 0.0f;

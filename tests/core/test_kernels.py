@@ -3,6 +3,8 @@ padding, empty batches, non-contiguous inputs; gradcheck in float64; the SAE_KER
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -213,6 +215,39 @@ def test_cpu_twin_topk_and_csr_match_torch():
         got = cpu.scatter_cols(idx_BK.clamp_max(n_rows), vals_BK, src_BD, n_rows)
         assert got.shape == (5, n_rows) and got.is_contiguous()
         torch.testing.assert_close(got, expected)
+
+
+def test_cpu_twin_threads_are_torchs_openmp_pool():
+    """The C++ twin's workers are the threads of the OpenMP runtime torch loaded, not a second runtime (or
+    std::threads) competing for the cores with torch's workers: one libgomp mapped in the process."""
+    maps = Path("/proc/self/maps")
+    if build.cpu_library() is None or not maps.exists():
+        pytest.skip("no C++ compiler, or no /proc")
+    assert build.cpu_library().sae_cpu_uses_openmp() == 1
+    runtimes = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line or "libomp" in line}
+    assert len(runtimes) == 1, runtimes
+    cpu, h_BF, before = backends.CpuBackend(build.cpu_library()), torch.randn(64, 3000), torch.get_num_threads()
+    try:
+        for threads in (1, 2):  # the same result on one worker and on the pool
+            torch.set_num_threads(threads)
+            torch.testing.assert_close(sorted_by_index(*cpu.topk(h_BF, 16)),
+                                       sorted_by_index(*h_BF.topk(16, sorted=False)))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_twin_without_openmp_runs_on_std_threads(tmp_path, monkeypatch):
+    """A compiler without OpenMP builds the same kernels on std::threads (the second build cpu_library tries)."""
+    compiler = build.shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("SAE_KERNELS_CACHE", str(tmp_path))
+    lib = build._declare(build._load(compiler, build.KERNEL_DIR / "sparse_cpu.cpp", build.CPU_FLAGS, "no-omp"),
+                         {"sae_cpu_topk": [build.P] * 4 + [build.I64] * 3 + [build.INT] * 2}, None)
+    assert build._declare(lib, {"sae_cpu_uses_openmp": []}, build.ctypes.c_int).sae_cpu_uses_openmp() == 0
+    h_BF = torch.randn(300, 3000)  # 900k entries: split over torch's thread count
+    torch.testing.assert_close(sorted_by_index(*backends.CpuBackend(lib).topk(h_BF, 16)),
+                               sorted_by_index(*h_BF.topk(16, sorted=False)))
 
 
 def test_dispatch_follows_environment(monkeypatch):
