@@ -99,11 +99,12 @@ class PathChoice:
     def sparse(self) -> bool:
         return self.fraction <= SPARSE_PATH_MAX_FRACTION
 
-    def entries(self, mask_BF: Tensor) -> Tensor:
-        """The padded idx_BK of the set entries of ``mask_BF`` (and the measurement for the next step)."""
-        rows_N, cols_N = mask_BF.nonzero(as_tuple=True)
-        idx_BK = kernels.padded_entries(rows_N, cols_N, mask_BF.shape[0])
-        self.fraction = max(len(rows_N) / mask_BF.shape[0], PADDING_SLOT_COST * idx_BK.shape[1]) / mask_BF.shape[1]
+    def entries_above(self, h_BF: Tensor, threshold: Tensor | float) -> Tensor:
+        """The padded idx_BK of the entries of ``h_BF`` above ``threshold`` (and the measurement for the next
+        step)."""
+        idx_BK, counts_B = kernels.select_above(h_BF, threshold)
+        total = float(counts_B.sum()) if len(counts_B) else 0.0
+        self.fraction = max(total / max(h_BF.shape[0], 1), PADDING_SLOT_COST * idx_BK.shape[1]) / h_BF.shape[1]
         return idx_BK
 
     @torch.no_grad()

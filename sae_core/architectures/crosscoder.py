@@ -156,7 +156,7 @@ class Crosscoder(SparseAutoencoder):
             vals_BK, idx_BK = kernels.topk_encode(x_BN, W_enc_NF, self.b_enc, self.cfg.k, input_bias_N)
         else:
             h_BK, idx_BK = kernels.selected_pre_acts(x_BN, W_enc_NF, self.b_enc,
-                                                     lambda h: self.path.entries(h > 0), input_bias_N)
+                                                     lambda h: self.path.entries_above(h, 0.0), input_bias_N)
             vals_BK = torch.relu(h_BK)
         active = ActiveLatents(idx_BK, vals_BK, F)
         x_hat = self._layout(kernels.sparse_decode(idx_BK, vals_BK, W_dec_FN, self.b_dec.reshape(-1)).view_as(x_BSD))

@@ -93,7 +93,7 @@ class GatedSAE(SparseAutoencoder):
         encoder gradient."""
         input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
         gate_BK, idx_BK = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_gate,
-                                                    lambda h: self.path.entries(h > 0), input_bias_D)
+                                                    lambda h: self.path.entries_above(h, 0.0), input_bias_D)
         at = idx_BK.clamp_min(0)
         mag_BK = (gate_BK - self.b_gate[at]) * self.r_mag[at].exp() + self.b_mag[at]
         active = ActiveLatents(idx_BK, torch.relu(mag_BK), self.cfg.d_sae)

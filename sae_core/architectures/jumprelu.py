@@ -202,7 +202,7 @@ class JumpReLUSAE(SparseAutoencoder):
         lowest_F = (theta_F - self.cfg.bandwidth / 2).detach()
         input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
         h_BK, idx_BK = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
-                                                 lambda h: self.path.entries(h > lowest_F), input_bias_D)
+                                                 lambda h: self.path.entries_above(h, lowest_F), input_bias_D)
         active = ActiveLatents(idx_BK, jumprelu(h_BK, theta_F[idx_BK.clamp_min(0)], self.cfg.bandwidth), self.cfg.d_sae)
         x_hat_BD = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
         sparsity = jumprelu_sparsity(*at_selected(h_BK, idx_BK, theta_F), self.cfg)

@@ -82,7 +82,7 @@ class ReLUSAE(SparseAutoencoder):
             return out
         input_bias_D = self.b_dec if self.cfg.apply_b_dec_to_input else None
         h_BK, idx_BK = kernels.selected_pre_acts(x_BD, self.encoder_weight(), self.b_enc,
-                                                 lambda h: self.path.entries(h > 0), input_bias_D)
+                                                 lambda h: self.path.entries_above(h, 0.0), input_bias_D)
         active = ActiveLatents(idx_BK, torch.relu(h_BK), self.cfg.d_sae)
         x_hat_BD = kernels.sparse_decode(active.idx_BK, active.vals_BK, self.W_dec, self.b_dec)
         sparsity = self.cfg.l1_coefficient * active_weighted_l1(active, self.decoder_norms(), self.cfg.d_in)

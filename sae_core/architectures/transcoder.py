@@ -211,11 +211,11 @@ class Transcoder(SparseAutoencoder):
         if act == "batchtopk":
             select = partial(batch_topk_entries, k=self.cfg.k)
         elif act == "relu":
-            select = lambda h: self.path.entries(h > 0)  # noqa: E731
+            select = lambda h: self.path.entries_above(h, 0.0)  # noqa: E731
         else:
             theta_F = self.log_threshold.exp()
             lowest_F = (theta_F - self.cfg.bandwidth / 2).detach()
-            select = lambda h: self.path.entries(h > lowest_F)  # noqa: E731
+            select = lambda h: self.path.entries_above(h, lowest_F)  # noqa: E731
         h_BK, idx_BK = kernels.selected_pre_acts(x_BD, self.W_enc, self.b_enc, select)
         if act == "jumprelu":
             vals_BK = jumprelu(h_BK, theta_F[idx_BK.clamp_min(0)], self.cfg.bandwidth)

@@ -16,6 +16,8 @@ the environment variable ``SAE_KERNELS``):
   pre-activations at the entries a rule picks (BatchTopK's k*B over the batch, a threshold), for
   architectures whose active set is not k per row; the encoder backward touches only those entries.
 - ``padded_entries(rows_N, cols_N, B) -> idx_BK``: the padded layout of (row, column) entries.
+- ``select_above(h_BF, threshold) -> (idx_BK, counts_B)``: the padded layout of the entries above a
+  threshold (one number, or one per column), without gradient: a ``select`` rule for ``selected_pre_acts``.
 
 ``SAE_KERNELS``: ``auto`` (default: CUDA kernels on CUDA tensors, the C++ CPU twin on CPU tensors,
 pure torch where neither is built), ``torch`` (the pure-torch sparse path), ``reference`` (the eager
@@ -98,6 +100,11 @@ def topk_encode_sampled(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int,
     return TopKEncode.apply(x_BD, W_enc_DF, b_enc_F, None, k, backend, sample_rows)
 
 
+def select_above(h_BF: Tensor, threshold: Tensor | float) -> tuple[Tensor, Tensor]:
+    backend = backend_for(h_BF.device) or TorchBackend()
+    return backend.select_above(h_BF, threshold)
+
+
 def selected_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: Callable[[Tensor], Tensor],
                       input_bias_D: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(h_BK, idx_BK): h = (x - input_bias) @ W_enc + b_enc at the entries ``select(h_BF)`` returns (padded,
@@ -114,6 +121,7 @@ def selected_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: C
 __all__ = [
     "backend_name",
     "padded_entries",
+    "select_above",
     "selected_pre_acts",
     "sparse_decode",
     "sparse_decode_reference",

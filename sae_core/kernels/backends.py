@@ -5,7 +5,7 @@
 - ``scatter_rows(idx_BK, vals_BK, src_BD, n_rows)``: out[f] = sum over idx[b,j] == f of vals[b,j] * src[b]
   (the transpose of gather_sum; reduced per row through a CSR view, no atomics), and ``scatter_cols``,
   the same written transposed [D, n_rows] (an encoder weight gradient in W_enc's layout)
-plus ``topk(h_BF, k)``. Index -1 is padding and contributes nothing. The torch backend runs anywhere
+plus ``topk(h_BF, k)`` and ``select_above(h_BF, threshold)`` (the entries above a threshold, padded). Index -1 is padding and contributes nothing. The torch backend runs anywhere
 (any dtype, no compiler); the CPU and CUDA backends call the compiled libraries for the dtypes they
 support and defer to it otherwise.
 """
@@ -99,6 +99,27 @@ class TorchBackend:
             h_BF.zero_().scatter_(1, idx_BK, vals_BK.relu())
         return vals_BK, idx_BK
 
+    def select_above(self, h_BF: Tensor, threshold: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(idx_BK, counts_B): the columns of each row of h with h > threshold (a number or one per column),
+        in column order, padded with -1 to K = the widest row's count (at least 1); one device sync."""
+        rows_N, cols_N = (h_BF > threshold).nonzero(as_tuple=True)
+        counts_B = torch.bincount(rows_N, minlength=h_BF.shape[0])
+        return padded_entries(rows_N, cols_N, h_BF.shape[0], counts_B), counts_B
+
+
+def padded_entries(rows_N: Tensor, cols_N: Tensor, n_rows: int, counts_B: Tensor | None = None) -> Tensor:
+    """idx_BK (-1 padding, K = the most entries of any row, at least 1) holding column cols_N[i] in row
+    rows_N[i]; rows_N must be sorted (as nonzero() returns them); ``counts_B``: each row's count, if known.
+    One device sync: K depends on the data."""
+    if counts_B is None:
+        counts_B = torch.bincount(rows_N, minlength=n_rows)
+    K = max(int(counts_B.max()) if n_rows > 0 else 0, 1)
+    starts_B = torch.cumsum(counts_B, 0) - counts_B
+    slot_N = torch.arange(len(rows_N), device=cols_N.device) - starts_B[rows_N]
+    idx_BK = torch.full((n_rows, K), -1, dtype=torch.int64, device=cols_N.device)
+    idx_BK[rows_N, slot_N] = cols_N
+    return idx_BK
+
 
 def ptr(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
@@ -168,6 +189,19 @@ class CpuBackend(TorchBackend):
         self.lib.sae_cpu_topk(ptr(h_BF), ptr(bias_F), ptr(vals_BK), ptr(idx_BK), B, Fn, k, int(densify),
                               self.threads(B * Fn))
         return vals_BK, idx_BK
+
+    def select_above(self, h_BF: Tensor, threshold: Tensor | float) -> tuple[Tensor, Tensor]:
+        thr = torch.as_tensor(threshold, dtype=torch.float32)
+        if h_BF.dtype != torch.float32 or thr.dim() > 1 or (thr.dim() == 1 and thr.shape[0] != h_BF.shape[1]):
+            return super().select_above(h_BF, threshold)
+        (B, Fn), h_BF, thr = h_BF.shape, h_BF.contiguous(), thr.contiguous()
+        step, threads = int(thr.dim() == 1), self.threads(B * Fn)
+        counts_B = torch.empty(B, dtype=torch.int64)
+        self.lib.sae_cpu_count_above(ptr(h_BF), ptr(thr), step, ptr(counts_B), B, Fn, threads)
+        K = max(int(counts_B.max()) if B > 0 else 0, 1)
+        idx_BK = torch.empty(B, K, dtype=torch.int64)
+        self.lib.sae_cpu_select_above(ptr(h_BF), ptr(thr), step, ptr(idx_BK), B, Fn, K, threads)
+        return idx_BK, counts_B
 
 
 class CudaBackend(TorchBackend):

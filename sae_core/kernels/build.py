@@ -115,6 +115,8 @@ def cpu_library() -> ctypes.CDLL | None:
         "sae_cpu_scatter_cols": [P, P, P, P, P, I64, I64, I64, INT],
         "sae_cpu_topk": [P, P, P, P, I64, I64, I64, INT, INT],
         "sae_cpu_csr": [P, I64, I64, P, P],
+        "sae_cpu_count_above": [P, P, I64, P, I64, I64, INT],
+        "sae_cpu_select_above": [P, P, I64, P, I64, I64, I64, INT],
     }, None)
     return _declare(lib, {"sae_cpu_uses_openmp": []}, ctypes.c_int)
 

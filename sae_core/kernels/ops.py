@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from sae_core.kernels.backends import TorchBackend
+from sae_core.kernels.backends import TorchBackend, padded_entries
 
 
 class SparseDecode(torch.autograd.Function):
@@ -180,19 +180,6 @@ class SelectedPreActs(torch.autograd.Function):
         x_in_BD, W_enc_DF, idx_BK = ctx.saved_tensors
         grad_h_BK = torch.where(idx_BK >= 0, grad_h_BK, 0)
         return *encoder_grads(ctx, x_in_BD, W_enc_DF, idx_BK, grad_h_BK), None, None
-
-
-def padded_entries(rows_N: Tensor, cols_N: Tensor, n_rows: int) -> Tensor:
-    """idx_BK (-1 padding, K = the most entries of any row, at least 1) holding column cols_N[i] in row
-    rows_N[i]; rows_N must be sorted (as nonzero() returns them). One device sync: K depends on the data."""
-    device = cols_N.device
-    counts_B = torch.bincount(rows_N, minlength=n_rows)
-    K = max(int(counts_B.max()) if n_rows > 0 else 0, 1)
-    starts_B = torch.cumsum(counts_B, 0) - counts_B
-    slot_N = torch.arange(len(rows_N), device=device) - starts_B[rows_N]
-    idx_BK = torch.full((n_rows, K), -1, dtype=torch.int64, device=device)
-    idx_BK[rows_N, slot_N] = cols_N
-    return idx_BK
 
 
 def to_padded(latents_BF: Tensor, support_BF: Tensor | None = None) -> tuple[Tensor, Tensor]:

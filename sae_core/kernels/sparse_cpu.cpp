@@ -254,4 +254,40 @@ void sae_cpu_topk(float* h, const float* bias, float* vals, int64_t* idx, int64_
     });
 }
 
+// The entries of each row of h [B, N] above the threshold (thr[i * thr_step]: a per-column threshold with
+// thr_step 1, one value with thr_step 0), in column order, as padded idx [B, K] (-1 padding): counts [B]
+// first (one pass), then the caller sizes K = the widest row and the second pass writes. Each row is
+// compacted branch-free into a thread-local buffer (every index written, the cursor advancing on a hit), so
+// the cost does not depend on how the hits are spread. NaN is never above a threshold.
+void sae_cpu_count_above(const float* h, const float* thr, int64_t thr_step, int64_t* counts, int64_t B,
+                         int64_t N, int threads) {
+    parallel_for(B, threads, [=](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+            const float* row = h + b * N;
+            int64_t c = 0;
+            for (int64_t i = 0; i < N; ++i) c += row[i] > thr[i * thr_step];
+            counts[b] = c;
+        }
+    });
+}
+
+void sae_cpu_select_above(const float* h, const float* thr, int64_t thr_step, int64_t* idx, int64_t B, int64_t N,
+                          int64_t K, int threads) {
+    parallel_for(B, threads, [=](int64_t b0, int64_t b1) {
+        std::vector<int64_t> hits(N + 1);
+        for (int64_t b = b0; b < b1; ++b) {
+            const float* row = h + b * N;
+            int64_t c = 0;
+            for (int64_t i = 0; i < N; ++i) {
+                hits[c] = i;
+                c += row[i] > thr[i * thr_step];
+            }
+            int64_t* out = idx + b * K;
+            const int64_t n = std::min(c, K);
+            std::copy(hits.begin(), hits.begin() + n, out);
+            std::fill(out + n, out + K, int64_t{-1});
+        }
+    });
+}
+
 }  // extern "C"

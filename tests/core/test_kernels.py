@@ -250,6 +250,27 @@ def test_cpu_twin_without_openmp_runs_on_std_threads(tmp_path, monkeypatch):
                                sorted_by_index(*h_BF.topk(16, sorted=False)))
 
 
+def test_select_above_matches_nonzero_layout():
+    """The C++ twin's selection of the entries above a threshold (one number, or one per column) gives the
+    torch backend's padded layout: column order, -1 padding to the widest row, NaN never selected."""
+    torch.manual_seed(0)
+    h_BF = torch.randn(70, 300)
+    h_BF[3] = -1.0  # a row with no entry above
+    h_BF[5, ::7] = float("nan")
+    backends_ = [backends.TorchBackend()] + ([backends.CpuBackend(build.cpu_library())] if build.cpu_library() else [])
+    for threshold in (0.0, 1.5, torch.linspace(-0.5, 2.5, 300)):
+        expected = (h_BF > threshold).nonzero(as_tuple=True)
+        for backend in backends_:
+            idx_BK, counts_B = backend.select_above(h_BF, threshold)
+            assert idx_BK.shape[1] == max(int(counts_B.max()), 1) and counts_B[3] == 0
+            assert torch.equal(counts_B, torch.bincount(expected[0], minlength=70))
+            rows_N, slots_N = (idx_BK >= 0).nonzero(as_tuple=True)
+            assert torch.equal(rows_N, expected[0]) and torch.equal(idx_BK[rows_N, slots_N], expected[1])
+    for backend in backends_:  # no rows
+        idx_BK, counts_B = backend.select_above(torch.empty(0, 9), 0.0)
+        assert idx_BK.shape == (0, 1) and counts_B.shape == (0,)
+
+
 def test_dispatch_follows_environment(monkeypatch):
     calls = []
     real = kernels.sparse_decode_reference
