@@ -103,8 +103,8 @@ class PathChoice:
         """The padded idx_BK of the entries of ``h_BF`` above ``threshold`` (and the measurement for the next
         step)."""
         idx_BK, counts_B = kernels.select_above(h_BF, threshold)
-        total = float(counts_B.sum()) if len(counts_B) else 0.0
-        self.fraction = max(total / max(h_BF.shape[0], 1), PADDING_SLOT_COST * idx_BK.shape[1]) / h_BF.shape[1]
+        mean = float(counts_B.sum()) / max(h_BF.shape[0], 1)
+        self.fraction = max(mean, PADDING_SLOT_COST * idx_BK.shape[1]) / h_BF.shape[1]
         return idx_BK
 
     @torch.no_grad()

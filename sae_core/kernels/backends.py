@@ -5,9 +5,9 @@
 - ``scatter_rows(idx_BK, vals_BK, src_BD, n_rows)``: out[f] = sum over idx[b,j] == f of vals[b,j] * src[b]
   (the transpose of gather_sum; reduced per row through a CSR view, no atomics), and ``scatter_cols``,
   the same written transposed [D, n_rows] (an encoder weight gradient in W_enc's layout)
-plus ``topk(h_BF, k)`` and ``select_above(h_BF, threshold)`` (the entries above a threshold, padded). Index -1 is padding and contributes nothing. The torch backend runs anywhere
-(any dtype, no compiler); the CPU and CUDA backends call the compiled libraries for the dtypes they
-support and defer to it otherwise.
+plus ``topk(h_BF, k)`` and ``select_above(h_BF, threshold)`` (the entries above a threshold, padded).
+Index -1 is padding and contributes nothing. The torch backend runs anywhere (any dtype, no compiler); the
+CPU and CUDA backends call the compiled libraries for the dtypes they support and defer to it otherwise.
 """
 
 from __future__ import annotations
@@ -107,13 +107,18 @@ class TorchBackend:
         return padded_entries(rows_N, cols_N, h_BF.shape[0], counts_B), counts_B
 
 
+def padded_width(counts_B: Tensor) -> int:
+    """K of the padded layout: the most entries of any row, at least 1 (a host sync)."""
+    return max(int(counts_B.max()) if len(counts_B) else 0, 1)
+
+
 def padded_entries(rows_N: Tensor, cols_N: Tensor, n_rows: int, counts_B: Tensor | None = None) -> Tensor:
     """idx_BK (-1 padding, K = the most entries of any row, at least 1) holding column cols_N[i] in row
     rows_N[i]; rows_N must be sorted (as nonzero() returns them); ``counts_B``: each row's count, if known.
     One device sync: K depends on the data."""
     if counts_B is None:
         counts_B = torch.bincount(rows_N, minlength=n_rows)
-    K = max(int(counts_B.max()) if n_rows > 0 else 0, 1)
+    K = padded_width(counts_B)
     starts_B = torch.cumsum(counts_B, 0) - counts_B
     slot_N = torch.arange(len(rows_N), device=cols_N.device) - starts_B[rows_N]
     idx_BK = torch.full((n_rows, K), -1, dtype=torch.int64, device=cols_N.device)
@@ -198,7 +203,7 @@ class CpuBackend(TorchBackend):
         step, threads = int(thr.dim() == 1), self.threads(B * Fn)
         counts_B = torch.empty(B, dtype=torch.int64)
         self.lib.sae_cpu_count_above(ptr(h_BF), ptr(thr), step, ptr(counts_B), B, Fn, threads)
-        K = max(int(counts_B.max()) if B > 0 else 0, 1)
+        K = padded_width(counts_B)
         idx_BK = torch.empty(B, K, dtype=torch.int64)
         self.lib.sae_cpu_select_above(ptr(h_BF), ptr(thr), step, ptr(idx_BK), B, Fn, K, threads)
         return idx_BK, counts_B

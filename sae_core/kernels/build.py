@@ -106,8 +106,11 @@ def cpu_library() -> ctypes.CDLL | None:
     compiler, source = shutil.which(os.environ.get("CXX", "c++")), KERNEL_DIR / "sparse_cpu.cpp"
     lib = (_load(compiler, source, CPU_FLAGS + OPENMP_FLAGS, cpu_signature(), instead="trying without OpenMP")
            or _load(compiler, source, CPU_FLAGS, cpu_signature()))
-    if lib is None:
-        return None
+    return None if lib is None else declare_cpu(lib)
+
+
+def declare_cpu(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The argument and return types of every function of a built sparse_cpu.cpp."""
     _declare(lib, {
         "sae_cpu_gather_sum": [P, P, P, P, I64, I64, I64, I64, INT],
         "sae_cpu_row_dots": [P, P, P, P, I64, I64, I64, I64, INT],

@@ -242,9 +242,8 @@ def test_cpu_twin_without_openmp_runs_on_std_threads(tmp_path, monkeypatch):
     if compiler is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("SAE_KERNELS_CACHE", str(tmp_path))
-    lib = build._declare(build._load(compiler, build.KERNEL_DIR / "sparse_cpu.cpp", build.CPU_FLAGS, "no-omp"),
-                         {"sae_cpu_topk": [build.P] * 4 + [build.I64] * 3 + [build.INT] * 2}, None)
-    assert build._declare(lib, {"sae_cpu_uses_openmp": []}, build.ctypes.c_int).sae_cpu_uses_openmp() == 0
+    lib = build.declare_cpu(build._load(compiler, build.KERNEL_DIR / "sparse_cpu.cpp", build.CPU_FLAGS, "no-omp"))
+    assert lib.sae_cpu_uses_openmp() == 0
     h_BF = torch.randn(300, 3000)  # 900k entries: split over torch's thread count
     torch.testing.assert_close(sorted_by_index(*backends.CpuBackend(lib).topk(h_BF, 16)),
                                sorted_by_index(*h_BF.topk(16, sorted=False)))
