@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sae_core import metrics
 from sae_core.io import load_sae, save_sae
 from sae_core.registry import build, make_config
 from sae_core.store import ActivationStore
@@ -53,22 +54,9 @@ def train_topk(acts: torch.Tensor, *, d_sae: int, k: int, steps: int, batch: int
     return load_sae(save_sae(sae, folder, scaling_factor=trainer.scaling_factor)).eval()
 
 
-def held_out_fvu(sae: torch.nn.Module, acts: torch.Tensor) -> float:
-    """Fraction of variance unexplained of ``acts`` [N, D] (tokens the SAE was not trained on)."""
-    with torch.no_grad():
-        err = (sae.decode(sae.encode(acts)) - acts).pow(2).sum()
-        return float(err / (acts - acts.mean(0)).pow(2).sum())
-
-
-def collect(model, hook: str, n_tokens: int) -> torch.Tensor:
-    """[N, D] activations at ``hook`` of the first ``n_tokens`` kept tokens of the default corpus (what
-    ``sae collect`` stores, without Ray)."""
-    windows = held_out_windows(model.tokenizer, corpus=None, context_size=128, n_tokens=n_tokens)
-    batches = hook_batches(model.model, hook, windows, 8)
-    return torch.cat([acts[torch.from_numpy(keep)] for acts, keep, _ in batches])[:n_tokens]
-
-
-def collect_windows(model, hook: str, windows, n_tokens: int) -> torch.Tensor:
+def collect(model, hook: str, windows, n_tokens: int) -> torch.Tensor:
+    """[N, D] activations at ``hook`` of the first ``n_tokens`` kept tokens of ``windows`` (what ``sae
+    collect`` stores, without Ray)."""
     batches = hook_batches(model.model, hook, first_windows(windows, n_tokens), 8)
     return torch.cat([acts[torch.from_numpy(keep)] for acts, keep, _ in batches])[:n_tokens]
 
@@ -103,13 +91,18 @@ def main() -> None:
         store = ActivationStore(args.store)
         acts, n_train = store.read_hook(args.hook), store.n_tokens
     else:
-        acts = collect(model, args.hook, args.train_tokens)
+        train_windows = held_out_windows(
+            model.tokenizer, corpus=None, context_size=128, n_tokens=args.train_tokens
+        )
+        acts = collect(model, args.hook, train_windows, args.train_tokens)
         n_train = len(acts)
     sae = train_topk(acts, d_sae=args.d_sae, k=32, steps=args.steps, batch=1024)
     windows = held_out_windows(
         model.tokenizer, corpus=None, context_size=128, n_tokens=args.tokens, skip_tokens=n_train
     )
-    fvu = held_out_fvu(sae, collect_windows(model, args.hook, windows, 2048))
+    with torch.no_grad():
+        held_out = collect(model, args.hook, windows, 2048)
+        fvu = float(metrics.fvu(sae.decode(sae.encode(held_out)), held_out))
     print(
         f"SAE: topk d_sae {args.d_sae}, {args.steps} steps on {n_train} tokens, FVU {fvu:.3f} on 2048 "
         f"held-out tokens ({time.perf_counter() - start:.0f} s with the activations)"
